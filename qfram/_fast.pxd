@@ -1,0 +1,162 @@
+# C declarations of qfram's core (see _fast.pyx for what each part does).
+
+from libc.stdint cimport uint8_t, uint64_t, int64_t
+from posix.uio cimport iovec
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    enum:
+        POLLIN
+        POLLOUT
+        POLLERR
+        POLLHUP
+        POLLNVAL
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+
+cdef extern from "<limits.h>":
+    enum:
+        IOV_MAX
+
+cdef extern from "<string.h>" nogil:
+    char *strerror(int errnum)
+
+
+# A run of bytes [base, base + length) that may be handed back to the kernel.
+cdef struct Run:
+    char *base
+    size_t length
+
+# What a page loop emits (save) and where it stopped.
+cdef struct PageLoop:
+    const unsigned char *base
+    size_t page_size
+    Py_ssize_t first
+    Py_ssize_t end
+    uint64_t header_base
+    uint64_t flags
+    bint may_free
+    bint detect_zero
+    bint stop_when_rate_limited
+    unsigned char *dirty
+    const unsigned char *idstr
+    int idstr_len
+    Py_ssize_t next_page
+    uint64_t pages
+    uint64_t zeros
+
+
+# Where a load loop places pages, and how it ended.
+cdef struct LoadLoop:
+    unsigned char *base
+    size_t length
+    size_t page_size
+    bint have_header
+    uint64_t header
+    int64_t header_pos
+    uint64_t pages
+    uint64_t zeros
+    int status           # 0: stopped at `header`; -1: I/O error or end; -2: format error
+    int64_t bad_pos
+    uint64_t bad_value
+    int reason           # format error: 1 page past the block, 2 non-zero ZERO fill byte
+
+
+cdef class QEMUFile:
+    # --- channel ---
+    cdef readonly object channel
+    cdef int fd                      # >= 0: syscalls straight on this fd, GIL released
+    cdef bint writable
+    cdef bint is_shutdown
+    cdef bint is_closed
+    cdef bint busy                   # a method is running (one thread per file)
+    cdef int timeout_ms              # poll timeout while waiting on a non-blocking fd
+
+    # --- staging buffer (small puts when writing, read-ahead when reading) ---
+    cdef unsigned char *buf
+    cdef Py_ssize_t buf_cap
+    cdef Py_ssize_t buf_index
+    cdef Py_ssize_t buf_fill         # reading: bytes valid in buf
+
+    # --- gather list of the current batch ---
+    cdef iovec *iov
+    cdef unsigned char *iov_may_free
+    cdef int iovcnt
+    cdef int max_iov
+
+    # --- buffer exports held until their bytes are written (and released) ---
+    cdef Py_buffer *pins
+    cdef Py_ssize_t npins
+    cdef Py_ssize_t pins_cap
+
+    # --- page release ---
+    cdef Run *batch_runs             # may_free runs of the batch being built
+    cdef Py_ssize_t nbatch_runs
+    cdef Py_ssize_t batch_runs_cap
+    cdef Run open_run                # written, not yet released (coalesces across batches)
+    cdef size_t min_release
+
+    # --- accounting ---
+    cdef int64_t total_transferred   # writing: bytes written; reading: bytes read from channel
+    cdef int64_t rate_limit_max
+    cdef int64_t rate_used
+    cdef readonly uint64_t writev_calls
+    cdef readonly uint64_t read_calls
+    cdef readonly uint64_t released_bytes
+    cdef readonly uint64_t release_calls
+    cdef readonly uint64_t release_failures
+
+    # --- errors ---
+    cdef int last_error              # negative errno, 0 = none (sticky: the first wins)
+    cdef bint at_eof
+    cdef object last_exc
+    cdef object pending_exc          # a Python exception raised while the GIL was released
+
+    # --- hooks (QEMUFileHooks) ---
+    cdef object hook_before_ram_iterate
+    cdef object hook_after_ram_iterate
+    cdef object hook_ram_load
+    cdef object hook_save_page
+
+    # guards and errors (GIL held)
+    cdef int _enter(self, int want_write) except -1
+    cdef int _leave(self) except -1
+    cdef void _record(self, int err, object exc) noexcept
+    cdef int _raise_error(self) except -1
+    cdef int _raise_short(self, int64_t start, Py_ssize_t wanted, Py_ssize_t got,
+                          str what) except -1
+    cdef bint _may_flush(self, size_t buffered, int iovecs) noexcept
+    cdef int _adopt(self, Py_buffer *view) except -1
+    cdef Py_ssize_t _need(self, Py_ssize_t size) noexcept
+    cdef uint64_t _get_be(self, int nbytes, str what) except? 0xFFFFFFFFFFFFFFFF
+    cdef int _save_loop_hooked(self, PageLoop *loop, uint64_t block_offset) except -1
+    cdef object _call_hook(self, object hook, tuple args)
+    cdef tuple _control_save_page(self, uint64_t block_offset, uint64_t offset, size_t size)
+
+    # the machinery (no GIL needed; takes it only for Python channels, signals, pins)
+    cdef int _fail_errno(self, int err, const char *what) noexcept nogil
+    cdef int _fail_eof(self) noexcept nogil
+    cdef int _check_signals(self) noexcept nogil
+    cdef int _wait(self, short events) noexcept nogil
+    cdef int _put_byte(self, unsigned char v) noexcept nogil
+    cdef void _put_be32(self, unsigned int v) noexcept nogil
+    cdef void _put_be64(self, uint64_t v) noexcept nogil
+    cdef void _put_bytes(self, const unsigned char *p, size_t n) noexcept nogil
+    cdef int _add_to_iovec(self, const char *p, size_t size, bint may_free) noexcept nogil
+    cdef void _add_buf_to_iovec(self, size_t length) noexcept nogil
+    cdef int _note_release(self, char *p, size_t n) noexcept nogil
+    cdef int _flush_batch(self) noexcept nogil
+    cdef int _write_iov(self) noexcept nogil
+    cdef int _write_iov_python(self) noexcept nogil
+    cdef void _commit_release(self) noexcept nogil
+    cdef void _release_open_run(self) noexcept nogil
+    cdef void _release_run(self, Run run) noexcept nogil
+    cdef void _drop_pins_if_idle(self) noexcept nogil
+    cdef int64_t _read_pos(self) noexcept nogil
+    cdef bint _rate_limited(self) noexcept nogil
+    cdef Py_ssize_t _fill_buffer(self) noexcept nogil
+    cdef Py_ssize_t _read_python(self, unsigned char *dst, Py_ssize_t room) noexcept nogil
+    cdef Py_ssize_t _peek(self, Py_ssize_t size, Py_ssize_t offset) noexcept nogil
+    cdef Py_ssize_t _get_into(self, unsigned char *dst, Py_ssize_t size) noexcept nogil

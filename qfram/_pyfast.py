@@ -1,0 +1,1070 @@
+"""Pure-Python twin of qfram's core (``qfram/_fast.pyx``), for differential tests.
+
+Selected only by ``QFRAM_PURE_PYTHON=1``.  It runs the same algorithm on the same
+addresses — buffer exports taken through the C API with ctypes, iovecs as (address,
+length), ``os.writev`` on views of raw memory, ``madvise`` from libc — so its byte
+stream, flush points and release behaviour are the extension's, only slower.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import io
+import os
+import select
+import zlib
+from typing import Any, List, Optional, Tuple
+
+from qfram.errors import FormatError, StreamEnded, raised_in
+
+RAM_SAVE_FLAG_ZERO = 0x02
+RAM_SAVE_FLAG_MEM_SIZE = 0x04
+RAM_SAVE_FLAG_PAGE = 0x08
+RAM_SAVE_FLAG_EOS = 0x10
+RAM_SAVE_FLAG_CONTINUE = 0x20
+RAM_SAVE_FLAG_XBZRLE = 0x40
+RAM_SAVE_FLAG_HOOK = 0x80
+RAM_SAVE_FLAG_COMPRESS_PAGE = 0x100
+RAM_SAVE_FLAG_MULTIFD_FLUSH = 0x200
+
+RAM_CONTROL_SETUP = 0
+RAM_CONTROL_ROUND = 1
+RAM_CONTROL_HOOK = 2
+RAM_CONTROL_FINISH = 3
+RAM_CONTROL_BLOCK_REG = 4
+RAM_SAVE_CONTROL_NOT_SUPP = -1000
+RAM_SAVE_CONTROL_DELAYED = -2000
+
+SEED_IOV_MAX = 64
+SEED_BUF_SIZE = 32768
+SEED_RELEASE_MIN = 0
+DEFAULT_IOV_MAX = 1024
+DEFAULT_BUF_SIZE = 32768
+DEFAULT_RELEASE_MIN = 2 * 1024 * 1024
+
+IOV_MAX = os.sysconf("SC_IOV_MAX")
+PIN_LIMIT = 4096
+HOST_PAGE = os.sysconf("SC_PAGESIZE")
+MADV_DONTNEED = 4
+MADV_REMOVE = 9
+_ZEROS = bytes(4096)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.madvise.restype = ctypes.c_int
+
+
+class _PyBuffer(ctypes.Structure):
+    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p),
+                ("len", ctypes.c_ssize_t), ("itemsize", ctypes.c_ssize_t),
+                ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
+                ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p),
+                ("strides", ctypes.c_void_p), ("suboffsets", ctypes.c_void_p),
+                ("internal", ctypes.c_void_p)]
+
+
+_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
+_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
+_get_buffer.restype = ctypes.c_int
+_release_buffer = ctypes.pythonapi.PyBuffer_Release
+_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
+_release_buffer.restype = None
+_PyBUF_SIMPLE = 0
+_PyBUF_WRITABLE = 1
+
+
+class _Export:
+    """One buffer export (PyObject_GetBuffer) and the address it gave."""
+
+    __slots__ = ("view", "addr", "len", "live")
+
+    def __init__(self, obj: Any, writable: bool = False) -> None:
+        self.view = _PyBuffer()
+        _get_buffer(obj, ctypes.byref(self.view), _PyBUF_WRITABLE if writable else _PyBUF_SIMPLE)
+        self.addr = self.view.buf or 0
+        self.len = self.view.len
+        self.live = True
+
+    def release(self) -> None:
+        if self.live:
+            self.live = False
+            _release_buffer(ctypes.byref(self.view))
+
+    def __del__(self) -> None:
+        self.release()
+
+
+def _raw(addr: int, length: int) -> memoryview:
+    """A byte view of raw memory (what the C core's iovecs point at)."""
+    return memoryview((ctypes.c_char * length).from_address(addr)).cast("B")
+
+
+def _all_zero(view: memoryview) -> bool:
+    n = len(view)
+    pos = 0
+    while pos < n:
+        chunk = min(4096, n - pos)
+        if view[pos:pos + chunk] != _ZEROS[:chunk]:
+            return False
+        pos += chunk
+    return True
+
+
+def is_zero(buf: Any) -> bool:
+    """True when every byte of ``buf`` (any buffer-protocol object) is zero."""
+    return _all_zero(memoryview(buf).cast("B"))
+
+
+def _check_int(v: int, low: int, high: int) -> None:
+    """The C core converts to a C integer type: same range, same error."""
+    if not low <= v < high:
+        raise OverflowError(f"{v} is out of range for this put")
+
+
+def _error_copy(exc: BaseException) -> BaseException:
+    if isinstance(exc, OSError) and type(exc) is not StreamEnded:
+        return type(exc)(*exc.args)
+    return exc
+
+
+class QEMUFile:
+    """Pure-Python twin of :class:`qfram._fast.QEMUFile` (same API, same bytes)."""
+
+    def __init__(self, channel: Any, mode: str, *, iov_max: int = DEFAULT_IOV_MAX,
+                 buf_size: int = DEFAULT_BUF_SIZE, release_min: int = DEFAULT_RELEASE_MIN,
+                 timeout: Optional[float] = None) -> None:
+        if mode not in ("rb", "wb"):
+            raise ValueError(f"QEMUFile mode must be 'rb' or 'wb', not {mode!r}")
+        if not 1 <= iov_max <= IOV_MAX:
+            raise ValueError(f"iov_max must be between 1 and {IOV_MAX}, not {iov_max}")
+        if buf_size < 64:
+            raise ValueError(f"buf_size must be at least 64 bytes, not {buf_size}")
+        if release_min < 0:
+            raise ValueError("release_min cannot be negative")
+        self._writable = mode == "wb"
+        fd = getattr(channel, "fd", -1)
+        self._fd = fd if isinstance(fd, int) and fd >= 0 else -1
+        if self._fd < 0:
+            if self._writable and not callable(getattr(channel, "writev", None)):
+                raise TypeError("a writing channel needs an `fd` or a writev(views) method")
+            if not self._writable and not callable(getattr(channel, "readinto", None)):
+                raise TypeError("a reading channel needs an `fd` or a readinto(view) method")
+        self.channel = channel
+        self._iov_max = iov_max
+        self._cap = buf_size
+        self._release_min = release_min
+        self._cbuf = ctypes.create_string_buffer(buf_size)
+        self._base = ctypes.addressof(self._cbuf)
+        self._buf = memoryview(self._cbuf).cast("B")
+        self._index = 0
+        self._fill = 0
+        self._iov: List[List[int]] = []          # [address, length]
+        self._may_free: List[bool] = []
+        self._pins: List[_Export] = []
+        self._batch_runs: List[List[int]] = []   # [address, length]
+        self._open_run = [0, 0]
+        self._total = 0
+        self._rate_max = 0
+        self._rate_used = 0
+        self._error = 0
+        self._at_eof = False
+        self._exc: Optional[BaseException] = None
+        self._pending: Optional[BaseException] = None
+        self._shutdown = False
+        self._closed = False
+        self._busy = False
+        self._timeout_ms = -1
+        self.writev_calls = 0
+        self.read_calls = 0
+        self.released_bytes = 0
+        self.release_calls = 0
+        self.release_failures = 0
+        self._hooks: dict = {}
+        self.set_timeout(timeout)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("writing" if self._writable else "reading")
+        return f"<qfram QEMUFile (pure Python) {state} channel={self.channel!r}>"
+
+    def __enter__(self) -> "QEMUFile":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    # -- guards and errors ------------------------------------------------------------------
+
+    def _enter(self, want_write: Optional[bool]) -> None:
+        if self._closed:
+            raise ValueError("I/O operation on a closed QEMUFile")
+        if self._busy:
+            raise RuntimeError("QEMUFile is in use by another thread")
+        if want_write is True and not self._writable:
+            raise io.UnsupportedOperation("this QEMUFile is open for reading")
+        if want_write is False and self._writable:
+            raise io.UnsupportedOperation("this QEMUFile is open for writing")
+        self._busy = True
+
+    def _leave(self) -> None:
+        self._busy = False
+        if self._pending is not None:
+            exc, self._pending = self._pending, None
+            raise exc
+
+    def _record(self, err: int, exc: BaseException) -> None:
+        if self._error == 0:
+            self._error = -err if err > 0 else -errno.EIO
+            self._exc = exc
+
+    def _fail_errno(self, err: int, what: str) -> int:
+        if self._error == 0:
+            self._record(err, OSError(err, f"{what} on fd {self._fd}: {os.strerror(err)}"))
+        return -1
+
+    def get_error(self) -> int:
+        return self._error
+
+    def set_error(self, ret: int, message: Optional[str] = None) -> None:
+        if ret > 0:
+            raise ValueError("errors are negative errno values")
+        if ret == 0 or self._error != 0:
+            return
+        self._record(-ret, OSError(-ret, message if message is not None else os.strerror(-ret)))
+
+    @property
+    def error(self) -> Optional[BaseException]:
+        if self._error == 0:
+            return None
+        if self._at_eof:
+            return StreamEnded(self._read_pos(), 1, 0)
+        if self._exc is not None:
+            return _error_copy(self._exc)
+        return OSError(-self._error, os.strerror(-self._error))
+
+    def _raise_error(self) -> None:
+        exc = self.error
+        if exc is not None:
+            raise exc
+
+    def _raise_short(self, start: int, wanted: int, got: int, what: str) -> None:
+        if self._pending is not None:
+            return
+        if self._at_eof or self._error == 0:
+            raise StreamEnded(start, wanted, got, what)
+        raise self.error  # type: ignore[misc]
+
+    def set_timeout(self, timeout: Optional[float]) -> None:
+        if timeout is None:
+            self._timeout_ms = -1
+        elif timeout < 0:
+            raise ValueError("timeout cannot be negative")
+        else:
+            self._timeout_ms = int(min(timeout * 1000.0, 2147483647.0))
+
+    def _wait(self, events: int) -> int:
+        poller = select.poll()
+        poller.register(self._fd, events)
+        try:
+            ready = poller.poll(self._timeout_ms)
+        except OSError as exc:
+            return self._fail_errno(exc.errno or errno.EIO, "poll")
+        if not ready:
+            return self._fail_errno(errno.ETIMEDOUT, "poll (timed out)")
+        return 0
+
+    # -- write side: gather list ---------------------------------------------------------
+
+    def _add_to_iovec(self, addr: int, size: int, may_free: bool) -> int:
+        if self._iov:
+            last = self._iov[-1]
+            if last[0] + last[1] == addr and may_free == self._may_free[-1]:
+                last[1] += size
+                if len(self._iov) >= self._iov_max:
+                    self._flush_batch()
+                    return 1
+                return 0
+        if len(self._iov) >= self._iov_max:
+            return 1
+        self._iov.append([addr, size])
+        self._may_free.append(may_free)
+        if len(self._iov) >= self._iov_max:
+            self._flush_batch()
+            return 1
+        return 0
+
+    def _add_buf_to_iovec(self, length: int) -> None:
+        if not self._add_to_iovec(self._base + self._index, length, False):
+            self._index += length
+            if self._index == self._cap:
+                self._flush_batch()
+
+    def _put_byte(self, v: int) -> None:
+        if self._error:
+            return
+        self._buf[self._index] = v & 0xFF
+        self._rate_used += 1
+        self._add_buf_to_iovec(1)
+
+    def _put_be(self, v: int, nbytes: int) -> None:
+        for shift in range(8 * (nbytes - 1), -8, -8):
+            self._put_byte((v >> shift) & 0xFF)
+
+    def _put_bytes(self, data: memoryview) -> None:
+        pos = 0
+        n = len(data)
+        while n > 0 and not self._error:
+            chunk = min(self._cap - self._index, n)
+            self._buf[self._index:self._index + chunk] = data[pos:pos + chunk]
+            self._rate_used += chunk
+            self._add_buf_to_iovec(chunk)
+            pos += chunk
+            n -= chunk
+
+    def _note_release(self, addr: int, n: int) -> None:
+        if self._batch_runs:
+            last = self._batch_runs[-1]
+            if last[0] + last[1] == addr:
+                last[1] += n
+                return
+        self._batch_runs.append([addr, n])
+
+    # -- write side: flushing and releasing -----------------------------------------------
+
+    def _flush_batch(self) -> int:
+        if not self._writable:
+            return 0
+        if self._error == 0 and self._iov:
+            total = sum(length for _, length in self._iov)
+            rc = self._write_iov() if self._fd >= 0 else self._write_iov_python()
+            if rc == 0:
+                self._total += total
+                self._commit_release()
+        self._batch_runs = []
+        self._index = 0
+        self._iov = []
+        self._may_free = []
+        if self._error:
+            self._release_open_run()
+        self._drop_pins_if_idle()
+        return -1 if self._error else 0
+
+    def _write_iov(self) -> int:
+        views = [_raw(addr, length) for addr, length in self._iov]
+        first = 0
+        while first < len(views):
+            try:
+                n = os.writev(self._fd, views[first:first + IOV_MAX])
+            except BlockingIOError:
+                if self._wait(select.POLLOUT) < 0:
+                    return -1
+                continue
+            except OSError as exc:
+                return self._fail_errno(exc.errno or errno.EIO, "writev")
+            except BaseException as exc:  # a signal handler raised: stop, as the core does
+                self._record(errno.EINTR, raised_in(errno.EINTR, "a signal handler", exc))
+                self._pending = exc
+                return -1
+            self.writev_calls += 1
+            if n == 0:
+                return self._fail_errno(errno.EIO, "writev (no progress)")
+            while first < len(views) and n >= len(views[first]):
+                n -= len(views[first])
+                first += 1
+            if n > 0:
+                views[first] = views[first][n:]
+        return 0
+
+    def _write_iov_python(self) -> int:
+        views = [_raw(addr, length) for addr, length in self._iov]
+        first = 0
+        try:
+            try:
+                while first < len(views):
+                    result = self.channel.writev(views[first:])
+                    self.writev_calls += 1
+                    if result is None or result <= 0:
+                        raise OSError(errno.EIO, f"{self.channel!r}.writev made no progress")
+                    n = result
+                    while first < len(views) and n >= len(views[first]):
+                        n -= len(views[first])
+                        first += 1
+                    if n > 0:
+                        views[first] = views[first][n:]
+            finally:
+                for view in views:
+                    view.release()
+        except OSError as exc:
+            self._record(exc.errno or errno.EIO, exc)
+            return -1
+        except BaseException as exc:
+            self._record(errno.EIO, raised_in(errno.EIO, repr(self.channel), exc))
+            self._pending = exc
+            return -1
+        return 0
+
+    def _commit_release(self) -> None:
+        for base, length in self._batch_runs:
+            if self._open_run[1] and self._open_run[0] + self._open_run[1] == base:
+                self._open_run[1] += length
+            else:
+                self._release_open_run()
+                self._open_run = [base, length]
+        self._batch_runs = []
+        if self._open_run[1] and self._open_run[1] >= self._release_min:
+            self._release_open_run()
+
+    def _release_open_run(self) -> None:
+        if self._open_run[1]:
+            self._release_run(*self._open_run)
+            self._open_run = [0, 0]
+
+    def _release_run(self, base: int, length: int) -> None:
+        start = (base + HOST_PAGE - 1) & ~(HOST_PAGE - 1)
+        end = (base + length) & ~(HOST_PAGE - 1)
+        if end <= start:
+            return
+        if _libc.madvise(start, end - start, MADV_REMOVE) != 0:
+            err = ctypes.get_errno()
+            if err not in (errno.EINVAL, errno.EACCES, errno.EOPNOTSUPP) or \
+                    _libc.madvise(start, end - start, MADV_DONTNEED) != 0:
+                self.release_failures += 1
+                return
+        self.released_bytes += end - start
+        self.release_calls += 1
+
+    def _drop_pins_if_idle(self) -> None:
+        if not self._pins or self._iov:
+            return
+        if self._open_run[1] and len(self._pins) < PIN_LIMIT:
+            return
+        self._release_open_run()
+        for pin in self._pins:
+            pin.release()
+        self._pins = []
+
+    # -- write side: public puts ---------------------------------------------------------
+
+    def put_byte(self, v: int) -> None:
+        _check_int(v, -(1 << 31), 1 << 31)
+        self._enter(True)
+        try:
+            self._put_byte(v)
+        finally:
+            self._leave()
+
+    def put_be16(self, v: int) -> None:
+        _check_int(v, 0, 1 << 32)
+        self._enter(True)
+        try:
+            self._put_be(v & 0xFFFF, 2)
+        finally:
+            self._leave()
+
+    def put_be32(self, v: int) -> None:
+        _check_int(v, 0, 1 << 32)
+        self._enter(True)
+        try:
+            self._put_be(v & 0xFFFFFFFF, 4)
+        finally:
+            self._leave()
+
+    def put_be64(self, v: int) -> None:
+        _check_int(v, 0, 1 << 64)
+        self._enter(True)
+        try:
+            self._put_be(v, 8)
+        finally:
+            self._leave()
+
+    def put_buffer(self, buf: Any) -> None:
+        self._enter(True)
+        try:
+            if self._error:
+                return
+            self._put_bytes(memoryview(buf).cast("B"))
+        finally:
+            self._leave()
+
+    def put_buffer_async(self, buf: Any, may_free: bool = False) -> None:
+        self._enter(True)
+        try:
+            if self._error:
+                return
+            export = _Export(buf)
+            if export.len == 0:
+                export.release()
+                return
+            self._pins.append(export)
+            self._rate_used += export.len
+            if may_free:
+                self._note_release(export.addr, export.len)
+            self._add_to_iovec(export.addr, export.len, bool(may_free))
+        finally:
+            self._leave()
+
+    def put_counted_string(self, s: Any) -> None:
+        data = s.encode() if isinstance(s, str) else bytes(s)
+        if len(data) > 255:
+            raise ValueError(f"a counted string holds at most 255 bytes, not {len(data)}")
+        self._enter(True)
+        try:
+            self._put_byte(len(data))
+            self._put_bytes(memoryview(data))
+        finally:
+            self._leave()
+
+    def put_compression_data(self, data: Any, level: int = 1) -> int:
+        compressed = zlib.compress(bytes(data), level)
+        self.put_be32(len(compressed))
+        self.put_buffer(compressed)
+        return len(compressed) + 4
+
+    def put_qemu_file(self, src: "QEMUFile") -> int:
+        if src is self:
+            raise ValueError("cannot move a file into itself")
+        self._enter(True)
+        try:
+            if not src._writable:
+                raise io.UnsupportedOperation("put_qemu_file needs a writing source")
+            moved = 0
+            for addr, length in src._iov:
+                self._put_bytes(_raw(addr, length))
+                moved += length
+            src._iov = []
+            src._may_free = []
+            src._index = 0
+            src._batch_runs = []
+            src._drop_pins_if_idle()
+            return moved
+        finally:
+            self._leave()
+
+    def flush(self) -> None:
+        self._enter(True)
+        try:
+            self._flush_batch()
+            self._release_open_run()
+            self._drop_pins_if_idle()
+            self._raise_error()
+        finally:
+            self._leave()
+
+    # -- write side: the page loop --------------------------------------------------------
+
+    def save_pages(self, region: Any, first_page: int = 0, count: int = -1,
+                   header_base: int = 0, flags: int = 0, may_free: bool = False, *,
+                   idstr: Any = None, page_size: int = 4096, dirty: Any = None,
+                   detect_zero: bool = True, stop_when_rate_limited: bool = False,
+                   block_offset: int = 0) -> Tuple[int, int, int]:
+        self._enter(True)
+        try:
+            if page_size < 512 or page_size & (page_size - 1):
+                raise ValueError(f"page_size must be a power of two >= 512, not {page_size}")
+            if flags & ~(page_size - 1):
+                raise ValueError("flags must fit below the page size")
+            if header_base & (page_size - 1):
+                raise ValueError("header_base must be page aligned")
+            name = None
+            if idstr is not None:
+                name = idstr.encode() if isinstance(idstr, str) else bytes(idstr)
+                if len(name) > 255:
+                    raise ValueError("a block name holds at most 255 bytes")
+            if self._error:
+                return (0, 0, first_page)
+            export = _Export(region)
+            npages = export.len // page_size
+            if count < 0:
+                count = npages - first_page
+            if first_page < 0 or count < 0 or first_page + count > npages:
+                export.release()
+                raise ValueError(f"pages {first_page}..{first_page + count} are outside a "
+                                 f"region of {npages} pages")
+            bits = None
+            if dirty is not None:
+                bits = memoryview(dirty).cast("B")
+                if bits.readonly:
+                    export.release()
+                    raise BufferError("the dirty bitmap must be writable")
+                if len(bits) * 8 < first_page + count:
+                    export.release()
+                    raise ValueError("the dirty bitmap is shorter than the page range")
+            self._pins.append(export)
+            pages = zeros = 0
+            hooked = self._hooks.get("save_page") is not None
+            for i in range(first_page, first_page + count):
+                if bits is not None and not (bits[i >> 3] >> (i & 7)) & 1:
+                    continue
+                if self._error or (stop_when_rate_limited and self._rate_limited()):
+                    return (pages, zeros, i)
+                if hooked:
+                    ret, _ = self._control_save_page(block_offset, header_base + i * page_size,
+                                                     page_size)
+                    if ret != RAM_SAVE_CONTROL_NOT_SUPP:
+                        if bits is not None:
+                            bits[i >> 3] &= ~(1 << (i & 7))
+                        continue
+                addr = export.addr + i * page_size
+                page = _raw(addr, page_size)
+                zero = detect_zero and _all_zero(page)
+                header = (header_base + i * page_size) | flags
+                header |= RAM_SAVE_FLAG_ZERO if zero else RAM_SAVE_FLAG_PAGE
+                if name is not None:
+                    self._put_be(header & ~RAM_SAVE_FLAG_CONTINUE, 8)
+                    self._put_byte(len(name))
+                    self._put_bytes(memoryview(name))
+                    name = None
+                    flags |= RAM_SAVE_FLAG_CONTINUE
+                else:
+                    self._put_be(header, 8)
+                if zero:
+                    self._put_byte(0)
+                    if may_free and not self._error:
+                        self._note_release(addr, page_size)
+                    zeros += 1
+                elif not self._error:
+                    self._rate_used += page_size
+                    if may_free:
+                        self._note_release(addr, page_size)
+                    self._add_to_iovec(addr, page_size, bool(may_free))
+                    pages += 1
+                if bits is not None:
+                    bits[i >> 3] &= ~(1 << (i & 7))
+            return (pages, zeros, first_page + count)
+        finally:
+            self._leave()
+
+    # -- read side ------------------------------------------------------------------------
+
+    def _read_pos(self) -> int:
+        return self._total - (self._fill - self._index)
+
+    def _fill_buffer(self) -> int:
+        pending = self._fill - self._index
+        if pending > 0 and self._index > 0:
+            self._buf[:pending] = self._buf[self._index:self._fill]
+        self._index = 0
+        self._fill = pending
+        if self._error or pending >= self._cap:
+            return 0
+        room = self._buf[pending:]
+        if self._fd >= 0:
+            while True:
+                try:
+                    n = os.readv(self._fd, [room])
+                    break
+                except BlockingIOError:
+                    if self._wait(select.POLLIN) < 0:
+                        return 0
+                except OSError as exc:
+                    self._fail_errno(exc.errno or errno.EIO, "read")
+                    return 0
+                except BaseException as exc:
+                    self._record(errno.EINTR, raised_in(errno.EINTR, "a signal handler", exc))
+                    self._pending = exc
+                    return 0
+        else:
+            try:
+                n = self.channel.readinto(room)
+                if n is None:
+                    raise OSError(errno.EAGAIN, f"{self.channel!r}.readinto would block")
+                if n < 0 or n > len(room):
+                    raise OSError(errno.EIO, f"{self.channel!r}.readinto returned {n}")
+            except OSError as exc:
+                self._record(exc.errno or errno.EIO, exc)
+                return 0
+            except BaseException as exc:
+                self._record(errno.EIO, raised_in(errno.EIO, repr(self.channel), exc))
+                self._pending = exc
+                return 0
+        self.read_calls += 1
+        if n == 0:
+            if self._error == 0:
+                self._error = -errno.EIO
+                self._at_eof = True
+            return 0
+        self._fill += n
+        self._total += n
+        return n
+
+    def _peek(self, size: int, offset: int) -> int:
+        pending = self._fill - self._index - offset
+        while pending < size:
+            if self._fill_buffer() <= 0:
+                break
+            pending = self._fill - self._index - offset
+        if pending <= 0:
+            return 0
+        return min(size, pending)
+
+    def _get_into(self, dst: memoryview) -> int:
+        done = 0
+        size = len(dst)
+        while done < size:
+            res = self._peek(min(size - done, self._cap), 0)
+            if res == 0:
+                break
+            dst[done:done + res] = self._buf[self._index:self._index + res]
+            self._index += res
+            done += res
+        return done
+
+    def _get_be(self, nbytes: int, what: str) -> int:
+        start = self._read_pos()
+        got = self._peek(nbytes, 0)
+        if got < nbytes:
+            self._index += got
+            self._raise_short(start, nbytes, got, what)
+            return 0
+        v = int.from_bytes(self._buf[self._index:self._index + nbytes], "big")
+        self._index += nbytes
+        return v
+
+    def _get(self, nbytes: int, what: str) -> int:
+        self._enter(False)
+        try:
+            return self._get_be(nbytes, what)
+        finally:
+            self._leave()
+
+    def get_byte(self) -> int:
+        return self._get(1, "get_byte")
+
+    def get_be16(self) -> int:
+        return self._get(2, "get_be16")
+
+    def get_be32(self) -> int:
+        return self._get(4, "get_be32")
+
+    def get_be64(self) -> int:
+        return self._get(8, "get_be64")
+
+    def peek_byte(self, offset: int = 0) -> int:
+        self._enter(False)
+        try:
+            if not 0 <= offset < self._cap:
+                raise ValueError(f"peek offset must be in [0, {self._cap})")
+            start = self._read_pos()
+            if self._fill - self._index <= offset:
+                self._peek(1, offset)
+                if self._fill - self._index <= offset:
+                    self._raise_short(start, offset + 1, self._fill - self._index, "peek_byte")
+                    return 0
+            return self._buf[self._index + offset]
+        finally:
+            self._leave()
+
+    def peek_buffer(self, size: int, offset: int = 0) -> bytes:
+        self._enter(False)
+        try:
+            if offset < 0 or size < 0 or offset + size > self._cap:
+                raise ValueError(f"peek_buffer needs 0 <= offset and offset + size <= {self._cap}")
+            start = self._read_pos()
+            got = self._peek(size, offset)
+            if got < size:
+                self._raise_short(start, offset + size, offset + got, "peek_buffer")
+                return b""
+            return bytes(self._buf[self._index + offset:self._index + offset + size])
+        finally:
+            self._leave()
+
+    def get_buffer(self, size: int) -> bytes:
+        self._enter(False)
+        try:
+            if size < 0:
+                raise ValueError("size cannot be negative")
+            start = self._read_pos()
+            out = bytearray(size)
+            got = self._get_into(memoryview(out))
+            if got < size:
+                self._raise_short(start, size, got, "get_buffer")
+                return b""
+            return bytes(out)
+        finally:
+            self._leave()
+
+    def get_buffer_into(self, buf: Any) -> int:
+        self._enter(False)
+        try:
+            view = memoryview(buf).cast("B")
+            if view.readonly:
+                raise BufferError("get_buffer_into needs a writable buffer")
+            start = self._read_pos()
+            got = self._get_into(view)
+            if got < len(view):
+                self._raise_short(start, len(view), got, "get_buffer_into")
+            return got
+        finally:
+            self._leave()
+
+    def get_buffer_in_place(self, size: int) -> memoryview:
+        if size < 0:
+            raise ValueError("size cannot be negative")
+        if size >= self._cap:
+            return memoryview(self.get_buffer(size))
+        self._enter(False)
+        try:
+            start = self._read_pos()
+            if self._peek(size, 0) < size:
+                self._raise_short(start, size, self._fill - self._index, "get_buffer_in_place")
+                return memoryview(b"")
+            view = self._buf[self._index:self._index + size].toreadonly()
+            self._index += size
+            return view
+        finally:
+            self._leave()
+
+    def skip(self, size: int) -> None:
+        self._enter(False)
+        try:
+            start = self._read_pos()
+            done = 0
+            while done < size:
+                res = self._peek(min(size - done, self._cap), 0)
+                if res == 0:
+                    break
+                self._index += res
+                done += res
+            if done < size:
+                self._raise_short(start, size, done, "skip")
+        finally:
+            self._leave()
+
+    def get_counted_string(self) -> bytes:
+        return self.get_buffer(self.get_byte())
+
+    # -- read side: the page loop ---------------------------------------------------------
+
+    def load_pages(self, region: Any, header: Optional[int] = None, *, page_size: int = 4096,
+                   header_pos: int = -1) -> Tuple[int, int, int]:
+        self._enter(False)
+        try:
+            if page_size < 512 or page_size & (page_size - 1):
+                raise ValueError(f"page_size must be a power of two >= 512, not {page_size}")
+            target = memoryview(region).cast("B")
+            if target.readonly:
+                raise BufferError("load_pages needs a writable region")
+            length = len(target)
+            mask = page_size - 1
+            pages = zeros = 0
+            have_header = header is not None
+            if not have_header:
+                header_pos = self._read_pos()
+                header = self._get_be(8, "load_pages")
+            while True:
+                flags = header & mask
+                offset = header & ~mask
+                if not have_header and not flags & RAM_SAVE_FLAG_CONTINUE:
+                    break
+                flags &= ~RAM_SAVE_FLAG_CONTINUE
+                if flags not in (RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_ZERO):
+                    break
+                have_header = False
+                if offset > length or length - offset < page_size:
+                    self._fail_format(FormatError(
+                        f"page at offset {offset:#x} lies outside its block of {length:#x} "
+                        f"bytes", header_pos))
+                page = target[offset:offset + page_size]
+                if flags == RAM_SAVE_FLAG_PAGE:
+                    start = self._read_pos()
+                    got = self._get_into(page)
+                    if got < page_size:
+                        self._raise_short(start, page_size, got, "load_pages")
+                        return (header, pages, zeros)
+                    pages += 1
+                else:
+                    ch = self._get_be(1, "load_pages")
+                    if ch != 0:
+                        self._fail_format(FormatError(
+                            f"zero page record with fill byte {ch:#x} (must be 0)",
+                            self._read_pos() - 1))
+                    if not _all_zero(page):
+                        page[:] = bytes(page_size)
+                    zeros += 1
+                header_pos = self._read_pos()
+                header = self._get_be(8, "load_pages")
+            return (header, pages, zeros)
+        finally:
+            self._leave()
+
+    def _fail_format(self, exc: FormatError) -> None:
+        if self._error == 0:
+            self._error = -errno.EINVAL
+        self._exc = exc
+        raise exc
+
+    # -- position, rate limiting ----------------------------------------------------------
+
+    def tell(self) -> int:
+        if self._writable:
+            self._enter(True)
+            try:
+                self._flush_batch()
+            finally:
+                self._leave()
+            return self._total
+        return self._read_pos()
+
+    def tell_fast(self) -> int:
+        if not self._writable:
+            return self._read_pos()
+        return self._total + sum(length for _, length in self._iov)
+
+    def update_position(self, size: int) -> None:
+        self._total += size
+
+    @property
+    def pending_iovecs(self) -> int:
+        return len(self._iov)
+
+    @property
+    def pending_pins(self) -> int:
+        return len(self._pins)
+
+    @property
+    def iov_max(self) -> int:
+        return self._iov_max
+
+    @property
+    def buf_size(self) -> int:
+        return self._cap
+
+    @property
+    def release_min(self) -> int:
+        return self._release_min
+
+    def _rate_limited(self) -> bool:
+        if self._shutdown or self._error:
+            return True
+        return self._rate_max > 0 and self._rate_used > self._rate_max
+
+    def rate_limited(self) -> bool:
+        return self._rate_limited()
+
+    def set_rate_limit(self, limit: int) -> None:
+        self._rate_max = limit
+
+    def get_rate_limit(self) -> int:
+        return self._rate_max
+
+    def reset_rate_limit(self) -> None:
+        self._rate_used = 0
+
+    def acct_rate_limit(self, size: int) -> None:
+        self._rate_used += size
+
+    @property
+    def rate_limit_used(self) -> int:
+        return self._rate_used
+
+    # -- channel state --------------------------------------------------------------------
+
+    def is_writable(self) -> bool:
+        return self._writable
+
+    def shutdown(self) -> bool:
+        self._shutdown = True
+        if self._error == 0:
+            self._record(errno.EIO, OSError(errno.EIO, "QEMUFile was shut down"))
+        shut = getattr(self.channel, "shutdown", None)
+        if shut is None:
+            return False
+        return bool(shut())
+
+    def get_return_path(self) -> Optional["QEMUFile"]:
+        make = getattr(self.channel, "return_path", None)
+        back = make() if make is not None else None
+        if back is None:
+            return None
+        return QEMUFile(back, "rb" if self._writable else "wb", iov_max=self._iov_max,
+                        buf_size=self._cap, release_min=self._release_min,
+                        timeout=None if self._timeout_ms < 0 else self._timeout_ms / 1000.0)
+
+    def set_blocking(self, block: bool) -> None:
+        setter = getattr(self.channel, "set_blocking", None)
+        if setter is not None:
+            setter(block)
+        elif self._fd >= 0:
+            os.set_blocking(self._fd, block)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        if self._busy:
+            raise RuntimeError("QEMUFile is in use by another thread")
+        self._busy = True
+        try:
+            if self._writable:
+                self._flush_batch()
+                self._release_open_run()
+            self._iov = []
+            self._may_free = []
+            self._open_run = [0, 0]
+            self._drop_pins_if_idle()
+            closer = getattr(self.channel, "close", None)
+            if closer is not None:
+                try:
+                    closer()
+                except OSError as exc:
+                    self._record(exc.errno or errno.EIO, exc)
+        finally:
+            self._closed = True
+            self._busy = False
+        if self._pending is not None:
+            exc, self._pending = self._pending, None
+            raise exc
+        self._raise_error()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- hooks ----------------------------------------------------------------------------
+
+    def set_hooks(self, *, before_ram_iterate: Any = None, after_ram_iterate: Any = None,
+                  hook_ram_load: Any = None, save_page: Any = None) -> None:
+        self._hooks = {"before_ram_iterate": before_ram_iterate,
+                       "after_ram_iterate": after_ram_iterate,
+                       "hook_ram_load": hook_ram_load, "save_page": save_page}
+
+    def _call_hook(self, name: str, *args: Any) -> Any:
+        try:
+            return self._hooks[name](self, *args)
+        except BaseException as exc:
+            self._record(errno.EIO, raised_in(errno.EIO, f"the hook {self._hooks[name]!r}", exc))
+            raise
+
+    def ram_control_before_iterate(self, flags: int) -> None:
+        if self._hooks.get("before_ram_iterate") is not None:
+            ret = self._call_hook("before_ram_iterate", flags, None)
+            if ret is not None and ret < 0:
+                self.set_error(ret)
+
+    def ram_control_after_iterate(self, flags: int) -> None:
+        if self._hooks.get("after_ram_iterate") is not None:
+            ret = self._call_hook("after_ram_iterate", flags, None)
+            if ret is not None and ret < 0:
+                self.set_error(ret)
+
+    def ram_control_load_hook(self, flags: int, data: Any = None) -> None:
+        if self._hooks.get("hook_ram_load") is not None:
+            ret = self._call_hook("hook_ram_load", flags, data)
+            if ret is not None and ret < 0:
+                self.set_error(ret)
+        elif flags == RAM_CONTROL_HOOK:
+            self.set_error(-errno.EINVAL, "the stream asks for a RAM load hook; none is set")
+
+    def ram_control_save_page(self, block_offset: int, offset: int, size: int) -> Tuple[int, int]:
+        return self._control_save_page(block_offset, offset, size)
+
+    def _control_save_page(self, block_offset: int, offset: int, size: int) -> Tuple[int, int]:
+        if self._hooks.get("save_page") is None:
+            return (RAM_SAVE_CONTROL_NOT_SUPP, 0)
+        ret, sent = self._call_hook("save_page", block_offset, offset, size)
+        if ret != RAM_SAVE_CONTROL_NOT_SUPP:
+            self._rate_used += size
+        if ret not in (RAM_SAVE_CONTROL_DELAYED, RAM_SAVE_CONTROL_NOT_SUPP):
+            if sent and sent > 0:
+                self._total += sent
+            elif ret < 0:
+                self.set_error(ret)
+        return (ret, sent)

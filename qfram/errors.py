@@ -1,0 +1,62 @@
+"""qfram's own exception types, shared by the Cython core and its pure-Python twin.
+
+I/O failures surface as the standard ``OSError`` subclasses (``BrokenPipeError``,
+``ConnectionResetError``, ...) carrying the real errno.  The types here cover what the
+operating system cannot name: a stream that ended too early and a stream whose bytes
+break the format.  Both derive from :class:`QFramError`, so a caller that loads
+untrusted input can catch exactly qfram's complaints and nothing else.
+"""
+from __future__ import annotations
+
+import errno
+
+
+class QFramError(Exception):
+    """Base class of every error qfram raises on its own account."""
+
+
+class StreamEnded(QFramError, OSError, EOFError):
+    """The stream ended before a read got the bytes it needed.
+
+    It is an ``OSError`` (errno ``EIO``, as QEMU reports it) and an ``EOFError``.
+    ``offset`` is the byte offset in the stream where the short read started,
+    ``wanted`` how many bytes it asked for and ``got`` how many arrived.
+    """
+
+    def __init__(self, offset: int, wanted: int, got: int, what: str = "read") -> None:
+        super().__init__(
+            errno.EIO,
+            f"stream ended at byte {offset + got}: {what} needed {wanted} bytes from byte "
+            f"{offset}, got {got}",
+        )
+        self.offset = offset
+        self.wanted = wanted
+        self.got = got
+
+    def __reduce__(self):  # keep pickling (multiprocessing) working with our signature
+        return (type(self), (self.offset, self.wanted, self.got))
+
+
+class FormatError(QFramError, ValueError):
+    """The bytes of a stream or file break its format.
+
+    ``offset`` is the byte offset of the offending record (or field) in the input.
+    """
+
+    def __init__(self, message: str, offset: int = -1) -> None:
+        where = f" at byte {offset}" if offset >= 0 else ""
+        super().__init__(f"{message}{where}")
+        self.offset = offset
+        self.reason = message
+
+    def __reduce__(self):
+        return (type(self), (self.reason, self.offset))
+
+
+def raised_in(err: int, where: str, exc: BaseException) -> OSError:
+    """The sticky error a file keeps when Python code it called (a signal handler, a
+    channel, a hook) raised: an OSError naming what happened, caused by ``exc``.  The
+    exception itself is raised once, to the caller of the operation."""
+    error = OSError(err, f"{where} raised {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
