@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, embedsignature=True
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, embedsignature=True, auto_pickle=False, autotestdict=False
 """qfram's core: QEMU's ``migration/qemu-file.c`` in Cython.
 
 A :class:`QEMUFile` stages small puts (headers, counters, strings) in a fixed buffer and
@@ -1171,14 +1171,17 @@ cdef class QEMUFile:
     # -- read side: the page loop ---------------------------------------------------------
 
     def load_pages(self, region, header=None, *, Py_ssize_t page_size=4096,
-                   Py_ssize_t header_pos=-1):
+                   Py_ssize_t header_pos=-1, fresh=None):
         """Place RAM page records into ``region`` (writable) without Python work per page.
 
-        With ``header`` (already read, together with its block name) that record is
-        placed first whatever its CONTINUE bit; then records are read while they are
-        ``CONTINUE|PAGE`` or ``CONTINUE|ZERO``.  A PAGE is read into its place, a ZERO
-        fills its page only where it is not zero already (untouched memory stays
-        untouched).  Every offset is checked against the region before a byte is written.
+        With ``header`` (already read, together with its block name; ``header_pos`` its
+        byte offset, for messages) that record is placed first whatever its CONTINUE
+        bit; then records are read while they are ``CONTINUE|PAGE`` or ``CONTINUE|ZERO``.
+        A PAGE is read into its place.  A ZERO fills its page only where it is not zero
+        already; with ``fresh`` (a writable bitmap, bit i set = page i is untouched,
+        known-zero memory) a ZERO on a fresh page is not even read, so untouched memory
+        stays untouched; every placed page's bit is cleared.  Every offset is checked
+        against the region before a byte is written.
 
         Returns ``(next_header, pages, zero_pages)``: the first record header that is not
         such a page (consumed, its payload not), for the caller's format code.
@@ -1186,7 +1189,9 @@ cdef class QEMUFile:
         ZERO record whose fill byte is not 0, StreamEnded at a premature end.
         """
         cdef Py_buffer view
+        cdef Py_buffer fview
         cdef LoadLoop loop
+        cdef bint have_fresh = fresh is not None
         self._enter(0)
         try:
             if page_size < 512 or page_size & (page_size - 1):
@@ -1201,8 +1206,18 @@ cdef class QEMUFile:
                     loop.have_header = True
                     loop.header = header
                     loop.header_pos = header_pos
-                with nogil:
-                    _load_loop(self, &loop)
+                if have_fresh:
+                    PyObject_GetBuffer(fresh, &fview, PyBUF_WRITABLE)
+                    if fview.len * 8 < view.len // page_size:
+                        PyBuffer_Release(&fview)
+                        raise ValueError("the fresh bitmap is shorter than the region")
+                    loop.fresh = <unsigned char *>fview.buf
+                try:
+                    with nogil:
+                        _load_loop(self, &loop)
+                finally:
+                    if have_fresh:
+                        PyBuffer_Release(&fview)
             finally:
                 PyBuffer_Release(&view)
             if loop.status == -2:
@@ -1219,7 +1234,8 @@ cdef class QEMUFile:
                 self.last_exc = exc
                 raise exc
             if loop.status == -1:
-                self._raise_short(self._read_pos(), 8, 0, "load_pages")
+                self._raise_short(loop.short_pos, loop.short_wanted, loop.short_got,
+                                  "load_pages")
             return (loop.header, loop.pages, loop.zeros)
         finally:
             self._leave()
@@ -1229,7 +1245,7 @@ cdef class QEMUFile:
     def tell(self):
         """Writing: bytes written to the channel, after flushing the batch (QEMU's
         qemu_file_total_transferred).  Reading: bytes consumed so far."""
-        if self.writable:
+        if self.writable and not self.is_closed:
             self._enter(1)
             try:
                 with nogil:
@@ -1491,12 +1507,25 @@ cdef void _save_loop(QEMUFile f, PageLoop *loop) noexcept nogil:
     loop.next_page = loop.end
 
 
+cdef inline int _load_short(QEMUFile f, LoadLoop *loop, int64_t pos, Py_ssize_t wanted,
+                            Py_ssize_t got) noexcept nogil:
+    loop.status = -1
+    loop.short_pos = pos
+    loop.short_wanted = wanted
+    loop.short_got = got
+    return -1
+
+
 cdef inline int _load_header(QEMUFile f, LoadLoop *loop) noexcept nogil:
     cdef uint64_t v = 0
     cdef int k
+    cdef Py_ssize_t got
     loop.header_pos = f._read_pos()
-    if f.buf_fill - f.buf_index < 8 and f._peek(8, 0) < 8:
-        return -1
+    if f.buf_fill - f.buf_index < 8:
+        got = f._peek(8, 0)
+        if got < 8:
+            f.buf_index += got
+            return _load_short(f, loop, loop.header_pos, 8, got)
     for k in range(8):
         v = (v << 8) | f.buf[f.buf_index + k]
     f.buf_index += 8
@@ -1508,9 +1537,12 @@ cdef void _load_loop(QEMUFile f, LoadLoop *loop) noexcept nogil:
     cdef uint64_t mask = loop.page_size - 1
     cdef uint64_t flags, offset
     cdef unsigned char *page
+    cdef int64_t pos
+    cdef Py_ssize_t got
+    cdef size_t index
+    cdef bint fresh
     cdef int ch
     if not loop.have_header and _load_header(f, loop) < 0:
-        loop.status = -1
         return
     while True:
         flags = loop.header & mask
@@ -1528,17 +1560,24 @@ cdef void _load_loop(QEMUFile f, LoadLoop *loop) noexcept nogil:
             loop.bad_pos = loop.header_pos
             return
         page = loop.base + offset
+        index = offset // loop.page_size
+        fresh = loop.fresh != NULL and (loop.fresh[index >> 3] >> (index & 7)) & 1
+        if loop.fresh != NULL:
+            loop.fresh[index >> 3] &= ~(1 << (index & 7))
         if flags == FLAG_PAGE:
             if f.buf_fill - f.buf_index >= <Py_ssize_t>loop.page_size:
                 memcpy(page, f.buf + f.buf_index, loop.page_size)
                 f.buf_index += loop.page_size
-            elif f._get_into(page, loop.page_size) < <Py_ssize_t>loop.page_size:
-                loop.status = -1
-                return
+            else:
+                pos = f._read_pos()
+                got = f._get_into(page, loop.page_size)
+                if got < <Py_ssize_t>loop.page_size:
+                    _load_short(f, loop, pos, loop.page_size, got)
+                    return
             loop.pages += 1
         else:
             if f.buf_fill - f.buf_index < 1 and f._peek(1, 0) < 1:
-                loop.status = -1
+                _load_short(f, loop, f._read_pos(), 1, 0)
                 return
             ch = f.buf[f.buf_index]
             f.buf_index += 1
@@ -1548,10 +1587,10 @@ cdef void _load_loop(QEMUFile f, LoadLoop *loop) noexcept nogil:
                 loop.bad_value = ch
                 loop.bad_pos = f._read_pos() - 1
                 return
-            if not _is_zero(page, loop.page_size):
+            # fresh memory is zero already: do not even read it (no fault, no page)
+            if not fresh and not _is_zero(page, loop.page_size):
                 memset(page, 0, loop.page_size)
             loop.zeros += 1
         if _load_header(f, loop) < 0:
-            loop.status = -1
             return
     loop.status = 0

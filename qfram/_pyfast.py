@@ -835,7 +835,7 @@ class QEMUFile:
     # -- read side: the page loop ---------------------------------------------------------
 
     def load_pages(self, region: Any, header: Optional[int] = None, *, page_size: int = 4096,
-                   header_pos: int = -1) -> Tuple[int, int, int]:
+                   header_pos: int = -1, fresh: Any = None) -> Tuple[int, int, int]:
         self._enter(False)
         try:
             if page_size < 512 or page_size & (page_size - 1):
@@ -844,15 +844,23 @@ class QEMUFile:
             if target.readonly:
                 raise BufferError("load_pages needs a writable region")
             length = len(target)
+            bits = None
+            if fresh is not None:
+                bits = memoryview(fresh).cast("B")
+                if bits.readonly:
+                    raise BufferError("the fresh bitmap must be writable")
+                if len(bits) * 8 < length // page_size:
+                    raise ValueError("the fresh bitmap is shorter than the region")
             mask = page_size - 1
             pages = zeros = 0
             have_header = header is not None
-            if not have_header:
+            if header is None:
                 header_pos = self._read_pos()
                 header = self._get_be(8, "load_pages")
+            hdr: int = header
             while True:
-                flags = header & mask
-                offset = header & ~mask
+                flags = hdr & mask
+                offset = hdr & ~mask
                 if not have_header and not flags & RAM_SAVE_FLAG_CONTINUE:
                     break
                 flags &= ~RAM_SAVE_FLAG_CONTINUE
@@ -864,12 +872,17 @@ class QEMUFile:
                         f"page at offset {offset:#x} lies outside its block of {length:#x} "
                         f"bytes", header_pos))
                 page = target[offset:offset + page_size]
+                index = offset // page_size
+                was_fresh = False
+                if bits is not None:
+                    was_fresh = bool((bits[index >> 3] >> (index & 7)) & 1)
+                    bits[index >> 3] &= ~(1 << (index & 7))
                 if flags == RAM_SAVE_FLAG_PAGE:
                     start = self._read_pos()
                     got = self._get_into(page)
                     if got < page_size:
                         self._raise_short(start, page_size, got, "load_pages")
-                        return (header, pages, zeros)
+                        return (hdr, pages, zeros)
                     pages += 1
                 else:
                     ch = self._get_be(1, "load_pages")
@@ -877,12 +890,12 @@ class QEMUFile:
                         self._fail_format(FormatError(
                             f"zero page record with fill byte {ch:#x} (must be 0)",
                             self._read_pos() - 1))
-                    if not _all_zero(page):
+                    if not was_fresh and not _all_zero(page):
                         page[:] = bytes(page_size)
                     zeros += 1
                 header_pos = self._read_pos()
-                header = self._get_be(8, "load_pages")
-            return (header, pages, zeros)
+                hdr = self._get_be(8, "load_pages")
+            return (hdr, pages, zeros)
         finally:
             self._leave()
 
@@ -895,7 +908,7 @@ class QEMUFile:
     # -- position, rate limiting ----------------------------------------------------------
 
     def tell(self) -> int:
-        if self._writable:
+        if self._writable and not self._closed:
             self._enter(True)
             try:
                 self._flush_batch()
@@ -1010,8 +1023,8 @@ class QEMUFile:
             self._closed = True
             self._busy = False
         if self._pending is not None:
-            exc, self._pending = self._pending, None
-            raise exc
+            pending, self._pending = self._pending, None
+            raise pending
         self._raise_error()
 
     @property

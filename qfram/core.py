@@ -2,15 +2,18 @@
 ``QFRAM_PURE_PYTHON=1`` says so, its pure-Python twin.  Never a silent fallback."""
 from __future__ import annotations
 
+import importlib
 import os
+from typing import Any
 
 PURE_PYTHON = os.environ.get("QFRAM_PURE_PYTHON", "") == "1"
 
+impl: Any
 if PURE_PYTHON:
-    from qfram import _pyfast as impl
+    impl = importlib.import_module("qfram._pyfast")
 else:
     try:
-        from qfram import _fast as impl
+        impl = importlib.import_module("qfram._fast")
     except ImportError as exc:  # pragma: no cover - depends on how qfram was installed
         raise ImportError(
             "qfram's compiled core (qfram._fast) is not built. Build it with "

@@ -130,8 +130,9 @@ def test_a_file_only_goes_one_way(core):
 
 def test_closed_file_refuses_work(core):
     f = core.buffer_file()
+    f.put_buffer(b"abc")
     f.close()
-    assert f.closed
+    assert f.closed and f.tell() == 3           # the count survives the file
     with pytest.raises(ValueError, match="closed"):
         f.put_byte(1)
     f.close()       # closing twice is harmless

@@ -1,0 +1,3 @@
+from qfram.cli import main
+import sys
+sys.exit(main())

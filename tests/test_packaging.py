@@ -1,0 +1,87 @@
+"""How qfram is built and chosen: the typed stub matches, the twin only on request,
+a missing extension says how to build it, and nothing leaks."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import PAGE, private_anon
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_python(code: str, env_extra=None, pythonpath=None, flags=()):
+    env = dict(os.environ)
+    env.pop("QFRAM_PURE_PYTHON", None)
+    env.update(env_extra or {})
+    if pythonpath:
+        env["PYTHONPATH"] = str(pythonpath)
+    return subprocess.run([sys.executable, *flags, "-c", code], capture_output=True, text=True,
+                          env=env, cwd=pythonpath or ROOT, timeout=120)
+
+
+def test_the_stub_matches_the_extension():
+    pytest.importorskip("mypy")
+    out = subprocess.run([sys.executable, "-m", "mypy.stubtest", "qfram._fast"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_the_compiled_core_is_the_default():
+    out = run_python("import qfram; print(qfram.QEMUFile.__module__, qfram.PURE_PYTHON)")
+    assert out.stdout.split() == ["qfram._fast", "False"], out.stderr
+
+
+def test_the_pure_python_twin_is_chosen_only_by_the_environment():
+    out = run_python("import qfram; print(qfram.QEMUFile.__module__, qfram.PURE_PYTHON)",
+                     {"QFRAM_PURE_PYTHON": "1"})
+    assert out.stdout.split() == ["qfram._pyfast", "True"], out.stderr
+
+
+def test_a_missing_extension_is_an_import_error_that_says_how_to_build(tmp_path):
+    shutil.copytree(ROOT / "qfram", tmp_path / "qfram",
+                    ignore=shutil.ignore_patterns("*.so", "*.c", "__pycache__"))
+    # -S: no site-packages, so the editable install of the real tree stays out of reach
+    out = run_python("import qfram", pythonpath=tmp_path, flags=("-S",))
+    assert out.returncode != 0
+    assert "ImportError" in out.stderr and "pip install -e ." in out.stderr
+    assert "QFRAM_PURE_PYTHON=1" in out.stderr
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+def test_open_close_cycles_leak_neither_fds_nor_memory(core):
+    mm = private_anon(16 * PAGE)
+    mm[:] = b"\x01" * (16 * PAGE)
+
+    def cycle():
+        r, w = os.pipe()
+        f = core.fdopen(w, "wb")
+        f.save_pages(mm, idstr="ram")
+        f.put_buffer(b"x" * 1000)
+        try:
+            f.close()
+        except BrokenPipeError:
+            pass
+        g = core.fdopen(r, "rb")
+        g.close()
+
+    for _ in range(200):        # warm up allocators
+        cycle()
+    fds, mem = open_fds(), rss()
+    for _ in range(2000):
+        cycle()
+    assert open_fds() == fds
+    assert rss() - mem < 4 << 20
