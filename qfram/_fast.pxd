@@ -145,7 +145,8 @@ cdef class QEMUFile:
     cdef int _check_signals(self) noexcept nogil
     cdef int _wait(self, short events) noexcept nogil
     cdef int _put_byte(self, unsigned char v) noexcept nogil
-    cdef void _put_be32(self, unsigned int v) noexcept nogil
+    cdef int _put_int(self, uint64_t v, int nbytes) except -1
+    cdef void _put_be(self, uint64_t v, int nbytes) noexcept nogil
     cdef void _put_be64(self, uint64_t v) noexcept nogil
     cdef void _put_bytes(self, const unsigned char *p, size_t n) noexcept nogil
     cdef int _add_to_iovec(self, const char *p, size_t size, bint may_free) noexcept nogil

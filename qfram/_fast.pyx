@@ -110,17 +110,33 @@ cdef inline bint _is_zero(const unsigned char *p, size_t n) noexcept nogil:
     return True
 
 
-def is_zero(buf) -> bool:
-    """True when every byte of ``buf`` (any buffer-protocol object) is zero."""
+def is_zero(buf, Py_ssize_t offset=0, Py_ssize_t length=-1) -> bool:
+    """True when every byte of ``buf[offset:offset+length]`` (any buffer-protocol
+    object; ``length`` -1: to the end) is zero."""
     cdef Py_buffer view
     cdef bint zero
+    cdef const unsigned char *p
     PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
     try:
+        length = _check_range(view.len, offset, length)
+        p = <const unsigned char *>view.buf + offset
+        if length < (1 << 20):
+            return _is_zero(p, <size_t>length)      # a page: cheaper than dropping the GIL
         with nogil:
-            zero = _is_zero(<const unsigned char *>view.buf, <size_t>view.len)
+            zero = _is_zero(p, <size_t>length)
+        return zero
     finally:
         PyBuffer_Release(&view)
-    return zero
+
+
+cdef Py_ssize_t _check_range(Py_ssize_t size, Py_ssize_t offset, Py_ssize_t length) except -1:
+    """The length of buf[offset:offset+length] (-1: to the end), or ValueError."""
+    if length < 0:
+        length = size - offset
+    if offset < 0 or length < 0 or offset > size or size - offset < length:
+        raise ValueError(f"range offset={offset} length={length} is outside a buffer of "
+                         f"{size} bytes")
+    return length
 
 
 cdef int _raise_pending_signals() except -1:
@@ -413,9 +429,7 @@ cdef class QEMUFile:
     cdef void _put_be64(self, uint64_t v) noexcept nogil:
         # Byte by byte, as QEMU: a full gather list may flush in the middle of a header,
         # and the seed's flush points are reproduced exactly.
-        cdef int shift
-        for shift in range(56, -8, -8):
-            self._put_byte(<unsigned char>(v >> shift))
+        self._put_be(v, 8)
 
     cdef void _put_bytes(self, const unsigned char *p, size_t n) noexcept nogil:
         cdef size_t l
@@ -625,54 +639,40 @@ cdef class QEMUFile:
 
     # -- write side: public puts ---------------------------------------------------------
 
-    def put_byte(self, int v):
-        """Put one byte (the low 8 bits of ``v``)."""
-        self._enter(1)
-        try:
-            if self._may_flush(1, 1):
-                with nogil:
-                    self._put_byte(<unsigned char>v)
-            else:
-                self._put_byte(<unsigned char>v)
-        finally:
-            self._leave()
-
-    def put_be16(self, unsigned int v):
+    cdef int _put_int(self, uint64_t v, int nbytes) except -1:
+        """Put ``nbytes`` of ``v`` big-endian, byte by byte as QEMU (so a full gather list
+        may flush in the middle).  Only a put that may flush takes the busy guard and
+        drops the GIL; the others cannot make a syscall."""
+        if self.busy or self.is_closed or not self.writable:
+            self._enter(1)                  # raises the reason
+        if not self._may_flush(nbytes, nbytes):
+            self._put_be(v, nbytes)
+            return 0
         self._enter(1)
         try:
             with nogil:
-                self._put_byte(<unsigned char>(v >> 8))
-                self._put_byte(<unsigned char>v)
+                self._put_be(v, nbytes)
         finally:
             self._leave()
+        return 0
+
+    cdef void _put_be(self, uint64_t v, int nbytes) noexcept nogil:
+        cdef int shift
+        for shift in range(8 * (nbytes - 1), -8, -8):
+            self._put_byte(<unsigned char>(v >> shift))
+
+    def put_byte(self, int v):
+        """Put one byte (the low 8 bits of ``v``)."""
+        self._put_int(<unsigned char>v, 1)
+
+    def put_be16(self, unsigned int v):
+        self._put_int(v & 0xFFFF, 2)
 
     def put_be32(self, unsigned int v):
-        self._enter(1)
-        try:
-            if self._may_flush(4, 4):
-                with nogil:
-                    self._put_be32(v)
-            else:
-                self._put_be32(v)
-        finally:
-            self._leave()
-
-    cdef void _put_be32(self, unsigned int v) noexcept nogil:
-        self._put_byte(<unsigned char>(v >> 24))
-        self._put_byte(<unsigned char>(v >> 16))
-        self._put_byte(<unsigned char>(v >> 8))
-        self._put_byte(<unsigned char>v)
+        self._put_int(v, 4)
 
     def put_be64(self, uint64_t v):
-        self._enter(1)
-        try:
-            if self._may_flush(8, 8):
-                with nogil:
-                    self._put_be64(v)
-            else:
-                self._put_be64(v)
-        finally:
-            self._leave()
+        self._put_int(v, 8)
 
     def put_buffer(self, buf):
         """Copy ``buf`` (any buffer) into the stream through the staging buffer."""
@@ -693,28 +693,45 @@ cdef class QEMUFile:
         finally:
             self._leave()
 
-    def put_buffer_async(self, buf, bint may_free=False):
-        """Queue ``buf`` without copying: the iovec points into its memory, which stays
-        exported (``mmap.close()`` raises ``BufferError``) until written.  With
-        ``may_free``, its whole pages are released once every byte has been written."""
+    def put_buffer_async(self, buf, bint may_free=False, Py_ssize_t offset=0,
+                         Py_ssize_t length=-1):
+        """Queue ``buf[offset:offset+length]`` (``length`` -1: to the end) without
+        copying: the iovec points into its memory, which stays exported
+        (``mmap.close()`` raises ``BufferError``) until written.  With ``may_free``, its
+        whole pages are released once every byte has been written.  Repeated puts from
+        the same object share one export (a loop over a region need not slice it)."""
         cdef Py_buffer view
+        cdef const char *p
+        cdef Py_buffer *last
+        if self.busy or self.is_closed or not self.writable:
+            self._enter(1)                  # raises the reason
+        if self.last_error:
+            return
+        last = &self.pins[self.npins - 1] if self.npins else NULL
+        if last != NULL and last.obj is buf:
+            length = _check_range(last.len, offset, length)
+            p = <const char *>last.buf + offset
+        else:
+            PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
+            try:
+                length = _check_range(view.len, offset, length)
+            except ValueError:
+                PyBuffer_Release(&view)
+                raise
+            self._adopt(&view)
+            p = <const char *>view.buf + offset
+        if length == 0:
+            return
+        self.rate_used += length
+        if may_free:
+            self._note_release(<char *>p, <size_t>length)
+        if not self._may_flush(0, 1):
+            self._add_to_iovec(p, <size_t>length, may_free)
+            return
         self._enter(1)
         try:
-            if self.last_error:
-                return
-            PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
-            if view.len == 0:
-                PyBuffer_Release(&view)
-                return
-            self._adopt(&view)
-            self.rate_used += view.len
-            if may_free:
-                self._note_release(<char *>view.buf, <size_t>view.len)
-            if self._may_flush(0, 1):
-                with nogil:
-                    self._add_to_iovec(<const char *>view.buf, <size_t>view.len, may_free)
-            else:
-                self._add_to_iovec(<const char *>view.buf, <size_t>view.len, may_free)
+            with nogil:
+                self._add_to_iovec(p, <size_t>length, may_free)
         finally:
             self._leave()
 
@@ -843,8 +860,6 @@ cdef class QEMUFile:
                     PyBuffer_Release(&rview)
                     raise ValueError("the dirty bitmap is shorter than the page range")
                 loop.dirty = <unsigned char *>dview.buf
-            # the region stays exported until its pages are written (and released)
-            self._adopt(&rview)
             loop.base = <const unsigned char *>rview.buf
             loop.page_size = page_size
             loop.first = first_page
@@ -868,6 +883,13 @@ cdef class QEMUFile:
             finally:
                 if have_dirty:
                     PyBuffer_Release(&dview)
+                # The loop's own export kept the region alive while it ran (flushes in
+                # the loop give pins back); if bytes or releases are still pending, the
+                # region stays exported until they are written.
+                if self.iovcnt or self.nbatch_runs or self.open_run.length:
+                    self._adopt(&rview)
+                else:
+                    PyBuffer_Release(&rview)
             return (loop.pages, loop.zeros, loop.next_page)
         finally:
             self._leave()

@@ -76,9 +76,10 @@ _PyBUF_WRITABLE = 1
 class _Export:
     """One buffer export (PyObject_GetBuffer) and the address it gave."""
 
-    __slots__ = ("view", "addr", "len", "live")
+    __slots__ = ("view", "addr", "len", "live", "obj")
 
     def __init__(self, obj: Any, writable: bool = False) -> None:
+        self.obj = obj
         self.view = _PyBuffer()
         _get_buffer(obj, ctypes.byref(self.view), _PyBUF_WRITABLE if writable else _PyBUF_SIMPLE)
         self.addr = self.view.buf or 0
@@ -110,9 +111,20 @@ def _all_zero(view: memoryview) -> bool:
     return True
 
 
-def is_zero(buf: Any) -> bool:
-    """True when every byte of ``buf`` (any buffer-protocol object) is zero."""
-    return _all_zero(memoryview(buf).cast("B"))
+def _check_range(size: int, offset: int, length: int) -> int:
+    if length < 0:
+        length = size - offset
+    if offset < 0 or length < 0 or offset > size or size - offset < length:
+        raise ValueError(f"range offset={offset} length={length} is outside a buffer of "
+                         f"{size} bytes")
+    return length
+
+
+def is_zero(buf: Any, offset: int = 0, length: int = -1) -> bool:
+    """True when every byte of ``buf[offset:offset+length]`` is zero."""
+    view = memoryview(buf).cast("B")
+    length = _check_range(len(view), offset, length)
+    return _all_zero(view[offset:offset + length])
 
 
 def _check_int(v: int, low: int, high: int) -> None:
@@ -485,20 +497,30 @@ class QEMUFile:
         finally:
             self._leave()
 
-    def put_buffer_async(self, buf: Any, may_free: bool = False) -> None:
+    def put_buffer_async(self, buf: Any, may_free: bool = False, offset: int = 0,
+                         length: int = -1) -> None:
         self._enter(True)
         try:
             if self._error:
                 return
-            export = _Export(buf)
-            if export.len == 0:
-                export.release()
+            if self._pins and self._pins[-1].obj is buf:
+                export = self._pins[-1]
+                length = _check_range(export.len, offset, length)
+            else:
+                export = _Export(buf)
+                try:
+                    length = _check_range(export.len, offset, length)
+                except ValueError:
+                    export.release()
+                    raise
+                self._pins.append(export)
+            if length == 0:
                 return
-            self._pins.append(export)
-            self._rate_used += export.len
+            addr = export.addr + offset
+            self._rate_used += length
             if may_free:
-                self._note_release(export.addr, export.len)
-            self._add_to_iovec(export.addr, export.len, bool(may_free))
+                self._note_release(addr, length)
+            self._add_to_iovec(addr, length, bool(may_free))
         finally:
             self._leave()
 
@@ -588,50 +610,64 @@ class QEMUFile:
                 if len(bits) * 8 < first_page + count:
                     export.release()
                     raise ValueError("the dirty bitmap is shorter than the page range")
-            self._pins.append(export)
-            pages = zeros = 0
-            hooked = self._hooks.get("save_page") is not None
-            for i in range(first_page, first_page + count):
-                if bits is not None and not (bits[i >> 3] >> (i & 7)) & 1:
-                    continue
-                if self._error or (stop_when_rate_limited and self._rate_limited()):
-                    return (pages, zeros, i)
-                if hooked:
-                    ret, _ = self._control_save_page(block_offset, header_base + i * page_size,
-                                                     page_size)
-                    if ret != RAM_SAVE_CONTROL_NOT_SUPP:
-                        if bits is not None:
-                            bits[i >> 3] &= ~(1 << (i & 7))
-                        continue
-                addr = export.addr + i * page_size
-                page = _raw(addr, page_size)
-                zero = detect_zero and _all_zero(page)
-                header = (header_base + i * page_size) | flags
-                header |= RAM_SAVE_FLAG_ZERO if zero else RAM_SAVE_FLAG_PAGE
-                if name is not None:
-                    self._put_be(header & ~RAM_SAVE_FLAG_CONTINUE, 8)
-                    self._put_byte(len(name))
-                    self._put_bytes(memoryview(name))
-                    name = None
-                    flags |= RAM_SAVE_FLAG_CONTINUE
+            try:
+                return self._save_loop(export, first_page, count, header_base, flags,
+                                       may_free, name, page_size, bits, detect_zero,
+                                       stop_when_rate_limited, block_offset)
+            finally:
+                # the loop's export kept the region alive; keep it while bytes are pending
+                if self._iov or self._batch_runs or self._open_run[1]:
+                    self._pins.append(export)
                 else:
-                    self._put_be(header, 8)
-                if zero:
-                    self._put_byte(0)
-                    if may_free and not self._error:
-                        self._note_release(addr, page_size)
-                    zeros += 1
-                elif not self._error:
-                    self._rate_used += page_size
-                    if may_free:
-                        self._note_release(addr, page_size)
-                    self._add_to_iovec(addr, page_size, bool(may_free))
-                    pages += 1
-                if bits is not None:
-                    bits[i >> 3] &= ~(1 << (i & 7))
-            return (pages, zeros, first_page + count)
+                    export.release()
         finally:
             self._leave()
+
+    def _save_loop(self, export: _Export, first_page: int, count: int, header_base: int,
+                   flags: int, may_free: bool, name: Optional[bytes], page_size: int,
+                   bits: Optional[memoryview], detect_zero: bool,
+                   stop_when_rate_limited: bool, block_offset: int) -> Tuple[int, int, int]:
+        pages = zeros = 0
+        hooked = self._hooks.get("save_page") is not None
+        for i in range(first_page, first_page + count):
+            if bits is not None and not (bits[i >> 3] >> (i & 7)) & 1:
+                continue
+            if self._error or (stop_when_rate_limited and self._rate_limited()):
+                return (pages, zeros, i)
+            if hooked:
+                ret, _ = self._control_save_page(block_offset, header_base + i * page_size,
+                                                 page_size)
+                if ret != RAM_SAVE_CONTROL_NOT_SUPP:
+                    if bits is not None:
+                        bits[i >> 3] &= ~(1 << (i & 7))
+                    continue
+            addr = export.addr + i * page_size
+            page = _raw(addr, page_size)
+            zero = detect_zero and _all_zero(page)
+            header = (header_base + i * page_size) | flags
+            header |= RAM_SAVE_FLAG_ZERO if zero else RAM_SAVE_FLAG_PAGE
+            if name is not None:
+                self._put_be(header & ~RAM_SAVE_FLAG_CONTINUE, 8)
+                self._put_byte(len(name))
+                self._put_bytes(memoryview(name))
+                name = None
+                flags |= RAM_SAVE_FLAG_CONTINUE
+            else:
+                self._put_be(header, 8)
+            if zero:
+                self._put_byte(0)
+                if may_free and not self._error:
+                    self._note_release(addr, page_size)
+                zeros += 1
+            elif not self._error:
+                self._rate_used += page_size
+                if may_free:
+                    self._note_release(addr, page_size)
+                self._add_to_iovec(addr, page_size, bool(may_free))
+                pages += 1
+            if bits is not None:
+                bits[i >> 3] &= ~(1 << (i & 7))
+        return (pages, zeros, first_page + count)
 
     # -- read side ------------------------------------------------------------------------
 

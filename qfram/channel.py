@@ -23,6 +23,9 @@ from qfram import core
 # A default 64 KiB pipe with its reader on the other core moves ~0.45 GB/s here, the same
 # pipe at 1 MiB ~2.2 GB/s: wake-ups, not copies, are the cost.
 DEFAULT_PIPE_SIZE = 1 << 20
+# Socket buffers: bigger ones mean fewer, larger skbs and fewer wake-ups per writev
+# (measured here on a unix socketpair: ~+15% for qfram's 1024-iovec batches).
+DEFAULT_SOCKET_BUFFER = 4 << 20
 
 
 def _file_class(file_class):
@@ -43,17 +46,38 @@ def grow_pipe(fd: int, size: int) -> int:
     return current
 
 
+def grow_socket_buffers(fd: int, size: int) -> None:
+    """Grow a socket's send and receive buffers to at least ``size`` (never shrink)."""
+    if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+        return
+    sock = socket.socket(fileno=os.dup(fd))
+    try:
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            if sock.getsockopt(socket.SOL_SOCKET, opt) < size:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, opt, size)
+                except OSError:
+                    pass        # over net.core.[rw]mem_max for an unprivileged user
+    finally:
+        sock.close()
+
+
 class FdChannel:
-    """A plain file descriptor.  ``owned``: closing the channel closes the fd."""
+    """A plain file descriptor.  ``owned``: closing the channel closes the fd.
+    A pipe is grown to ``pipe_size``, a socket's buffers to ``socket_buffer`` (None:
+    leave them)."""
 
     def __init__(self, fd: int, *, owned: bool = True,
-                 pipe_size: Optional[int] = DEFAULT_PIPE_SIZE) -> None:
+                 pipe_size: Optional[int] = DEFAULT_PIPE_SIZE,
+                 socket_buffer: Optional[int] = DEFAULT_SOCKET_BUFFER) -> None:
         if fd < 0:
             raise ValueError(f"not a file descriptor: {fd}")
         self.fd = fd
         self.owned = owned
         if pipe_size:
             grow_pipe(fd, pipe_size)
+        if socket_buffer:
+            grow_socket_buffers(fd, socket_buffer)
 
     def close(self) -> None:
         fd, self.fd = self.fd, -1
@@ -81,9 +105,12 @@ class FdChannel:
 class SocketChannel:
     """A connected socket; ``return_path()`` reads or writes its other direction."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket,
+                 socket_buffer: Optional[int] = DEFAULT_SOCKET_BUFFER) -> None:
         self.sock = sock
         self.fd = sock.fileno()
+        if socket_buffer:
+            grow_socket_buffers(self.fd, socket_buffer)
 
     def close(self) -> None:
         self.fd = -1
@@ -102,7 +129,7 @@ class SocketChannel:
 
     def return_path(self) -> "SocketChannel":
         # a dup of the same socket: each direction closes its own fd
-        return SocketChannel(self.sock.dup())
+        return SocketChannel(self.sock.dup(), socket_buffer=None)
 
     def __repr__(self) -> str:
         return f"<SocketChannel fd={self.fd}>"
@@ -177,18 +204,23 @@ class ObjectChannel:
 
 
 def fdopen(fd: int, mode: str, *, owned: bool = True,
-           pipe_size: Optional[int] = DEFAULT_PIPE_SIZE, file_class=None, **params):
+           pipe_size: Optional[int] = DEFAULT_PIPE_SIZE,
+           socket_buffer: Optional[int] = DEFAULT_SOCKET_BUFFER, file_class=None, **params):
     """A QEMUFile over ``fd`` (``mode`` ``"wb"`` or ``"rb"``); closing it closes ``fd``
-    unless ``owned=False``.  A pipe is grown to ``pipe_size`` (None: leave it).
+    unless ``owned=False``.  A pipe is grown to ``pipe_size``, a socket's buffers to
+    ``socket_buffer`` (None: leave them as they are).
     ``params``: QEMUFile's ``iov_max``, ``buf_size``, ``release_min``, ``timeout``."""
     cls = _file_class(file_class)
-    return cls(FdChannel(fd, owned=owned, pipe_size=pipe_size), mode, **params)
+    channel = FdChannel(fd, owned=owned, pipe_size=pipe_size, socket_buffer=socket_buffer)
+    return cls(channel, mode, **params)
 
 
-def socket_file(sock: socket.socket, mode: str, *, file_class=None, **params):
+def socket_file(sock: socket.socket, mode: str, *,
+                socket_buffer: Optional[int] = DEFAULT_SOCKET_BUFFER, file_class=None,
+                **params):
     """A QEMUFile over a connected socket; ``get_return_path()`` gives the other way."""
     cls = _file_class(file_class)
-    return cls(SocketChannel(sock), mode, **params)
+    return cls(SocketChannel(sock, socket_buffer=socket_buffer), mode, **params)
 
 
 def buffer_file(data: Optional[bytes] = None, mode: Optional[str] = None, *,

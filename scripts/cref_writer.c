@@ -6,7 +6,7 @@
  *   cref_writer write IMAGE FD IOV_MAX BUF_SIZE   stream IMAGE's pages as RAM records
  *                                                 into FD (32 KiB buffer + 64 iovecs =
  *                                                 the seed); prints JSON timing
- *   cref_writer read STREAM HUGE                  parse a record stream into fresh
+ *   cref_writer read STREAM RAM_SIZE HUGE         parse a record stream into fresh
  *                                                 anonymous memory (HUGE=1: MADV_HUGEPAGE)
  *   cref_writer drain FD                          read FD to its end (a pipe's reader)
  *
@@ -224,14 +224,13 @@ static int get(struct rfile *r, unsigned char *dst, size_t n)
     return 0;
 }
 
-static int cmd_read(const char *path, int huge)
+static int cmd_read(const char *path, size_t cap, int huge)
 {
     static struct rfile r;
     struct stat st;
     r.fd = open(path, O_RDONLY);
     if (r.fd < 0 || fstat(r.fd, &st) < 0)
         die("stream");
-    size_t cap = (size_t)st.st_size;        /* the RAM is never larger than its stream */
     unsigned char *ram = mmap(NULL, cap, PROT_READ | PROT_WRITE,
                               MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (ram == MAP_FAILED)
@@ -294,11 +293,11 @@ int main(int argc, char **argv)
 {
     if (argc == 6 && !strcmp(argv[1], "write"))
         return cmd_write(argv[2], atoi(argv[3]), atoi(argv[4]), atoi(argv[5]));
-    if (argc == 4 && !strcmp(argv[1], "read"))
-        return cmd_read(argv[2], atoi(argv[3]));
+    if (argc == 5 && !strcmp(argv[1], "read"))
+        return cmd_read(argv[2], strtoull(argv[3], NULL, 0), atoi(argv[4]));
     if (argc == 3 && !strcmp(argv[1], "drain"))
         return cmd_drain(atoi(argv[2]));
     fprintf(stderr, "usage: cref_writer write IMAGE FD IOV_MAX BUF_SIZE | "
-                    "read STREAM HUGE | drain FD\n");
+                    "read STREAM RAM_SIZE HUGE | drain FD\n");
     return 2;
 }

@@ -33,7 +33,7 @@ def test_short_writes_on_a_non_blocking_socket_are_retried(core):
     a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)     # tiny: every writev is short
     a.setblocking(False)
     drain = Drain(b.fileno(), delay_per_read=0.0005, chunk=3000)
-    f = core.socket_file(a, "wb")
+    f = core.socket_file(a, "wb", socket_buffer=None)
     page_stream(core, f)
     f.close()
     b.shutdown(socket.SHUT_WR)
@@ -203,6 +203,19 @@ def test_pipes_are_grown_for_fewer_wake_ups(core):
     assert fcntl.fcntl(w, fcntl.F_GETPIPE_SZ) >= 1 << 20
     f.close()
     os.close(r)
+
+
+def test_socket_buffers_are_grown_and_never_shrunk(core):
+    a, b = socket.socketpair()
+    f = core.socket_file(a, "wb")
+    assert a.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= 4 << 20
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 20)
+    before = b.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    g = core.fdopen(os.dup(b.fileno()), "rb")
+    assert b.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == before
+    for x in (f, g):
+        x.close()
+    b.close()
 
 
 def test_a_regular_file_round_trips_a_large_stream(core, tmp_path):

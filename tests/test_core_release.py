@@ -182,3 +182,30 @@ def test_a_failed_batch_gives_its_exports_back(core):
     mm.close()
     with pytest.raises(BrokenPipeError):
         f.close()
+
+
+def test_a_region_stays_exported_while_its_page_loop_runs(core):
+    # flushes inside the loop give pins back; the loop's own export must still hold the
+    # region, or another thread could unmap it under the running loop
+    import threading
+    import time
+    mm = private_anon(1024 * PAGE)
+    fill_pages(mm, 1024)
+    r, w = os.pipe()
+    drain = Drain(r, delay_per_read=0.001, chunk=65536)
+    f = core.fdopen(w, "wb", pipe_size=None, **SEED)
+    t = threading.Thread(target=f.save_pages, args=(mm,), kwargs={"idstr": "ram"})
+    t.start()
+    refused = 0
+    while t.is_alive():
+        try:
+            mm.close()
+        except BufferError:
+            refused += 1
+        time.sleep(0.001)
+    t.join()
+    assert refused > 0 and not mm.closed
+    f.close()
+    drain.result()
+    os.close(r)
+    mm.close()
