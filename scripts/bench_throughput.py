@@ -13,7 +13,8 @@ reader, (c) a tmpfs file.  Writers, each given a fresh sink of the system's defa
          (offset/length arguments: no slicing, one buffer export for the region)
   pure   the pure-Python twin's save_pages (on at most 128 MiB: it is slow by nature)
 
-Then restore: the C reader and qfram's load_pages parse the tmpfs stream into fresh
+The file sink is overwritten in place (allocated by a warm-up run): the writers are
+measured, not tmpfs's page allocation.  Then restore: the C reader and qfram's load_pages parse the tmpfs stream into fresh
 memory, with 4 KiB pages and with transparent huge pages.
 
 Each configuration runs --repeat times; the table shows medians, and each row's ratio to
@@ -31,6 +32,7 @@ import hashlib
 import json
 import mmap
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -126,7 +128,8 @@ def child_read(stream: str, size: int, huge: bool) -> dict:
     seconds = time.perf_counter() - t0
     assert header == core.RAM_SAVE_FLAG_EOS, hex(header)
     f.close()
-    return {"seconds": seconds, "bytes": size, "pages": pages, "zeros": zeros}
+    return {"seconds": seconds, "bytes": os.path.getsize(stream), "pages": pages,
+            "zeros": zeros}
 
 
 # --------------------------------------------------------------------------------------
@@ -159,8 +162,11 @@ def run_writer(cref, writer, sink, image, workdir, placement) -> dict:
     wcpu, rcpu = (0, 1) if placement == "split" else (None, None)
     drain = None
     if sink == "file":
+        # Overwritten in place: its tmpfs pages were allocated by a warm-up run, so the
+        # measure is the writer, not the kernel's page allocator (which varies 2x from
+        # run to run here).  Every writer writes the same bytes (checked by hash).
         path = workdir / "stream"
-        wfd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        wfd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
     else:
         if sink == "pipe":
             rfd, wfd = os.pipe()
@@ -236,15 +242,23 @@ def main() -> int:
             with mmap.mmap(f.fileno(), 0) as m:
                 fill_demo(m)
         note = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+        run_writer(cref, "c", "file", image, workdir, "free")      # the warm-up
         for placement in args.placements.split(","):
             for sink in args.sinks.split(","):
+                # writers take turns in a new random order each round, so that no one
+                # always runs right after another (page cache and allocator state)
+                results = {w: [] for w in writers}
+                for rnd in range(args.repeat):
+                    order = [w for w in writers if w != "pure" or rnd == 0]
+                    random.shuffle(order)
+                    for writer in order:
+                        results[writer].append(
+                            run_writer(cref, writer, sink, image, workdir, placement))
                 for writer in writers:
-                    results = []
-                    for _ in range(args.repeat if writer != "pure" else 1):
-                        results.append(run_writer(cref, writer, sink, image, workdir, placement))
-                    row = median_row(results, sink=sink, writer=writer, placement=placement)
+                    row = median_row(results[writer], sink=sink, writer=writer,
+                                     placement=placement)
                     if sink == "file":
-                        row["sha256"] = results[-1]["sha256"]
+                        row["sha256"] = results[writer][-1]["sha256"]
                     rows.append(row)
                     note(f"  {placement:5} {sink:6} {writer:6} {row['gbps']:.3f} GB/s")
         # every writer must have written the same bytes (pure: a prefix of the RAM)
@@ -253,6 +267,7 @@ def main() -> int:
         if not args.no_read:
             stream = workdir / "stream"
             ram = size - size % PAGE
+            os.truncate(stream, 0)                 # a clean stream from the C writer
             run_writer(cref, "c", "file", image, workdir, "free")
             for huge in (False, True):
                 target = "fresh-thp" if huge else "fresh-4k"
