@@ -4,6 +4,7 @@ from setuptools import Extension, setup
 
 extensions = [
     Extension("qfram._fast", ["qfram/_fast.pyx"], extra_compile_args=["-O2"]),
+    Extension("qfram._uffd", ["qfram/_uffd.pyx"], extra_compile_args=["-O2"]),
 ]
 
 setup(

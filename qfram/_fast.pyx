@@ -36,7 +36,8 @@ from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy, memmove, memcmp, memset
 from posix.mman cimport madvise, MADV_DONTNEED, MADV_REMOVE
 from posix.uio cimport iovec, writev
-from posix.unistd cimport read, sysconf, _SC_PAGESIZE
+from posix.types cimport off_t
+from posix.unistd cimport read, pread, pwrite, sysconf, _SC_PAGESIZE
 
 import io
 import os
@@ -137,6 +138,45 @@ cdef Py_ssize_t _check_range(Py_ssize_t size, Py_ssize_t offset, Py_ssize_t leng
         raise ValueError(f"range offset={offset} length={length} is outside a buffer of "
                          f"{size} bytes")
     return length
+
+
+cdef int _advise_free(char *base, size_t length, size_t *released) noexcept nogil:
+    """Hand the whole pages inside [base, base+length) back to the kernel — never a
+    neighbour's bytes.  MADV_REMOVE frees shared and file-backed pages (memfd, /dev/shm,
+    hugetlbfs), where MADV_DONTNEED only unmaps them; the kernel refuses it on private
+    mappings, which MADV_DONTNEED frees.  0 on success (errno set otherwise)."""
+    cdef uintptr_t start = (<uintptr_t>base + HOST_PAGE - 1) & ~(<uintptr_t>HOST_PAGE - 1)
+    cdef uintptr_t end = (<uintptr_t>base + length) & ~(<uintptr_t>HOST_PAGE - 1)
+    cdef int err
+    released[0] = 0
+    if end <= start:
+        return 0
+    if madvise(<void *>start, end - start, MADV_REMOVE) != 0:
+        err = errno
+        if err != EINVAL and err != EACCES and err != EOPNOTSUPP:
+            return -1
+        if madvise(<void *>start, end - start, MADV_DONTNEED) != 0:
+            return -1
+    released[0] = end - start
+    return 0
+
+
+def discard(buf, Py_ssize_t offset=0, Py_ssize_t length=-1):
+    """Release the whole pages of ``buf[offset:offset+length]`` with the advice their
+    memory needs (see QEMUFile's may_free).  Returns the bytes released."""
+    cdef Py_buffer view
+    cdef size_t released = 0
+    cdef int rc
+    PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
+    try:
+        length = _check_range(view.len, offset, length)
+        with nogil:
+            rc = _advise_free(<char *>view.buf + offset, <size_t>length, &released)
+        if rc < 0:
+            raise OSError(errno, f"madvise (discard) failed: {os.strerror(errno)}")
+        return released
+    finally:
+        PyBuffer_Release(&view)
 
 
 cdef int _raise_pending_signals() except -1:
@@ -606,23 +646,12 @@ cdef class QEMUFile:
             self.open_run.base = NULL
 
     cdef void _release_run(self, Run run) noexcept nogil:
-        # Only whole pages inside the run: never a neighbour's bytes.
-        cdef uintptr_t start = (<uintptr_t>run.base + HOST_PAGE - 1) & ~(<uintptr_t>HOST_PAGE - 1)
-        cdef uintptr_t end = (<uintptr_t>run.base + run.length) & ~(<uintptr_t>HOST_PAGE - 1)
-        cdef int err
-        if end <= start:
-            return
-        # MADV_REMOVE frees shared and file-backed pages (memfd, /dev/shm, hugetlbfs),
-        # where MADV_DONTNEED only unmaps them; the kernel refuses it on private
-        # mappings, which MADV_DONTNEED frees.
-        if madvise(<void *>start, end - start, MADV_REMOVE) != 0:
-            err = errno
-            if (err != EINVAL and err != EACCES and err != EOPNOTSUPP) or \
-                    madvise(<void *>start, end - start, MADV_DONTNEED) != 0:
-                self.release_failures += 1
-                return
-        self.released_bytes += end - start
-        self.release_calls += 1
+        cdef size_t released = 0
+        if _advise_free(run.base, run.length, &released) < 0:
+            self.release_failures += 1
+        elif released:
+            self.released_bytes += released
+            self.release_calls += 1
 
     cdef void _drop_pins_if_idle(self) noexcept nogil:
         """Give the buffer exports back once nothing refers to their memory."""
@@ -1277,6 +1306,25 @@ cdef class QEMUFile:
             return self.total_transferred
         return self._read_pos()
 
+    def set_offset(self, int64_t offset):
+        """Reposition an fd channel (QEMU's qemu_set_offset): a writer flushes first, a
+        reader drops what it had read ahead; tell() then counts from ``offset``."""
+        if self.fd < 0:
+            raise io.UnsupportedOperation("set_offset needs a channel with an fd")
+        self._enter(1 if self.writable else 0)
+        try:
+            if self.writable:
+                with nogil:
+                    self._flush_batch()
+                self._raise_error()
+            else:
+                self.buf_index = 0
+                self.buf_fill = 0
+            os.lseek(self.fd, offset, os.SEEK_SET)
+            self.total_transferred = offset
+        finally:
+            self._leave()
+
     def tell_fast(self):
         """Like tell() without flushing: written plus queued bytes."""
         cdef int64_t total = self.total_transferred
@@ -1616,3 +1664,316 @@ cdef void _load_loop(QEMUFile f, LoadLoop *loop) noexcept nogil:
         if _load_header(f, loop) < 0:
             return
     loop.status = 0
+
+
+# ---------------------------------------------------------------------------------------
+# Pages at fixed file offsets (the mapped layout): pwrite/pread straight from/to RAM
+# ---------------------------------------------------------------------------------------
+
+cdef extern from "<fcntl.h>" nogil:
+    int fallocate(int fd, int mode, off_t offset, off_t length)
+    enum:
+        FALLOC_FL_KEEP_SIZE
+        FALLOC_FL_PUNCH_HOLE
+
+# A run written with one pwrite is capped so that release keeps pace with the writes.
+cdef size_t MAX_RUN = 8 << 20
+
+
+cdef inline bint _bit(const unsigned char *bits, Py_ssize_t i) noexcept nogil:
+    return (bits[i >> 3] >> (i & 7)) & 1
+
+
+cdef inline void _set_bit(unsigned char *bits, Py_ssize_t i, bint value) noexcept nogil:
+    if value:
+        bits[i >> 3] |= 1 << (i & 7)
+    else:
+        bits[i >> 3] &= ~(1 << (i & 7))
+
+
+cdef struct MappedIO:
+    int fd
+    unsigned char *base           # the RAM
+    const unsigned char *old      # the file's current pages (mapped), or NULL
+    unsigned char *present        # file bitmap: bit set = the page's bytes are in the file
+    unsigned char *dirty          # only these pages (NULL: all)
+    int64_t file_offset           # where page 0 lives in the file
+    size_t page_size
+    Py_ssize_t first
+    Py_ssize_t end
+    bint release
+    # results
+    uint64_t written
+    uint64_t zeros
+    uint64_t unchanged
+    uint64_t released
+    int err                       # errno of the first failure
+    int64_t err_offset
+
+
+cdef int _pwrite_all(MappedIO *io, const unsigned char *p, size_t n, int64_t off) noexcept nogil:
+    cdef ssize_t k
+    while n > 0:
+        k = pwrite(io.fd, p, n, off)
+        if k < 0:
+            if errno == EINTR:
+                continue
+            io.err = errno
+            io.err_offset = off
+            return -1
+        p += k
+        n -= k
+        off += k
+    return 0
+
+
+cdef void _write_mapped(MappedIO *io) noexcept nogil:
+    """Write the non-zero pages of [first, end) at file_offset + i*page_size, one pwrite
+    per run of adjacent pages; zero pages become holes (punched if the file had data
+    there).  With `old`, pages equal to the file's are skipped (incremental).  With
+    `release`, pages are released once written (zero pages at once), in runs."""
+    cdef Py_ssize_t i
+    cdef size_t ps = io.page_size
+    cdef unsigned char *page
+    cdef Py_ssize_t run_start = -1     # pending write run [run_start, run_end)
+    cdef Py_ssize_t run_end = -1
+    cdef Py_ssize_t hole_start = -1    # pending hole punch
+    cdef Py_ssize_t hole_end = -1
+    cdef char *rel_base = NULL         # pending release
+    cdef size_t rel_len = 0
+    cdef size_t released
+    for i in range(io.first, io.end + 1):
+        page = io.base + <size_t>i * ps
+        if i < io.end:
+            if io.dirty != NULL and not _bit(io.dirty, i):
+                page = NULL
+            elif _is_zero(page, ps):
+                io.zeros += 1
+                if _bit(io.present, i):
+                    if hole_end != i:
+                        if hole_start >= 0 and fallocate(
+                                io.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                                io.file_offset + <int64_t>hole_start * ps,
+                                <int64_t>(hole_end - hole_start) * ps) != 0:
+                            io.err = errno
+                            io.err_offset = io.file_offset + <int64_t>hole_start * ps
+                            return
+                        hole_start = i
+                    hole_end = i + 1
+                    _set_bit(io.present, i, False)
+                page = NULL
+            elif (io.old != NULL and _bit(io.present, i)
+                    and memcmp(page, io.old + <size_t>i * ps, ps) == 0):
+                io.unchanged += 1
+                page = NULL
+        else:
+            page = NULL
+        # a run ends at a page that is not written, at the end, or at MAX_RUN
+        if run_start >= 0 and (page == NULL or <size_t>(run_end - run_start) * ps >= MAX_RUN):
+            if _pwrite_all(io, io.base + <size_t>run_start * ps, <size_t>(run_end - run_start) * ps,
+                           io.file_offset + <int64_t>run_start * ps) < 0:
+                return
+            if io.release:
+                if rel_base + rel_len != <char *>io.base + <size_t>run_start * ps:
+                    if rel_len and _advise_free(rel_base, rel_len, &released) == 0:
+                        io.released += released
+                    rel_base = <char *>io.base + <size_t>run_start * ps
+                    rel_len = 0
+                rel_len += <size_t>(run_end - run_start) * ps
+            run_start = -1
+        if page != NULL:
+            if run_start < 0:
+                run_start = i
+            run_end = i + 1
+            _set_bit(io.present, i, True)
+            io.written += 1
+        elif io.release and i < io.end and (io.dirty == NULL or _bit(io.dirty, i)):
+            # a zero or unchanged page: nothing of it is pending, release it now
+            if rel_base + rel_len != <char *>io.base + <size_t>i * ps:
+                if rel_len and _advise_free(rel_base, rel_len, &released) == 0:
+                    io.released += released
+                rel_base = <char *>io.base + <size_t>i * ps
+                rel_len = 0
+            rel_len += ps
+        if io.release and rel_len >= 2 << 20:
+            if _advise_free(rel_base, rel_len, &released) == 0:
+                io.released += released
+            rel_base += rel_len
+            rel_len = 0
+        if io.dirty != NULL and i < io.end:
+            _set_bit(io.dirty, i, False)
+    if hole_start >= 0 and fallocate(io.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                                     io.file_offset + <int64_t>hole_start * ps,
+                                     <int64_t>(hole_end - hole_start) * ps) != 0:
+        io.err = errno
+        io.err_offset = io.file_offset + <int64_t>hole_start * ps
+        return
+    if io.release and rel_len and _advise_free(rel_base, rel_len, &released) == 0:
+        io.released += released
+
+
+cdef void _read_mapped(MappedIO *io) noexcept nogil:
+    """Read the present pages of [first, end) straight into the RAM, one pread per run;
+    absent pages are zero (left alone where `dirty` — here: fresh — says they are)."""
+    cdef Py_ssize_t i = io.first
+    cdef Py_ssize_t j
+    cdef size_t ps = io.page_size
+    cdef unsigned char *p
+    cdef size_t n
+    cdef int64_t off
+    cdef ssize_t k
+    while i < io.end:
+        if _bit(io.present, i):
+            j = i
+            while j < io.end and _bit(io.present, j) and <size_t>(j - i) * ps < MAX_RUN:
+                j += 1
+            p = io.base + <size_t>i * ps
+            n = <size_t>(j - i) * ps
+            off = io.file_offset + <int64_t>i * ps
+            while n > 0:
+                k = pread(io.fd, p, n, off)
+                if k < 0 and errno == EINTR:
+                    continue
+                if k <= 0:
+                    io.err = errno if k < 0 else -1     # -1: the file ends early
+                    io.err_offset = off
+                    return
+                p += k
+                n -= k
+                off += k
+            io.written += j - i
+            i = j
+        else:
+            if io.dirty == NULL or not _bit(io.dirty, i):
+                p = io.base + <size_t>i * ps
+                if not _is_zero(p, ps):
+                    memset(p, 0, ps)
+            io.zeros += 1
+            if io.dirty != NULL:
+                _set_bit(io.dirty, i, False)
+            i += 1
+
+
+cdef int _mapped_setup(MappedIO *io, int fd, Py_buffer *region, Py_buffer *present,
+                       int64_t file_offset, Py_ssize_t first, Py_ssize_t count,
+                       Py_ssize_t page_size) except -1:
+    cdef Py_ssize_t npages
+    if page_size < 512 or page_size & (page_size - 1):
+        raise ValueError(f"page_size must be a power of two >= 512, not {page_size}")
+    if file_offset < 0 or file_offset & (page_size - 1):
+        raise ValueError("file_offset must be page aligned")
+    npages = region.len // page_size
+    if count < 0:
+        count = npages - first
+    if first < 0 or count < 0 or first + count > npages:
+        raise ValueError(f"pages {first}..{first + count} are outside a region of "
+                         f"{npages} pages")
+    if present.len * 8 < npages:
+        raise ValueError("the present bitmap is shorter than the region")
+    memset(io, 0, sizeof(MappedIO))
+    io.fd = fd
+    io.base = <unsigned char *>region.buf
+    io.present = <unsigned char *>present.buf
+    io.file_offset = file_offset
+    io.page_size = page_size
+    io.first = first
+    io.end = first + count
+    return 0
+
+
+cdef int _mapped_error(MappedIO *io, str what) except -1:
+    if io.err == -1:
+        raise FormatError(f"the file ends inside the pages it claims to hold",
+                          io.err_offset)
+    if io.err:
+        raise OSError(io.err, f"{what} at file offset {io.err_offset}: "
+                              f"{os.strerror(io.err)}")
+    return 0
+
+
+def write_pages_at(int fd, region, int64_t file_offset, present, Py_ssize_t first_page=0,
+                   Py_ssize_t count=-1, *, Py_ssize_t page_size=4096, old=None, dirty=None,
+                   bint release=False):
+    """Write pages ``first_page .. first_page+count-1`` of ``region`` to ``fd`` at
+    ``file_offset + i*page_size`` (the mapped layout), GIL released, one pwrite per run
+    of adjacent non-zero pages.  Zero pages are holes: their ``present`` bit (a writable
+    bitmap, bit i = page i is in the file) is cleared, and punched out if it was set;
+    written pages get their bit set.  ``old`` (the file's pages, e.g. a read-only mmap at
+    ``file_offset``) skips pages that did not change; ``dirty`` limits the work to its
+    set bits and clears them.  ``release`` gives pages back once they are written.
+    Threads may write disjoint ranges at once if the ranges start at multiples of 64.
+
+    Returns ``(written, zero, unchanged, released_bytes)``."""
+    cdef Py_buffer rview, pview, oview, dview
+    cdef MappedIO io
+    cdef bint have_old = old is not None
+    cdef bint have_dirty = dirty is not None
+    PyObject_GetBuffer(region, &rview, PyBUF_SIMPLE)
+    try:
+        PyObject_GetBuffer(present, &pview, PyBUF_WRITABLE)
+        try:
+            _mapped_setup(&io, fd, &rview, &pview, file_offset, first_page, count, page_size)
+            io.release = release
+            if have_old:
+                PyObject_GetBuffer(old, &oview, PyBUF_SIMPLE)
+            if have_dirty:
+                PyObject_GetBuffer(dirty, &dview, PyBUF_WRITABLE)
+            try:
+                if have_old:
+                    if oview.len < rview.len // page_size * page_size:
+                        raise ValueError("`old` is shorter than the region")
+                    io.old = <const unsigned char *>oview.buf
+                if have_dirty:
+                    if dview.len * 8 < io.end:
+                        raise ValueError("the dirty bitmap is shorter than the page range")
+                    io.dirty = <unsigned char *>dview.buf
+                with nogil:
+                    _write_mapped(&io)
+            finally:
+                if have_old:
+                    PyBuffer_Release(&oview)
+                if have_dirty:
+                    PyBuffer_Release(&dview)
+            _mapped_error(&io, "pwrite")
+            return (io.written, io.zeros, io.unchanged, io.released)
+        finally:
+            PyBuffer_Release(&pview)
+    finally:
+        PyBuffer_Release(&rview)
+
+
+def read_pages_at(int fd, region, int64_t file_offset, present, Py_ssize_t first_page=0,
+                  Py_ssize_t count=-1, *, Py_ssize_t page_size=4096, fresh=None):
+    """Read the pages whose ``present`` bit is set from ``fd`` at ``file_offset +
+    i*page_size`` straight into ``region`` (one pread per run, GIL released); the other
+    pages are zero: cleared where they are not, left untouched where ``fresh`` (a
+    writable bitmap, bit i = page i is new zero memory) says so, and that bit cleared.
+
+    Returns ``(pages_read, zero_pages)``.  A file shorter than its bitmap claims raises
+    FormatError."""
+    cdef Py_buffer rview, pview, fview
+    cdef MappedIO io
+    cdef bint have_fresh = fresh is not None
+    PyObject_GetBuffer(region, &rview, PyBUF_WRITABLE)
+    try:
+        PyObject_GetBuffer(present, &pview, PyBUF_SIMPLE)
+        try:
+            _mapped_setup(&io, fd, &rview, &pview, file_offset, first_page, count, page_size)
+            if have_fresh:
+                PyObject_GetBuffer(fresh, &fview, PyBUF_WRITABLE)
+            try:
+                if have_fresh:
+                    if fview.len * 8 < io.end:
+                        raise ValueError("the fresh bitmap is shorter than the page range")
+                    io.dirty = <unsigned char *>fview.buf
+                with nogil:
+                    _read_mapped(&io)
+            finally:
+                if have_fresh:
+                    PyBuffer_Release(&fview)
+            _mapped_error(&io, "pread")
+            return (io.written, io.zeros)
+        finally:
+            PyBuffer_Release(&pview)
+    finally:
+        PyBuffer_Release(&rview)

@@ -953,6 +953,22 @@ class QEMUFile:
             return self._total
         return self._read_pos()
 
+    def set_offset(self, offset: int) -> None:
+        if self._fd < 0:
+            raise io.UnsupportedOperation("set_offset needs a channel with an fd")
+        self._enter(self._writable)
+        try:
+            if self._writable:
+                self._flush_batch()
+                self._raise_error()
+            else:
+                self._index = 0
+                self._fill = 0
+            os.lseek(self._fd, offset, os.SEEK_SET)
+            self._total = offset
+        finally:
+            self._leave()
+
     def tell_fast(self) -> int:
         if not self._writable:
             return self._read_pos()
@@ -1117,3 +1133,142 @@ class QEMUFile:
             elif ret < 0:
                 self.set_error(ret)
         return (ret, sent)
+
+
+# ---------------------------------------------------------------------------------------
+# discard and pages at fixed file offsets (the mapped layout)
+# ---------------------------------------------------------------------------------------
+
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.fallocate.restype = ctypes.c_int
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def _advise_free(base: int, length: int) -> int:
+    start = (base + HOST_PAGE - 1) & ~(HOST_PAGE - 1)
+    end = (base + length) & ~(HOST_PAGE - 1)
+    if end <= start:
+        return 0
+    if _libc.madvise(start, end - start, MADV_REMOVE) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.EACCES, errno.EOPNOTSUPP):
+            raise OSError(err, f"madvise (discard) failed: {os.strerror(err)}")
+        if _libc.madvise(start, end - start, MADV_DONTNEED) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"madvise (discard) failed: {os.strerror(err)}")
+    return end - start
+
+
+def discard(buf: Any, offset: int = 0, length: int = -1) -> int:
+    export = _Export(buf)
+    try:
+        length = _check_range(export.len, offset, length)
+        return _advise_free(export.addr + offset, length)
+    finally:
+        export.release()
+
+
+def _bit(bits: memoryview, i: int) -> bool:
+    return bool((bits[i >> 3] >> (i & 7)) & 1)
+
+
+def _set_bit(bits: memoryview, i: int, value: bool) -> None:
+    if value:
+        bits[i >> 3] |= 1 << (i & 7)
+    else:
+        bits[i >> 3] &= ~(1 << (i & 7))
+
+
+def _mapped_range(region_len: int, present: memoryview, file_offset: int, first: int,
+                  count: int, page_size: int) -> int:
+    if page_size < 512 or page_size & (page_size - 1):
+        raise ValueError(f"page_size must be a power of two >= 512, not {page_size}")
+    if file_offset < 0 or file_offset & (page_size - 1):
+        raise ValueError("file_offset must be page aligned")
+    npages = region_len // page_size
+    if count < 0:
+        count = npages - first
+    if first < 0 or count < 0 or first + count > npages:
+        raise ValueError(f"pages {first}..{first + count} are outside a region of "
+                         f"{npages} pages")
+    if len(present) * 8 < npages:
+        raise ValueError("the present bitmap is shorter than the region")
+    return first + count
+
+
+def write_pages_at(fd: int, region: Any, file_offset: int, present: Any, first_page: int = 0,
+                   count: int = -1, *, page_size: int = 4096, old: Any = None,
+                   dirty: Any = None, release: bool = False) -> Tuple[int, int, int, int]:
+    view = memoryview(region).cast("B")
+    bits = memoryview(present).cast("B")
+    end = _mapped_range(len(view), bits, file_offset, first_page, count, page_size)
+    old_view = memoryview(old).cast("B") if old is not None else None
+    if old_view is not None and len(old_view) < len(view) // page_size * page_size:
+        raise ValueError("`old` is shorter than the region")
+    dirty_bits = memoryview(dirty).cast("B") if dirty is not None else None
+    if dirty_bits is not None and len(dirty_bits) * 8 < end:
+        raise ValueError("the dirty bitmap is shorter than the page range")
+    written = zeros = unchanged = released = 0
+    for i in range(first_page, end):
+        if dirty_bits is not None:
+            if not _bit(dirty_bits, i):
+                continue
+            _set_bit(dirty_bits, i, False)
+        page = view[i * page_size:(i + 1) * page_size]
+        offset = file_offset + i * page_size
+        if _all_zero(page):
+            zeros += 1
+            if _bit(bits, i):
+                if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset,
+                                   page_size) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"fallocate at file offset {offset}: {os.strerror(err)}")
+                _set_bit(bits, i, False)
+        elif (old_view is not None and _bit(bits, i)
+              and old_view[i * page_size:(i + 1) * page_size] == page):
+            unchanged += 1
+        else:
+            done = 0
+            while done < page_size:
+                try:
+                    done += os.pwrite(fd, page[done:], offset + done)
+                except OSError as exc:
+                    raise OSError(exc.errno, f"pwrite at file offset {offset + done}: "
+                                             f"{os.strerror(exc.errno or 0)}") from None
+            _set_bit(bits, i, True)
+            written += 1
+        if release:
+            released += discard(view, i * page_size, page_size)
+    return (written, zeros, unchanged, released)
+
+
+def read_pages_at(fd: int, region: Any, file_offset: int, present: Any, first_page: int = 0,
+                  count: int = -1, *, page_size: int = 4096, fresh: Any = None) -> Tuple[int, int]:
+    view = memoryview(region).cast("B")
+    if view.readonly:
+        raise BufferError("read_pages_at needs a writable region")
+    bits = memoryview(present).cast("B")
+    end = _mapped_range(len(view), bits, file_offset, first_page, count, page_size)
+    fresh_bits = memoryview(fresh).cast("B") if fresh is not None else None
+    if fresh_bits is not None and len(fresh_bits) * 8 < end:
+        raise ValueError("the fresh bitmap is shorter than the page range")
+    pages = zeros = 0
+    for i in range(first_page, end):
+        page = view[i * page_size:(i + 1) * page_size]
+        if _bit(bits, i):
+            offset = file_offset + i * page_size
+            data = os.pread(fd, page_size, offset)
+            if len(data) < page_size:
+                raise FormatError("the file ends inside the pages it claims to hold",
+                                  offset + len(data))
+            page[:] = data
+            pages += 1
+        else:
+            if fresh_bits is None or not _bit(fresh_bits, i):
+                if not _all_zero(page):
+                    page[:] = bytes(page_size)
+            zeros += 1
+            if fresh_bits is not None:
+                _set_bit(fresh_bits, i, False)
+    return (pages, zeros)

@@ -1,0 +1,191 @@
+"""Guest RAM that fills itself on first touch: userfaultfd-backed lazy restore.
+
+:class:`LazyRestore` maps empty memory for each block of a mapped snapshot, registers it
+with userfaultfd, and starts the core's fault server (``qfram._uffd``): one thread serves
+each first touch from the snapshot (the faulting page and the not yet placed neighbours
+of its window; zero pages with UFFDIO_ZEROPAGE), another fills everything else in the
+background.  The caller's code uses the memory at once.  No page is placed twice.
+
+The fault server is the one piece that restores and postcopy share: the page source is
+its seam (here a mapping of the snapshot file and its bitmap of present pages).
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+from qfram import snapshot
+from qfram.errors import FormatError
+from qfram.ram import TARGET_PAGE_SIZE, RAMBlock, RAMList, bitmap_bytes
+
+
+def percentiles(values_ns: List[int]) -> Dict[str, float]:
+    """p50 / p99 / max of latencies, in microseconds."""
+    if not values_ns:
+        return {"p50_us": 0.0, "p99_us": 0.0, "max_us": 0.0, "count": 0}
+    ordered = sorted(values_ns)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"p50_us": round(pick(0.50) / 1000, 1), "p99_us": round(pick(0.99) / 1000, 1),
+            "max_us": round(ordered[-1] / 1000, 1), "count": len(ordered)}
+
+
+@dataclass
+class LazyStats:
+    faults: int
+    fault_pages: int
+    background_pages: int
+    zero_pages: int
+    eexist: int
+    seconds: float
+    verified: bool
+    handler_latency: Dict[str, float]
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class LazyRestore:
+    """Restore a mapped snapshot lazily.  ``ram`` is usable as soon as the object
+    exists; ``wait()`` returns once every page is in place (and checks the checksums).
+
+    ``window_pages``: pages placed per fault (16 = 64 KiB).  ``spin_us``: how long the
+    fault thread busy-waits for the next fault before sleeping (latency for CPU).
+    ``background``: fill the rest in the background (else only touched pages arrive).
+    """
+
+    def __init__(self, path: str, *, window_pages: int = 16, spin_us: float = 50.0,
+                 background: bool = True) -> None:
+        from qfram._uffd import FaultServer
+        info = snapshot.inspect(path)
+        if info["layout"] != "mapped":
+            raise FormatError(f"{path}: lazy restore needs the mapped layout (pages at "
+                              f"fixed offsets); this is a {info['layout']} snapshot", 0)
+        self.path = path
+        self.info = info
+        self._fd = os.open(path, os.O_RDONLY)
+        size = os.fstat(self._fd).st_size
+        self._file = mmap.mmap(self._fd, size, prot=mmap.PROT_READ)
+        self.server = FaultServer(window_pages, spin_us)
+        self.ram = RAMList()
+        for b in info["blocks"]:
+            if b["pages_offset"] + b["used_length"] > size:
+                raise FormatError(f"block {b['name']!r}: pages run past the end of the "
+                                  f"file", b["pages_offset"])
+            # 4 KiB pages: userfaultfd places pages one by one, huge pages would not help
+            block = self.ram.add(RAMBlock.anonymous(b["name"], b["used_length"], huge=False))
+            present = os.pread(self._fd, bitmap_bytes(block.npages), b["bitmap_offset"])
+            source = memoryview(self._file)[b["pages_offset"]:b["pages_offset"] + b["used_length"]]
+            self.server.add_area(block.region, source, present)
+            del source
+        self._errors: List[BaseException] = []
+        self._t0 = time.perf_counter()
+        self._faults = threading.Thread(target=self._run, args=(self.server.serve_faults,),
+                                        name="qfram-faults", daemon=True)
+        self._faults.start()
+        self._fill: Optional[threading.Thread] = None
+        if background:
+            self._fill = threading.Thread(target=self._run,
+                                          args=(self.server.fill_background,),
+                                          name="qfram-fill", daemon=True)
+            self._fill.start()
+        self._done = False
+
+    def _run(self, loop) -> None:
+        try:
+            loop()
+        except BaseException as exc:
+            self._errors.append(exc)
+
+    @property
+    def complete(self) -> bool:
+        return self.server.placed_pages >= self.server.total_pages
+
+    def wait(self, timeout: Optional[float] = None, verify: bool = True) -> LazyStats:
+        """Wait for every page to be in place, stop the fault thread, unregister the
+        memory and check it against the snapshot's checksums."""
+        if self._fill is None:
+            self._fill = threading.Thread(target=self._run,
+                                          args=(self.server.fill_background,), daemon=True)
+            self._fill.start()
+        self._fill.join(timeout)
+        if self._fill.is_alive():
+            raise TimeoutError(f"lazy restore of {self.path} not complete after {timeout} s")
+        seconds = time.perf_counter() - self._t0
+        self.server.stop()
+        self._faults.join()
+        if self._errors:
+            raise self._errors[0]
+        if not self.complete:
+            raise RuntimeError(f"lazy restore stopped with {self.server.placed_pages} of "
+                               f"{self.server.total_pages} pages in place")
+        self.server.unregister()
+        verified = False
+        if verify:
+            expected = {b["name"]: b.get("xxh3_64") for b in self.info["blocks"]}
+            for block in self.ram:
+                if expected.get(block.name):
+                    got = snapshot.checksum(block.region, block.used_length)
+                    if got != expected[block.name]:
+                        raise snapshot.ChecksumError(
+                            f"block {block.name!r}: lazily restored contents hash to {got}, "
+                            f"the snapshot recorded {expected[block.name]}")
+                    verified = True
+        self._done = True
+        s = self.server
+        return LazyStats(s.faults, s.fault_pages, s.background_pages, s.zero_pages, s.eexist,
+                         seconds, verified, percentiles(s.latencies_ns()))
+
+    def close(self) -> None:
+        """Stop serving and unmap everything (the RAM too: a program keeps what it
+        needs before closing)."""
+        if not self._done:
+            self.server.stop()
+            self._faults.join()
+            if self._fill is not None:
+                self._fill.join()
+        self.server.close()
+        self.ram.close()
+        self._file.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> "LazyRestore":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def touch_workload(ram: RAMList, touches: int = 2000, threads: int = 4,
+                   seed: int = 1) -> Dict[str, float]:
+    """A workload that touches memory the way a guest would on wake-up: several threads
+    reading random pages.  Returns the first-touch latency percentiles it saw."""
+    import random
+    blocks = list(ram)
+    latencies: List[int] = []
+    lock = threading.Lock()
+
+    def run(k: int) -> None:
+        rng = random.Random(seed * 1000 + k)
+        mine = []
+        for _ in range(touches // threads):
+            block = rng.choice(blocks)
+            off = rng.randrange(block.npages) * TARGET_PAGE_SIZE
+            t0 = time.perf_counter_ns()
+            block.region[off]
+            mine.append(time.perf_counter_ns() - t0)
+        with lock:
+            latencies.extend(mine)
+
+    pool = [threading.Thread(target=run, args=(k,)) for k in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return percentiles(latencies)

@@ -1,0 +1,585 @@
+"""Snapshot files: guest RAM saved to disk and restored, in two layouts.
+
+* ``stream``: a QEMU migration stream (what ``migrate "exec:cat > FILE"`` writes): page
+  records through the core's batch path, ZERO records for zero pages, optionally
+  compressed (``zlib``: QEMU's COMPRESS_PAGE; ``lz4``: a qfram extension).
+* ``mapped``: QEMU's mapped-ram layout: every page at a fixed offset (``pages_offset +
+  offset``, ``pages_offset`` aligned to 1 MiB), zero pages are holes, a bitmap per block
+  says which pages are present.  Written with pwrite from several threads (GIL
+  released), optionally with O_DIRECT; updated in place by ``incremental`` saves;
+  restored by reading only the present pages — eagerly, or lazily on first touch.
+
+Every save goes to a temporary name, is fsync'd and renamed, so a crash leaves the old
+snapshot or the new one.  Each block's xxh3-64 checksum is kept in the VMDESCRIPTION JSON
+(QEMU's loader ignores it) and checked on restore; a restore that fails raises and the
+memory it was writing is not reported good.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import xxhash
+
+from qfram import channel, core, stream
+from qfram.errors import FormatError
+from qfram.ram import TARGET_PAGE_SIZE, RAMBlock, RAMList, bitmap_bytes
+
+DEFAULT_MACHINE = "pc-i440fx-7.2"
+RAM_SECTION_ID = 2
+FORMAT_VERSION = 1
+CHUNK_PAGES = 512                 # 2 MiB: hashed, then sent while still in cache
+PART_BYTES = 64 << 20             # RAM per PART section in the stream layout
+INCOMPLETE_MAGIC = b"QINC"        # marks a mapped file being updated in place
+
+Progress = Optional[Callable[[int, int], None]]
+
+
+@dataclass
+class SaveResult:
+    path: str
+    layout: str
+    ram_bytes: int
+    file_bytes: int
+    pages: int
+    zero_pages: int
+    unchanged_pages: int
+    seconds: float
+    released_bytes: int
+    checksums: Dict[str, str]
+    compression: Optional[str] = None
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__, gbps=round(self.ram_bytes / self.seconds / 1e9, 3)
+                    if self.seconds else None)
+
+
+@dataclass
+class LoadResult:
+    path: str
+    layout: str
+    ram_bytes: int
+    pages: int
+    zero_pages: int
+    seconds: float
+    verified: bool
+    blocks: List[dict] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__, gbps=round(self.ram_bytes / self.seconds / 1e9, 3)
+                    if self.seconds else None)
+
+
+class ChecksumError(FormatError):
+    """The restored memory is not what was saved."""
+
+
+def checksum(region, length: int) -> str:
+    """The xxh3-64 of a block's contents, as hex."""
+    h = xxhash.xxh3_64()
+    view = memoryview(region)[:length]
+    for off in range(0, length, 64 << 20):
+        h.update(view[off:off + (64 << 20)])
+    return h.hexdigest()
+
+
+def _description(layout: str, blocks: List[RAMBlock], sums: Dict[str, str],
+                 counts: Dict[str, Tuple[int, int]], compression: Optional[str]) -> dict:
+    return {
+        "page_size": TARGET_PAGE_SIZE,
+        "devices": [],
+        "qfram": {
+            "format": FORMAT_VERSION, "layout": layout, "checksum": "xxh3_64",
+            "compression": compression,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "blocks": [{"name": b.name, "used_length": b.used_length,
+                        "xxh3_64": sums[b.name], "pages": counts[b.name][0],
+                        "zero_pages": counts[b.name][1]} for b in blocks],
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# atomic files
+# ---------------------------------------------------------------------------------------
+
+
+class AtomicFile:
+    """A file written under a temporary name, fsync'd and renamed into place on
+    commit(); removed on abort.  Either the old file or the complete new one exists."""
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)
+        directory = os.path.dirname(self.path)
+        self.tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+        self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    def commit(self) -> None:
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        os.rename(self.tmp, self.path)
+        dirfd = os.open(os.path.dirname(self.path), os.O_RDONLY)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass
+
+
+# ---------------------------------------------------------------------------------------
+# saving
+# ---------------------------------------------------------------------------------------
+
+
+def save(ram: RAMList, path: str, *, layout: str = "stream", machine: str = DEFAULT_MACHINE,
+         release: bool = False, compress: Optional[str] = None, incremental: bool = False,
+         direct: bool = False, threads: int = 2, progress: Progress = None) -> SaveResult:
+    """Save the blocks of ``ram`` to ``path``.
+
+    ``release`` gives each page back to the kernel once it is written (the source's
+    footprint falls while it saves).  ``compress``: None, "zlib" (QEMU's COMPRESS_PAGE)
+    or "lz4" (qfram extension); stream layout only.  ``incremental`` (mapped layout):
+    update an existing snapshot of the same blocks in place, writing only the pages that
+    changed.  ``direct``: write the pages with O_DIRECT (mapped layout)."""
+    if layout not in ("stream", "mapped"):
+        raise ValueError(f"layout is 'stream' or 'mapped', not {layout!r}")
+    if compress not in (None, "zlib", "lz4"):
+        raise ValueError(f"compression is zlib or lz4, not {compress!r}")
+    if compress and layout != "stream":
+        raise ValueError("compression needs the stream layout (mapped pages have fixed "
+                         "offsets)")
+    if (incremental or direct) and layout != "mapped":
+        raise ValueError("incremental and direct saves need the mapped layout")
+    blocks = list(ram)
+    if not blocks:
+        raise ValueError("nothing to save: the RAM list is empty")
+    t0 = time.perf_counter()
+    if incremental and os.path.exists(path):
+        result = _save_incremental(blocks, path, release, threads, progress)
+    else:
+        target = AtomicFile(path)
+        try:
+            if layout == "stream":
+                result = _save_stream(blocks, target.fd, machine, release, compress, progress)
+            else:
+                result = _save_mapped(blocks, target.fd, target.tmp, machine, release,
+                                      direct, threads, progress)
+            target.commit()
+        except BaseException:
+            target.abort()
+            raise
+    result.path = path
+    result.seconds = time.perf_counter() - t0
+    result.file_bytes = os.path.getsize(path)
+    return result
+
+
+def _save_stream(blocks: List[RAMBlock], fd: int, machine: str, release: bool,
+                 compress: Optional[str], progress: Progress) -> SaveResult:
+    f = channel.fdopen(fd, "wb", owned=False)
+    sums: Dict[str, str] = {}
+    counts: Dict[str, Tuple[int, int]] = {}
+    total = sum(b.used_length for b in blocks)
+    done = 0
+    stream.put_header(f, machine)
+    stream.put_section_start(f, RAM_SECTION_ID, stream.RAM_SECTION, 0, stream.RAM_VERSION)
+    stream.put_mem_size(f, blocks)
+    f.put_be64(stream.FLAG_EOS)
+    stream.put_footer(f, RAM_SECTION_ID)
+    released = 0
+    for block in blocks:
+        hasher = xxhash.xxh3_64()
+        view = memoryview(block.region)
+        pages = zeros = 0
+        part_pages = PART_BYTES // TARGET_PAGE_SIZE
+        for part in range(0, block.npages, part_pages):
+            stream.put_section_part(f, RAM_SECTION_ID)
+            end = min(part + part_pages, block.npages)
+            named = True              # each PART names its block again: always valid
+            for first in range(part, end, CHUNK_PAGES):
+                count = min(CHUNK_PAGES, end - first)
+                off, length = first * TARGET_PAGE_SIZE, count * TARGET_PAGE_SIZE
+                hasher.update(view[off:off + length])
+                if compress:
+                    p, z, _ = stream.save_pages_compressed(f, block, first, count, compress,
+                                                           named)
+                else:
+                    p, z, _ = f.save_pages(block.region, first, count, 0,
+                                           stream.FLAG_CONTINUE, release,
+                                           idstr=block.name if named else None)
+                named = False
+                pages += p
+                zeros += z
+                done += length
+                if progress:
+                    progress(done, total)
+            f.put_be64(stream.FLAG_EOS)
+            stream.put_footer(f, RAM_SECTION_ID)
+            if compress and release:
+                f.flush()         # compressed bytes are copies: release once written
+                released += block.discard(part * TARGET_PAGE_SIZE,
+                                          (end - part) * TARGET_PAGE_SIZE)
+        sums[block.name] = hasher.hexdigest()
+        counts[block.name] = (pages, zeros)
+    stream.put_section_part(f, RAM_SECTION_ID, stream.SECTION_END)
+    f.put_be64(stream.FLAG_EOS)
+    stream.put_footer(f, RAM_SECTION_ID)
+    f.put_byte(stream.SECTION_EOF)
+    stream.put_vmdescription(f, _description("stream", blocks, sums, counts, compress))
+    f.close()
+    return SaveResult("", "stream", total, 0, sum(c[0] for c in counts.values()),
+                      sum(c[1] for c in counts.values()), 0, 0.0,
+                      released + f.released_bytes, sums, compress)
+
+
+@dataclass
+class _MappedBlock:
+    block: RAMBlock
+    bitmap_offset: int
+    pages_offset: int
+    present: bytearray
+
+
+def _put_mapped_setup(f, blocks: List[RAMBlock], machine: str) -> List[_MappedBlock]:
+    """Header, configuration and the ram START section with a mapped-ram header per
+    block; the file position jumps past each block's pages, as QEMU's does."""
+    stream.put_header(f, machine)
+    stream.put_section_start(f, RAM_SECTION_ID, stream.RAM_SECTION, 0, stream.RAM_VERSION)
+    f.put_be64(sum(b.used_length for b in blocks) | stream.FLAG_MEM_SIZE)
+    layout = []
+    for block in blocks:
+        f.put_counted_string(block.name)
+        f.put_be64(block.used_length)
+        bitmap_offset = f.tell_fast() + stream.MAPPED_RAM_HEADER.size
+        size = bitmap_bytes(block.npages)
+        pages_offset = stream.align_up(bitmap_offset + size, stream.MAPPED_RAM_ALIGN)
+        f.put_buffer(stream.MAPPED_RAM_HEADER.pack(stream.MAPPED_RAM_VERSION,
+                                                   TARGET_PAGE_SIZE, bitmap_offset,
+                                                   pages_offset))
+        f.set_offset(pages_offset + block.used_length)
+        layout.append(_MappedBlock(block, bitmap_offset, pages_offset, bytearray(size)))
+    f.put_be64(stream.FLAG_EOS)
+    stream.put_footer(f, RAM_SECTION_ID)
+    return layout
+
+
+def _put_mapped_end(f, layout: List[_MappedBlock], sums, counts) -> None:
+    fd = f.channel.fd
+    for mb in layout:
+        os.pwrite(fd, mb.present, mb.bitmap_offset)
+    stream.put_section_part(f, RAM_SECTION_ID, stream.SECTION_END)
+    f.put_be64(stream.FLAG_EOS)
+    stream.put_footer(f, RAM_SECTION_ID)
+    f.put_byte(stream.SECTION_EOF)
+    stream.put_vmdescription(f, _description("mapped", [mb.block for mb in layout], sums,
+                                             counts, None))
+    f.flush()
+    os.ftruncate(fd, f.tell())
+
+
+def _write_blocks(layout: List[_MappedBlock], fd: int, release: bool, threads: int,
+                  progress: Progress, old: Optional[Dict[str, object]] = None
+                  ) -> Tuple[Dict[str, str], Dict[str, Tuple[int, int]], int, int]:
+    """Hash each chunk in order here, write it on worker threads (GIL released in the
+    core), each chunk at its fixed offset.  Chunks are 64-page aligned, so the workers
+    never share a byte of the bitmaps."""
+    work: "queue.Queue[Optional[Tuple[_MappedBlock, int, int]]]" = queue.Queue(maxsize=64)
+    totals = {"written": 0, "zero": 0, "unchanged": 0, "released": 0}
+    per_block: Dict[str, List[int]] = {mb.block.name: [0, 0] for mb in layout}
+    errors: List[BaseException] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            item = work.get()
+            if item is None:
+                return
+            mb, first, count = item
+            if errors:
+                continue
+            try:
+                w, z, u, r = core.impl.write_pages_at(
+                    fd, mb.block.region, mb.pages_offset, mb.present, first, count,
+                    old=old.get(mb.block.name) if old else None, release=release)
+            except BaseException as exc:
+                errors.append(exc)
+                continue
+            with lock:
+                totals["written"] += w
+                totals["zero"] += z
+                totals["unchanged"] += u
+                totals["released"] += r
+                per_block[mb.block.name][0] += w + u
+                per_block[mb.block.name][1] += z
+
+    pool = [threading.Thread(target=worker, daemon=True) for _ in range(max(1, threads))]
+    for t in pool:
+        t.start()
+    sums: Dict[str, str] = {}
+    total = sum(mb.block.used_length for mb in layout)
+    done = 0
+    chunk = CHUNK_PAGES * 8                     # 16 MiB per work item
+    try:
+        for mb in layout:
+            hasher = xxhash.xxh3_64()
+            view = memoryview(mb.block.region)
+            for first in range(0, mb.block.npages, chunk):
+                count = min(chunk, mb.block.npages - first)
+                hasher.update(view[first * TARGET_PAGE_SIZE:(first + count) * TARGET_PAGE_SIZE])
+                work.put((mb, first, count))
+                done += count * TARGET_PAGE_SIZE
+                if progress:
+                    progress(done, total)
+                if errors:
+                    break
+            sums[mb.block.name] = hasher.hexdigest()
+    finally:
+        for _ in pool:
+            work.put(None)
+        for t in pool:
+            t.join()
+    if errors:
+        raise errors[0]
+    counts = {name: (v[0], v[1]) for name, v in per_block.items()}
+    return sums, counts, totals["unchanged"], totals["released"]
+
+
+def _save_mapped(blocks: List[RAMBlock], fd: int, tmp_path: str, machine: str,
+                 release: bool, direct: bool, threads: int, progress: Progress) -> SaveResult:
+    f = channel.fdopen(fd, "wb", owned=False)
+    layout = _put_mapped_setup(f, blocks, machine)
+    page_fd = fd
+    if direct:
+        page_fd = os.open(tmp_path, os.O_WRONLY | os.O_DIRECT)
+    try:
+        sums, counts, unchanged, released = _write_blocks(layout, page_fd, release, threads,
+                                                          progress)
+    finally:
+        if page_fd != fd:
+            os.close(page_fd)
+    _put_mapped_end(f, layout, sums, counts)
+    f.close()
+    total = sum(b.used_length for b in blocks)
+    return SaveResult("", "mapped", total, 0, sum(c[0] for c in counts.values()),
+                      sum(c[1] for c in counts.values()), unchanged, 0.0, released, sums)
+
+
+def _save_incremental(blocks: List[RAMBlock], path: str, release: bool, threads: int,
+                      progress: Progress) -> SaveResult:
+    """Update a mapped snapshot in place: only pages that differ from the file are
+    written.  The file's magic is replaced by QINC while it is being updated, so a crash
+    in the middle leaves a file that says it is incomplete instead of a wrong one."""
+    import mmap
+    info = inspect(path)
+    if info["layout"] != "mapped":
+        raise ValueError(f"{path}: an incremental save needs a mapped snapshot")
+    names = [(b["name"], b["used_length"]) for b in info["blocks"]]
+    if names != [(b.name, b.used_length) for b in blocks]:
+        raise ValueError(f"{path} holds blocks {names}; an incremental save needs the same")
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, INCOMPLETE_MAGIC, 0)
+        os.fsync(fd)
+        layout = []
+        olds: Dict[str, object] = {}
+        for block, binfo in zip(blocks, info["blocks"]):
+            present = bytearray(os.pread(fd, bitmap_bytes(block.npages), binfo["bitmap_offset"]))
+            layout.append(_MappedBlock(block, binfo["bitmap_offset"], binfo["pages_offset"],
+                                       present))
+            olds[block.name] = mmap.mmap(fd, block.used_length, prot=mmap.PROT_READ,
+                                         offset=binfo["pages_offset"])
+        try:
+            sums, counts, unchanged, released = _write_blocks(layout, fd, release, threads,
+                                                              progress, olds)
+        finally:
+            for m in olds.values():
+                m.close()       # type: ignore[attr-defined]
+        f = channel.fdopen(fd, "wb", owned=False)
+        f.set_offset(info["ram_end_offset"])     # the END section and what follows
+        _put_mapped_end(f, layout, sums, counts)
+        f.close()
+        os.fsync(fd)
+        os.pwrite(fd, stream.QEVM_MAGIC.to_bytes(4, "big"), 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    total = sum(b.used_length for b in blocks)
+    written = sum(c[0] for c in counts.values()) - unchanged
+    return SaveResult("", "mapped", total, 0, written, sum(c[1] for c in counts.values()),
+                      unchanged, 0.0, released, sums)
+
+
+# ---------------------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------------------
+
+
+def _open_snapshot(path: str) -> Tuple[int, Optional[dict], int]:
+    fd = os.open(path, os.O_RDONLY)
+    head = os.pread(fd, 4, 0)
+    if head == INCOMPLETE_MAGIC:
+        os.close(fd)
+        raise FormatError(f"{path}: an incremental save into this snapshot was interrupted; "
+                          f"it is incomplete", 0)
+    size = os.fstat(fd).st_size
+    description, _ = stream.read_vmdescription_tail(fd, size)
+    return fd, description, size
+
+
+def _qfram_blocks(description: Optional[dict]) -> Dict[str, dict]:
+    q = (description or {}).get("qfram") or {}
+    return {b["name"]: b for b in q.get("blocks", []) if isinstance(b, dict) and "name" in b}
+
+
+def inspect(path: str) -> dict:
+    """What a snapshot (or any QEMU migration stream of RAM) holds: format, machine,
+    blocks with sizes, page counts by kind and checksums.  Reads the framing and the
+    RAM section; page data is skipped, not loaded."""
+    fd, description, size = _open_snapshot(path)
+    try:
+        f = channel.fdopen(fd, "rb", owned=False)
+        info = stream.StreamInfo()
+
+        def mapped_block(block: stream.BlockInfo, pos: int) -> None:
+            present = os.pread(fd, bitmap_bytes(block.npages), block.bitmap_offset)
+            block.pages = sum(bin(b).count("1") for b in present)
+            block.zero_pages = block.npages - block.pages
+
+        stream.StreamReader(f, info, mapped_block=mapped_block).read()
+        f.close()
+    finally:
+        os.close(fd)
+    qblocks = _qfram_blocks(description)
+    q = (description or {}).get("qfram") or {}
+    blocks = []
+    for b in info.blocks.values():
+        d = b.as_dict()
+        if b.name in qblocks:
+            d["xxh3_64"] = qblocks[b.name].get("xxh3_64")
+        blocks.append(d)
+    return {
+        "path": path, "file_bytes": size, "format": "qemu-migration-stream",
+        "layout": "mapped" if info.mapped else "stream", "machine": info.machine,
+        "capabilities": info.capabilities,
+        "ram_bytes": sum(b.used_length for b in info.blocks.values()),
+        "blocks": blocks, "qfram": bool(q), "compression": q.get("compression"),
+        "created": q.get("created"),
+        "ram_end_offset": next((s.offset for s in info.sections if s.kind ==
+                                stream.SECTION_END and s.name == stream.RAM_SECTION), -1),
+        "sections": [{"type": stream.SECTION_NAMES.get(s.kind, s.kind), "id": s.section_id,
+                      "name": s.name, "offset": s.offset} for s in info.sections],
+    }
+
+
+def load(path: str, ram: Optional[RAMList] = None, *, verify: bool = True,
+         threads: int = 2, huge: bool = True) -> Tuple[RAMList, LoadResult]:
+    """Restore a snapshot (either layout) into ``ram`` — blocks matched by name and
+    length — or into new private anonymous blocks (transparent huge pages when
+    ``huge``).  With ``verify`` every block's checksum is checked when the snapshot has
+    one.  Any error raises; memory it was writing must then be considered garbage."""
+    t0 = time.perf_counter()
+    fd, description, size = _open_snapshot(path)
+    created = ram is None
+    target = RAMList() if ram is None else ram
+    fresh: Dict[str, bytearray] = {}
+    try:
+        def resolve(name: str, length: int, pos: int) -> RAMBlock:
+            block = target.get(name)
+            if block is None:
+                if not created:
+                    raise FormatError(f"the snapshot has block {name!r}, the target RAM "
+                                      f"has no such block", pos)
+                block = target.add(RAMBlock.anonymous(name, length, huge=huge))
+                fresh[name] = bytearray(b"\xff" * bitmap_bytes(length // TARGET_PAGE_SIZE))
+            elif block.used_length != length:
+                raise FormatError(f"block {name!r} is {length:#x} bytes in the snapshot, "
+                                  f"{block.used_length:#x} in the target", pos)
+            return block
+
+        def mapped_block(binfo: stream.BlockInfo, pos: int) -> None:
+            if binfo.pages_offset + binfo.used_length > size:
+                raise FormatError(f"block {binfo.name!r}: its pages run past the end of "
+                                  f"the file", pos)
+            present = os.pread(fd, bitmap_bytes(binfo.npages), binfo.bitmap_offset)
+            block = target[binfo.name]
+            pages, zeros = _read_blocks(fd, block, binfo.pages_offset, present,
+                                        fresh.get(binfo.name), threads)
+            binfo.pages, binfo.zero_pages = pages, zeros
+
+        f = channel.fdopen(fd, "rb", owned=False)
+        info = stream.StreamReader(f, resolve=resolve, fresh=fresh,
+                                   mapped_block=mapped_block).read()
+        f.close()
+        if not info.blocks:
+            raise FormatError(f"{path}: the stream holds no RAM", 0)
+        verified = _verify(target, info, description) if verify else False
+    except BaseException:
+        if created:
+            target.close()
+        raise
+    finally:
+        os.close(fd)
+    blocks = [b.as_dict() for b in info.blocks.values()]
+    result = LoadResult(path, "mapped" if info.mapped else "stream",
+                        sum(b.used_length for b in info.blocks.values()),
+                        sum(b.pages for b in info.blocks.values()),
+                        sum(b.zero_pages for b in info.blocks.values()),
+                        time.perf_counter() - t0, verified, blocks)
+    return target, result
+
+
+def _read_blocks(fd: int, block: RAMBlock, pages_offset: int, present: bytes,
+                 fresh: Optional[bytearray], threads: int) -> Tuple[int, int]:
+    """Read a mapped block's present pages on worker threads, 64-page aligned ranges."""
+    npages = block.npages
+    per = max(64, (npages // max(1, threads) + 63) // 64 * 64)
+    ranges = [(first, min(per, npages - first)) for first in range(0, npages, per)]
+    results: List[Tuple[int, int]] = []
+    errors: List[BaseException] = []
+
+    def run(first: int, count: int) -> None:
+        try:
+            results.append(core.impl.read_pages_at(fd, block.region, pages_offset, present,
+                                                   first, count, fresh=fresh))
+        except BaseException as exc:
+            errors.append(exc)
+
+    workers = [threading.Thread(target=run, args=r) for r in ranges[1:]]
+    for t in workers:
+        t.start()
+    run(*ranges[0])
+    for t in workers:
+        t.join()
+    if errors:
+        raise errors[0]
+    return sum(r[0] for r in results), sum(r[1] for r in results)
+
+
+def _verify(ram: RAMList, info: stream.StreamInfo, description: Optional[dict]) -> bool:
+    """Check each block against the checksum saved with it.  False: nothing to check."""
+    saved = _qfram_blocks(description)
+    if not saved:
+        return False
+    for name, binfo in info.blocks.items():
+        entry = saved.get(name)
+        if entry is None or entry.get("used_length") != binfo.used_length:
+            raise ChecksumError(f"block {name!r} is not described by the snapshot's "
+                                f"checksums")
+        got = checksum(ram[name].region, binfo.used_length)
+        if got != entry.get("xxh3_64"):
+            raise ChecksumError(f"block {name!r}: restored contents hash to {got}, the "
+                                f"snapshot recorded {entry.get('xxh3_64')}")
+    return True

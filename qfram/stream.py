@@ -1,0 +1,616 @@
+"""QEMU's migration stream format: the savevm framing and the RAM section in it.
+
+Writing follows QEMU (savevm.c, ram.c, section version 4) so that QEMU's own loader and
+tools accept the result; reading treats every input as hostile: every length, offset and
+block name is checked before a byte is written, and a bad stream stops with a
+:class:`~qfram.errors.FormatError` naming its byte offset.
+
+Layout of a stream::
+
+    be32 "QEVM", be32 3
+    CONFIGURATION (0x07): be32 len + machine name [+ subsections 0x05]
+    START (0x01) "ram" v4: be64 total|MEM_SIZE, per block (counted idstr, be64 length
+          [+ mapped-ram header]), EOS; FOOTER
+    PART (0x02): page records ..., EOS; FOOTER        (stream layout only)
+    END (0x03): EOS; FOOTER
+    [FULL (0x04) device sections]
+    EOF (0x00)
+    VMDESCRIPTION (0x06): be32 len + JSON (QEMU's loader ignores it; qfram keeps its
+          checksums there)
+
+A page record is ``be64 offset|flags``; without CONTINUE a counted block name follows;
+then ZERO: one 0 byte, PAGE: the page, COMPRESS_PAGE: be32 len + zlib data, and — a
+qfram extension QEMU refuses cleanly as an unknown flag — QFRAM_CODEC: u8 codec, be32
+len, data.
+"""
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+from qfram import core
+from qfram.errors import FormatError
+from qfram.ram import TARGET_PAGE_SIZE, RAMBlock, bitmap_bytes
+
+QEVM_MAGIC = 0x5145564D
+QEVM_VERSION = 3
+
+SECTION_EOF = 0x00
+SECTION_START = 0x01
+SECTION_PART = 0x02
+SECTION_END = 0x03
+SECTION_FULL = 0x04
+SECTION_SUBSECTION = 0x05
+SECTION_VMDESCRIPTION = 0x06
+SECTION_CONFIGURATION = 0x07
+SECTION_COMMAND = 0x08
+SECTION_FOOTER = 0x7E
+
+SECTION_NAMES = {SECTION_EOF: "EOF", SECTION_START: "START", SECTION_PART: "PART",
+                 SECTION_END: "END", SECTION_FULL: "FULL", SECTION_SUBSECTION: "SUBSECTION",
+                 SECTION_VMDESCRIPTION: "VMDESCRIPTION",
+                 SECTION_CONFIGURATION: "CONFIGURATION", SECTION_COMMAND: "COMMAND",
+                 SECTION_FOOTER: "FOOTER"}
+
+RAM_SECTION = "ram"
+RAM_VERSION = 4
+
+FLAG_ZERO = core.RAM_SAVE_FLAG_ZERO
+FLAG_MEM_SIZE = core.RAM_SAVE_FLAG_MEM_SIZE
+FLAG_PAGE = core.RAM_SAVE_FLAG_PAGE
+FLAG_EOS = core.RAM_SAVE_FLAG_EOS
+FLAG_CONTINUE = core.RAM_SAVE_FLAG_CONTINUE
+FLAG_XBZRLE = core.RAM_SAVE_FLAG_XBZRLE
+FLAG_HOOK = core.RAM_SAVE_FLAG_HOOK
+FLAG_COMPRESS_PAGE = core.RAM_SAVE_FLAG_COMPRESS_PAGE
+FLAG_MULTIFD_FLUSH = core.RAM_SAVE_FLAG_MULTIFD_FLUSH
+FLAG_QFRAM_CODEC = 0x800          # qfram extension: u8 codec, be32 length, data
+FLAG_NAMES = {FLAG_ZERO: "ZERO", FLAG_MEM_SIZE: "MEM_SIZE", FLAG_PAGE: "PAGE",
+              FLAG_EOS: "EOS", FLAG_CONTINUE: "CONTINUE", FLAG_XBZRLE: "XBZRLE",
+              FLAG_HOOK: "HOOK", FLAG_COMPRESS_PAGE: "COMPRESS_PAGE",
+              FLAG_MULTIFD_FLUSH: "MULTIFD_FLUSH", FLAG_QFRAM_CODEC: "QFRAM_CODEC"}
+PAGE_MASK = TARGET_PAGE_SIZE - 1
+
+CODEC_LZ4 = 1
+CODECS = {"lz4": CODEC_LZ4}
+
+# zlib's compressBound(4096): the longest COMPRESS_PAGE payload QEMU accepts
+ZLIB_BOUND = TARGET_PAGE_SIZE + (TARGET_PAGE_SIZE >> 12) + (TARGET_PAGE_SIZE >> 14) + \
+    (TARGET_PAGE_SIZE >> 25) + 13
+LZ4_BOUND = TARGET_PAGE_SIZE + TARGET_PAGE_SIZE // 255 + 16
+
+MAPPED_RAM_VERSION = 1
+MAPPED_RAM_HEADER = struct.Struct(">IQQQ")       # version, page_size, bitmap, pages
+MAPPED_RAM_ALIGN = 1 << 20                        # pages_offset: O_DIRECT-friendly
+
+
+def flag_names(flags: int) -> str:
+    names = [name for bit, name in FLAG_NAMES.items() if flags & bit]
+    rest = flags & ~sum(bit for bit in FLAG_NAMES if flags & bit)
+    if rest:
+        names.append(f"{rest:#x}")
+    return "|".join(names) or "0"
+
+
+def align_up(value: int, alignment: int) -> int:
+    return (value + alignment - 1) // alignment * alignment
+
+
+# ---------------------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------------------
+
+
+def put_header(f, machine: str, capabilities: Tuple[str, ...] = ()) -> None:
+    """Magic, version and the configuration section (machine type; the capabilities
+    subsection only when some are named, as QEMU 8.2+ sends it)."""
+    f.put_be32(QEVM_MAGIC)
+    f.put_be32(QEVM_VERSION)
+    f.put_byte(SECTION_CONFIGURATION)
+    name = machine.encode()
+    f.put_be32(len(name))
+    f.put_buffer(name)
+    if capabilities:
+        f.put_byte(SECTION_SUBSECTION)
+        f.put_counted_string("configuration/capabilities")
+        f.put_be32(1)
+        f.put_be32(len(capabilities))
+        for cap in capabilities:
+            f.put_counted_string(cap)
+
+
+def put_section_start(f, section_id: int, name: str, instance: int, version: int,
+                      kind: int = SECTION_START) -> None:
+    f.put_byte(kind)
+    f.put_be32(section_id)
+    f.put_counted_string(name)
+    f.put_be32(instance)
+    f.put_be32(version)
+
+
+def put_section_part(f, section_id: int, kind: int = SECTION_PART) -> None:
+    f.put_byte(kind)
+    f.put_be32(section_id)
+
+
+def put_footer(f, section_id: int) -> None:
+    f.put_byte(SECTION_FOOTER)
+    f.put_be32(section_id)
+
+
+def put_mem_size(f, blocks: List[RAMBlock]) -> None:
+    """The RAM setup record: total size, then each block's name and used length."""
+    f.put_be64(sum(b.used_length for b in blocks) | FLAG_MEM_SIZE)
+    for block in blocks:
+        f.put_counted_string(block.name)
+        f.put_be64(block.used_length)
+
+
+def put_vmdescription(f, description: dict) -> None:
+    data = json.dumps(description, separators=(",", ":")).encode()
+    f.put_byte(SECTION_VMDESCRIPTION)
+    f.put_be32(len(data))
+    f.put_buffer(data)
+
+
+def save_pages_compressed(f, block: RAMBlock, first: int, count: int, codec: str,
+                          first_record_named: bool) -> Tuple[int, int, int]:
+    """Page records with compressed payloads: COMPRESS_PAGE (zlib, QEMU's) or the
+    QFRAM_CODEC extension.  Zero pages stay ZERO records.  A Python call per page; the
+    codec dominates.  Returns (pages, zero_pages, compressed_bytes)."""
+    region = block.region
+    view = memoryview(region)
+    is_zero = core.is_zero
+    compress = None
+    if codec != "zlib":
+        import lz4.block
+        compress = lz4.block.compress
+    named = first_record_named
+    pages = zeros = compressed = 0
+    for i in range(first, first + count):
+        off = i * TARGET_PAGE_SIZE
+        zero = is_zero(region, off, TARGET_PAGE_SIZE)
+        if zero:
+            header = off | FLAG_ZERO
+        else:
+            header = off | (FLAG_COMPRESS_PAGE if codec == "zlib" else FLAG_QFRAM_CODEC)
+        if named:
+            f.put_be64(header)
+            f.put_counted_string(block.name)
+            named = False
+        else:
+            f.put_be64(header | FLAG_CONTINUE)
+        if zero:
+            f.put_byte(0)
+            zeros += 1
+            continue
+        page = view[off:off + TARGET_PAGE_SIZE]
+        if codec == "zlib":
+            compressed += f.put_compression_data(page)
+        else:
+            data = compress(page, store_size=False)
+            f.put_byte(CODECS[codec])
+            f.put_be32(len(data))
+            f.put_buffer(data)
+            compressed += len(data) + 5
+        pages += 1
+    return pages, zeros, compressed
+
+
+# ---------------------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class BlockInfo:
+    """What a stream says about one RAM block, and what reading it found."""
+
+    name: str
+    used_length: int
+    pages: int = 0              # pages with data (PAGE, compressed)
+    zero_pages: int = 0
+    compressed_pages: int = 0
+    # mapped layout
+    bitmap_offset: int = -1
+    pages_offset: int = -1
+
+    @property
+    def npages(self) -> int:
+        return self.used_length // TARGET_PAGE_SIZE
+
+    def as_dict(self) -> dict:
+        d = {"name": self.name, "used_length": self.used_length, "pages": self.pages,
+             "zero_pages": self.zero_pages, "absent_pages": max(
+                 0, self.npages - self.pages - self.zero_pages)}
+        if self.compressed_pages:
+            d["compressed_pages"] = self.compressed_pages
+        if self.pages_offset >= 0:
+            d["pages_offset"] = self.pages_offset
+            d["bitmap_offset"] = self.bitmap_offset
+        return d
+
+
+@dataclass
+class Section:
+    kind: int
+    section_id: int
+    name: str = ""
+    instance: int = 0
+    version: int = 0
+    offset: int = 0             # byte offset of the section's type byte
+    end: int = -1               # byte offset just past it (footer included)
+
+
+@dataclass
+class StreamInfo:
+    """What reading a stream's framing found."""
+
+    machine: str = ""
+    capabilities: List[str] = field(default_factory=list)
+    blocks: Dict[str, BlockInfo] = field(default_factory=dict)
+    sections: List[Section] = field(default_factory=list)
+    commands: List[Tuple[int, int, int]] = field(default_factory=list)  # (cmd, len, offset)
+    mapped: bool = False
+    eof_offset: int = -1
+    vmdesc: Optional[dict] = None
+    vmdesc_offset: int = -1
+
+
+def get_header(f, info: StreamInfo) -> None:
+    start = f.tell()
+    magic = f.get_be32()
+    if magic != QEVM_MAGIC:
+        raise FormatError(f"not a QEMU migration stream (magic {magic:#010x}, "
+                          f"expected {QEVM_MAGIC:#010x})", start)
+    version = f.get_be32()
+    if version != QEVM_VERSION:
+        raise FormatError(f"unsupported stream version {version} (qfram reads 3)", start + 4)
+
+
+def get_configuration(f, info: StreamInfo) -> None:
+    """The configuration section (the type byte already read)."""
+    pos = f.tell()
+    length = f.get_be32()
+    if length > 255:
+        raise FormatError(f"machine name of {length} bytes (at most 255)", pos)
+    info.machine = f.get_buffer(length).decode("utf-8", "replace")
+    while f.peek_byte() == SECTION_SUBSECTION:
+        pos = f.tell()
+        f.get_byte()
+        name = f.get_counted_string().decode("utf-8", "replace")
+        version = f.get_be32()
+        if name == "configuration/target-page-bits":
+            bits = f.get_be32()
+            if bits != 12:
+                raise FormatError(f"target page bits {bits}: qfram handles 4 KiB pages", pos)
+        elif name == "configuration/capabilities":
+            count = f.get_be32()
+            if count > 64:
+                raise FormatError(f"{count} capabilities in the configuration", pos)
+            info.capabilities = [f.get_counted_string().decode("utf-8", "replace")
+                                 for _ in range(count)]
+        elif name == "configuration/uuid":
+            f.skip(16)
+        else:
+            raise FormatError(f"unknown configuration subsection {name!r} (version "
+                              f"{version})", pos)
+
+
+def get_counted_name(f, what: str) -> str:
+    pos = f.tell()
+    raw = f.get_counted_string()
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        raise FormatError(f"{what} is not UTF-8: {raw!r}", pos) from None
+
+
+class RAMSectionReader:
+    """Reads the payload of "ram" sections (QEMU's ram_load_precopy) into RAM blocks.
+
+    ``resolve(name, used_length, offset)`` returns the RAMBlock for a block the stream
+    announces (matching or creating it) or raises FormatError; ``mapped_block(info)`` is
+    called for each block of a mapped-layout stream once its header is read.  Without a
+    resolver the reader only counts (``qfram info``)."""
+
+    def __init__(self, f, info: StreamInfo,
+                 resolve: Optional[Callable[[str, int, int], RAMBlock]] = None,
+                 fresh: Optional[Dict[str, bytearray]] = None,
+                 mapped_block: Optional[Callable[[BlockInfo, int], None]] = None) -> None:
+        self.f = f
+        self.info = info
+        self.resolve = resolve
+        self.fresh = fresh if fresh is not None else {}
+        self.mapped_block = mapped_block
+        self.targets: Dict[str, RAMBlock] = {}
+        self.last: Optional[BlockInfo] = None
+        self.setup_done = False
+        self.codec_decompress = None
+
+    def read_payload(self) -> None:
+        """Records up to and including EOS."""
+        f = self.f
+        header_pos = f.tell()
+        header = f.get_be64()
+        while True:
+            flags = header & PAGE_MASK
+            addr = header & ~PAGE_MASK
+            if flags & FLAG_MEM_SIZE:
+                if flags != FLAG_MEM_SIZE:
+                    raise FormatError(f"MEM_SIZE record with flags {flag_names(flags)}",
+                                      header_pos)
+                self._read_mem_size(addr, header_pos)
+            elif flags == FLAG_EOS:
+                return
+            elif flags & (FLAG_PAGE | FLAG_ZERO | FLAG_COMPRESS_PAGE | FLAG_QFRAM_CODEC):
+                kind = flags & ~FLAG_CONTINUE
+                if kind not in (FLAG_PAGE, FLAG_ZERO, FLAG_COMPRESS_PAGE, FLAG_QFRAM_CODEC):
+                    raise FormatError(f"unknown combination of RAM flags {flag_names(flags)}",
+                                      header_pos)
+                block = self._block_for(flags, header_pos)
+                if kind in (FLAG_PAGE, FLAG_ZERO):
+                    header = self._pages(block, header, header_pos)
+                    header_pos = f.tell() - 8
+                    continue
+                self._compressed_page(block, kind, addr, header_pos)
+            elif flags == FLAG_MULTIFD_FLUSH:
+                pass
+            elif flags & FLAG_XBZRLE:
+                raise FormatError("XBZRLE page record: qfram does not decode XBZRLE",
+                                  header_pos)
+            elif flags & FLAG_HOOK:
+                raise FormatError("RAM hook record (RDMA): not supported", header_pos)
+            else:
+                raise FormatError(f"unknown RAM record flags {flag_names(flags)}", header_pos)
+            header_pos = f.tell()
+            header = f.get_be64()
+
+    # -- records ---------------------------------------------------------------------------
+
+    def _read_mem_size(self, total: int, pos: int) -> None:
+        f = self.f
+        if self.setup_done:
+            raise FormatError("a second MEM_SIZE record", pos)
+        self.setup_done = True
+        mapped = "mapped-ram" in self.info.capabilities
+        seen = 0
+        while seen < total:
+            name_pos = f.tell()
+            name = get_counted_name(f, "a block name")
+            if not name:
+                raise FormatError("an empty block name", name_pos)
+            if name in self.info.blocks:
+                raise FormatError(f"block {name!r} announced twice", name_pos)
+            length = f.get_be64()
+            if length == 0 or length & PAGE_MASK or length > total - seen:
+                raise FormatError(f"block {name!r}: used length {length:#x} does not fit "
+                                  f"the total {total:#x}", name_pos)
+            block = BlockInfo(name, length)
+            self.info.blocks[name] = block
+            seen += length
+            if not mapped and f.peek_buffer(4) == MAPPED_RAM_VERSION.to_bytes(4, "big"):
+                # Next comes a block name (never empty: its length byte is not 0) or,
+                # after the last block, EOS (00 00 00 00 ...): 00 00 00 01 can only be
+                # a mapped-ram header's version.
+                mapped = True
+            if mapped:
+                self.info.mapped = True
+                self._read_mapped_header(block)
+            if self.resolve is not None:
+                self.targets[name] = self.resolve(name, length, name_pos)
+            if mapped and self.mapped_block is not None:
+                self.mapped_block(block, name_pos)
+            if mapped:
+                f.set_offset(block.pages_offset + block.used_length)
+        if seen != total:
+            raise FormatError(f"blocks add up to {seen:#x} bytes, MEM_SIZE says {total:#x}",
+                              pos)
+
+    def _read_mapped_header(self, block: BlockInfo) -> None:
+        f = self.f
+        pos = f.tell()
+        version, page_size, bitmap_offset, pages_offset = MAPPED_RAM_HEADER.unpack(
+            f.get_buffer(MAPPED_RAM_HEADER.size))
+        if version != MAPPED_RAM_VERSION:
+            raise FormatError(f"block {block.name!r}: mapped-ram header version {version}",
+                              pos)
+        if page_size != TARGET_PAGE_SIZE:
+            raise FormatError(f"block {block.name!r}: page size {page_size}", pos)
+        bitmap_end = bitmap_offset + bitmap_bytes(block.npages)
+        if bitmap_offset != pos + MAPPED_RAM_HEADER.size or pages_offset < bitmap_end or \
+                pages_offset % MAPPED_RAM_ALIGN:
+            raise FormatError(f"block {block.name!r}: bitmap at {bitmap_offset:#x} and "
+                              f"pages at {pages_offset:#x} do not fit the layout", pos)
+        block.bitmap_offset = bitmap_offset
+        block.pages_offset = pages_offset
+
+    def _block_for(self, flags: int, pos: int) -> BlockInfo:
+        if flags & FLAG_CONTINUE:
+            if self.last is None:
+                raise FormatError("a CONTINUE record before any block was named", pos)
+            return self.last
+        name_pos = self.f.tell()
+        name = get_counted_name(self.f, "a block name")
+        block = self.info.blocks.get(name)
+        if block is None:
+            raise FormatError(f"unknown block {name!r}", name_pos)
+        if self.info.mapped:
+            raise FormatError(f"a page record in a mapped-ram stream", pos)
+        self.last = block
+        return block
+
+    def _pages(self, block: BlockInfo, header: int, pos: int) -> int:
+        """A run of PAGE/ZERO records for one block, in C.  Returns the next header."""
+        target = self.targets.get(block.name)
+        if target is None:
+            return self._count_pages(block, header, pos)
+        nxt, pages, zeros = self.f.load_pages(target.region, header, header_pos=pos,
+                                              fresh=self.fresh.get(block.name))
+        block.pages += pages
+        block.zero_pages += zeros
+        return nxt
+
+    def _count_pages(self, block: BlockInfo, header: int, pos: int) -> int:
+        """The same records, only counted and checked (no target memory)."""
+        f = self.f
+        first = True
+        while True:
+            flags = header & PAGE_MASK
+            addr = header & ~PAGE_MASK
+            if not first and not flags & FLAG_CONTINUE:
+                return header
+            kind = flags & ~FLAG_CONTINUE
+            if kind not in (FLAG_PAGE, FLAG_ZERO):
+                return header
+            first = False
+            if addr + TARGET_PAGE_SIZE > block.used_length:
+                raise FormatError(f"page at offset {addr:#x} lies outside block "
+                                  f"{block.name!r} of {block.used_length:#x} bytes", pos)
+            if kind == FLAG_PAGE:
+                f.skip(TARGET_PAGE_SIZE)
+                block.pages += 1
+            else:
+                fill_pos = f.tell()
+                if f.get_byte() != 0:
+                    raise FormatError("zero page record with a non-zero fill byte", fill_pos)
+                block.zero_pages += 1
+            pos = f.tell()
+            header = f.get_be64()
+
+    def _compressed_page(self, block: BlockInfo, kind: int, addr: int, pos: int) -> None:
+        f = self.f
+        if addr + TARGET_PAGE_SIZE > block.used_length:
+            raise FormatError(f"page at offset {addr:#x} lies outside block {block.name!r} "
+                              f"of {block.used_length:#x} bytes", pos)
+        if kind == FLAG_COMPRESS_PAGE:
+            bound, codec = ZLIB_BOUND, 0
+        else:
+            codec_pos = f.tell()
+            codec = f.get_byte()
+            if codec != CODEC_LZ4:
+                raise FormatError(f"unknown qfram codec {codec}", codec_pos)
+            bound = LZ4_BOUND
+        len_pos = f.tell()
+        length = f.get_be32()
+        if length == 0 or length > bound:
+            raise FormatError(f"compressed page of {length} bytes (at most {bound})", len_pos)
+        data = f.get_buffer(length)
+        try:
+            if codec == 0:
+                page = zlib.decompress(data)
+            else:
+                import lz4.block
+                page = lz4.block.decompress(data, uncompressed_size=TARGET_PAGE_SIZE)
+        except Exception as exc:
+            raise FormatError(f"compressed page does not decompress: {exc}", len_pos) from None
+        if len(page) != TARGET_PAGE_SIZE:
+            raise FormatError(f"compressed page decompresses to {len(page)} bytes", len_pos)
+        target = self.targets.get(block.name)
+        if target is not None:
+            memoryview(target.region)[addr:addr + TARGET_PAGE_SIZE] = page
+            fresh = self.fresh.get(block.name)
+            if fresh is not None:
+                i = addr // TARGET_PAGE_SIZE
+                fresh[i >> 3] &= ~(1 << (i & 7))
+        block.pages += 1
+        block.compressed_pages += 1
+
+
+class StreamReader:
+    """Walks a migration stream's sections; RAM sections go to a RAMSectionReader.
+
+    ``on_section(section, f)`` may consume a non-RAM section's payload and return True;
+    otherwise a non-RAM section is an error (its length is not in the stream)."""
+
+    def __init__(self, f, info: Optional[StreamInfo] = None,
+                 on_section: Optional[Callable[[Section, object], bool]] = None,
+                 **ram_options) -> None:
+        self.f = f
+        self.info = info or StreamInfo()
+        self.on_section = on_section
+        self.ram = RAMSectionReader(f, self.info, **ram_options)
+        self.ram_section_id: Optional[int] = None
+
+    def read(self, until_eof: bool = True) -> StreamInfo:
+        f = self.f
+        info = self.info
+        get_header(f, info)
+        while True:
+            pos = f.tell()
+            kind = f.get_byte()
+            if kind == SECTION_EOF:
+                info.eof_offset = pos
+                return info
+            if kind == SECTION_CONFIGURATION:
+                get_configuration(f, info)
+            elif kind in (SECTION_START, SECTION_FULL):
+                section_id = f.get_be32()
+                name = get_counted_name(f, "a section name")
+                section = Section(kind, section_id, name, f.get_be32(), f.get_be32(), pos)
+                self._section(section)
+            elif kind in (SECTION_PART, SECTION_END):
+                section_id = f.get_be32()
+                known = {s.section_id: s for s in info.sections}
+                if section_id not in known:
+                    raise FormatError(f"{SECTION_NAMES[kind]} section for unknown id "
+                                      f"{section_id}", pos)
+                first = known[section_id]
+                section = Section(kind, section_id, first.name, first.instance,
+                                  first.version, pos)
+                self._section(section)
+            elif kind == SECTION_COMMAND:
+                cmd = f.get_be16()
+                length = f.get_be16()
+                info.commands.append((cmd, length, pos))
+                f.skip(length)
+            else:
+                raise FormatError(f"unknown section type {kind:#04x}", pos)
+
+    def _section(self, section: Section) -> None:
+        f = self.f
+        self.info.sections.append(section)
+        if section.name == RAM_SECTION:
+            if section.version != RAM_VERSION:
+                raise FormatError(f"ram section version {section.version} (qfram reads 4)",
+                                  section.offset)
+            self.ram.read_payload()
+        elif not (self.on_section and self.on_section(section, f)):
+            raise FormatError(f"device section {section.name!r} (instance "
+                              f"{section.instance}, version {section.version}): qfram "
+                              f"cannot tell where it ends", section.offset)
+        if f.peek_byte() == SECTION_FOOTER:
+            pos = f.tell()
+            f.get_byte()
+            footer_id = f.get_be32()
+            if footer_id != section.section_id:
+                raise FormatError(f"footer of section {footer_id} closes section "
+                                  f"{section.section_id}", pos)
+        section.end = f.tell()
+
+
+def read_vmdescription_tail(fd: int, size: int) -> Tuple[Optional[dict], int]:
+    """Find the VMDESCRIPTION at the end of a seekable stream without parsing what is
+    before it (as QEMU's analyze-migration does): 0x06, be32 length, then JSON to the
+    very end.  Returns (description, offset of its 0x06 byte), or (None, -1)."""
+    import os
+    for window in (1 << 20, 16 << 20):
+        window = min(window, size)
+        data = os.pread(fd, window, size - window)
+        brace = len(data)
+        while True:
+            brace = data.rfind(b"{", 0, brace)
+            if brace < 5:
+                break
+            if data[brace - 5] == SECTION_VMDESCRIPTION and \
+                    struct.unpack(">I", data[brace - 4:brace])[0] == len(data) - brace:
+                try:
+                    return json.loads(data[brace:]), size - window + brace - 5
+                except ValueError:
+                    pass
+        if window == size:
+            break
+    return None, -1
