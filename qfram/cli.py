@@ -12,8 +12,9 @@ from typing import List, Optional
 
 import psutil
 
-from qfram import channel, core
-from qfram.demo import demo_ram
+from qfram import channel, core, snapshot
+from qfram.demo import demo_ram, fill_demo
+from qfram.ram import RAMBlock, RAMList
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -92,9 +93,209 @@ def cmd_stream(args: argparse.Namespace) -> int:
     return 0
 
 
+class Progress:
+    """A progress bar on stderr, only when stderr is a terminal; it also samples RSS so
+    that a save with --release shows the footprint falling."""
+
+    def __init__(self, label: str, enabled: Optional[bool] = None) -> None:
+        self.label = label
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.last = 0.0
+        self.rss_trace: List[List[float]] = []
+
+    def __call__(self, done: int, total: int) -> None:
+        fraction = done / total if total else 1.0
+        if not self.rss_trace or fraction - self.rss_trace[-1][0] >= 0.1 or done == total:
+            self.rss_trace.append([round(fraction, 2), rss()])
+        now = time.monotonic()
+        if self.enabled and (now - self.last > 0.1 or done == total):
+            self.last = now
+            bar = "#" * int(fraction * 30)
+            print(f"\r{self.label} [{bar:<30}] {fraction * 100:5.1f}% "
+                  f"{human(done)} / {human(total)}  RSS {human(rss())}", end="",
+                  file=sys.stderr, flush=True)
+            if done == total:
+                print(file=sys.stderr)
+
+
+def source_blocks(args: argparse.Namespace) -> RAMList:
+    """The RAM to save: the embedded demo, or memory files ('PATH' or 'NAME=PATH')."""
+    if args.demo:
+        block = RAMBlock.anonymous(args.block, args.demo, huge=False)
+        fill_demo(block.region)
+        return RAMList([block])
+    ram = RAMList()
+    for spec in args.sources:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = (args.block if len(args.sources) == 1 else os.path.basename(spec)), spec
+        ram.add(RAMBlock.map_file(name, path))
+    return ram
+
+
+def cmd_save(args: argparse.Namespace) -> int:
+    """Save RAM to a snapshot file."""
+    if not args.demo and not args.sources:
+        raise ValueError("name a memory file to save, or --demo SIZE")
+    ram = source_blocks(args)
+    before = rss()
+    progress = Progress("save")
+    result = snapshot.save(ram, args.snapshot, layout=args.layout, machine=args.machine,
+                           release=args.release, compress=args.compress,
+                           incremental=args.incremental, direct=args.direct,
+                           threads=args.threads, progress=progress)
+    out = result.as_dict()
+    out.update(rss_before=before, rss_after=rss(), rss_trace=progress.rss_trace)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        what = f"{result.pages} pages, {result.zero_pages} zero"
+        if result.unchanged_pages:
+            what += f", {result.unchanged_pages} unchanged"
+        print(f"saved {human(result.ram_bytes)} of RAM ({what}) to {args.snapshot}: "
+              f"{human(result.file_bytes)} {result.layout} layout in {result.seconds:.3f} s, "
+              f"{out['gbps']} GB/s")
+        if args.release:
+            print(f"released {human(result.released_bytes)} while saving; RSS "
+                  f"{human(before)} -> {human(out['rss_after'])}")
+    ram.close()
+    return 0
+
+
+def target_blocks(info: dict, target: str) -> RAMList:
+    """Memory files to restore into: TARGET itself for one block, else a directory
+    with a file per block (names with '/' become folders)."""
+    ram = RAMList()
+    single = len(info["blocks"]) == 1
+    for b in info["blocks"]:
+        path = target if single else os.path.join(target, b["name"])
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if os.path.exists(path):
+            os.unlink(path)           # a new, zeroed file: zero pages need no writing
+        ram.add(RAMBlock.map_file(b["name"], path, b["used_length"], create=True))
+    return ram
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    """Restore a snapshot, eagerly or lazily, and check it."""
+    if args.lazy:
+        return load_lazy(args)
+    info = snapshot.inspect(args.snapshot)
+    ram = target_blocks(info, args.target) if args.target else None
+    before = rss()
+    ram, result = snapshot.load(args.snapshot, ram, verify=not args.no_verify,
+                                threads=args.threads, zeroed=ram is not None)
+    out = result.as_dict()
+    out.update(rss_before=before, rss_after=rss(), target=args.target)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        check = "checksums verified" if result.verified else "no checksums to verify"
+        print(f"restored {human(result.ram_bytes)} ({result.pages} pages, "
+              f"{result.zero_pages} zero) from {args.snapshot} in {result.seconds:.3f} s, "
+              f"{out['gbps']} GB/s; {check}" + (f"; written to {args.target}"
+                                                if args.target else ""))
+    ram.close()
+    return 0
+
+
+def load_lazy(args: argparse.Namespace) -> int:
+    from qfram import faults
+    with faults.LazyRestore(args.snapshot, window_pages=args.window,
+                            spin_us=args.spin_us) as lazy:
+        touched = faults.touch_workload(lazy.ram, args.touches, threads=args.touch_threads)
+        stats = lazy.wait(verify=not args.no_verify)
+        if args.target:
+            info = snapshot.inspect(args.snapshot)
+            out_ram = target_blocks(info, args.target)
+            for block in lazy.ram:
+                memoryview(out_ram[block.name].region)[:] = memoryview(block.region)
+            out_ram.close()
+    out = stats.as_dict()
+    out.update(workload_first_touch=touched, snapshot=args.snapshot, target=args.target,
+               ram_bytes=sum(b.used_length for b in lazy.ram))
+    if args.json:
+        print(json.dumps(out))
+    else:
+        lat = stats.handler_latency
+        print(f"lazily restored {human(out['ram_bytes'])} from {args.snapshot} in "
+              f"{stats.seconds:.3f} s: {stats.faults} faults served ({stats.fault_pages} "
+              f"pages), {stats.background_pages} pages in the background, "
+              f"{stats.zero_pages} zero pages")
+        print(f"fault service p50 {lat['p50_us']} us, p99 {lat['p99_us']} us, max "
+              f"{lat['max_us']} us; the workload's touches p50 {touched['p50_us']} us, "
+              f"p99 {touched['p99_us']} us; "
+              + ("checksums verified" if stats.verified else "no checksums to verify"))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Describe a snapshot or QEMU migration stream."""
+    info = snapshot.inspect(args.snapshot)
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(f"{args.snapshot}: {info['format']}, {info['layout']} layout, "
+          f"{human(info['file_bytes'])}" + (f", machine {info['machine']}"
+                                            if info["machine"] else ""))
+    if info["qfram"]:
+        print(f"written by qfram {info['created'] or ''}"
+              + (f", {info['compression']} compression" if info["compression"] else ""))
+    print(f"{'block':24} {'size':>12} {'pages':>9} {'zero':>9} {'absent':>8}  checksum")
+    for b in info["blocks"]:
+        print(f"{b['name']:24} {human(b['used_length']):>12} {b['pages']:>9} "
+              f"{b['zero_pages']:>9} {b['absent_pages']:>8}  "
+              f"{('xxh3:' + b['xxh3_64']) if b.get('xxh3_64') else '-'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qfram", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("save", help="save RAM to a snapshot file")
+    p.add_argument("sources", nargs="*", metavar="SOURCE",
+                   help="memory file(s) to save: PATH or NAME=PATH (mapped shared)")
+    p.add_argument("snapshot", help="the snapshot file to write")
+    p.add_argument("--demo", type=parse_size, metavar="SIZE",
+                   help="save an embedded demo RAM of SIZE instead (e.g. 1G)")
+    p.add_argument("--block", default="pc.ram", help="block name for a single source")
+    p.add_argument("--layout", choices=["stream", "mapped"], default="stream")
+    p.add_argument("--release", action="store_true",
+                   help="give each page back to the kernel once it is written")
+    p.add_argument("--compress", choices=["zlib", "lz4"],
+                   help="compress pages: zlib (QEMU's) or lz4 (qfram extension)")
+    p.add_argument("--incremental", action="store_true",
+                   help="mapped layout: update SNAPSHOT in place, only changed pages")
+    p.add_argument("--direct", action="store_true", help="mapped layout: O_DIRECT writes")
+    p.add_argument("--machine", default=snapshot.DEFAULT_MACHINE,
+                   help="machine type in the configuration section")
+    p.add_argument("--threads", type=int, default=2, help="writer threads (mapped layout)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_save)
+
+    p = sub.add_parser("load", help="restore a snapshot (eagerly or lazily) and check it")
+    p.add_argument("snapshot")
+    p.add_argument("target", nargs="?",
+                   help="memory file to write (a directory for several blocks); "
+                        "without it the RAM is restored, checked and dropped")
+    p.add_argument("--lazy", action="store_true",
+                   help="restore on first touch (userfaultfd) while a workload runs")
+    p.add_argument("--touches", type=int, default=4000,
+                   help="--lazy: random first touches by the built-in workload")
+    p.add_argument("--touch-threads", type=int, default=4)
+    p.add_argument("--window", type=int, default=16, help="--lazy: pages placed per fault")
+    p.add_argument("--spin-us", type=float, default=50.0,
+                   help="--lazy: fault thread busy-waits this long before sleeping")
+    p.add_argument("--threads", type=int, default=2, help="reader threads (mapped layout)")
+    p.add_argument("--no-verify", action="store_true", help="skip the checksum check")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_load)
+
+    p = sub.add_parser("info", help="describe a snapshot or QEMU migration stream")
+    p.add_argument("snapshot")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("stream", help="stream RAM as page records into a file or pipe")
     src = p.add_mutually_exclusive_group(required=True)

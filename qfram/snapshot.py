@@ -427,7 +427,9 @@ def _save_incremental(blocks: List[RAMBlock], path: str, release: bool, threads:
 # ---------------------------------------------------------------------------------------
 
 
-def _open_snapshot(path: str) -> Tuple[int, Optional[dict], int]:
+def _open_snapshot(path: str) -> Tuple[int, Optional[dict], int, int]:
+    """The snapshot's fd, its description (from the end of the file), the file size,
+    and where the description starts (-1: none)."""
     fd = os.open(path, os.O_RDONLY)
     head = os.pread(fd, 4, 0)
     if head == INCOMPLETE_MAGIC:
@@ -435,8 +437,17 @@ def _open_snapshot(path: str) -> Tuple[int, Optional[dict], int]:
         raise FormatError(f"{path}: an incremental save into this snapshot was interrupted; "
                           f"it is incomplete", 0)
     size = os.fstat(fd).st_size
-    description, _ = stream.read_vmdescription_tail(fd, size)
-    return fd, description, size
+    description, where = stream.read_vmdescription_tail(fd, size)
+    return fd, description, size, where
+
+
+def _check_tail(info: stream.StreamInfo, size: int, where: int) -> None:
+    """After EOF comes nothing, or a whole VMDESCRIPTION: anything else is a cut or
+    damaged file, even if the RAM itself was all there."""
+    after_eof = info.eof_offset + 1
+    if size > after_eof and where != after_eof:
+        raise FormatError("the bytes after EOF are not a complete VMDESCRIPTION (the file "
+                          "is cut or damaged)", after_eof)
 
 
 def _qfram_blocks(description: Optional[dict]) -> Dict[str, dict]:
@@ -448,7 +459,7 @@ def inspect(path: str) -> dict:
     """What a snapshot (or any QEMU migration stream of RAM) holds: format, machine,
     blocks with sizes, page counts by kind and checksums.  Reads the framing and the
     RAM section; page data is skipped, not loaded."""
-    fd, description, size = _open_snapshot(path)
+    fd, description, size, where = _open_snapshot(path)
     try:
         f = channel.fdopen(fd, "rb", owned=False)
         info = stream.StreamInfo()
@@ -460,6 +471,7 @@ def inspect(path: str) -> dict:
 
         stream.StreamReader(f, info, mapped_block=mapped_block).read()
         f.close()
+        _check_tail(info, size, where)
     finally:
         os.close(fd)
     qblocks = _qfram_blocks(description)
@@ -476,7 +488,7 @@ def inspect(path: str) -> dict:
         "capabilities": info.capabilities,
         "ram_bytes": sum(b.used_length for b in info.blocks.values()),
         "blocks": blocks, "qfram": bool(q), "compression": q.get("compression"),
-        "created": q.get("created"),
+        "created": q.get("created"), "eof_offset": info.eof_offset,
         "ram_end_offset": next((s.offset for s in info.sections if s.kind ==
                                 stream.SECTION_END and s.name == stream.RAM_SECTION), -1),
         "sections": [{"type": stream.SECTION_NAMES.get(s.kind, s.kind), "id": s.section_id,
@@ -485,13 +497,16 @@ def inspect(path: str) -> dict:
 
 
 def load(path: str, ram: Optional[RAMList] = None, *, verify: bool = True,
-         threads: int = 2, huge: bool = True) -> Tuple[RAMList, LoadResult]:
+         threads: int = 2, huge: bool = True,
+         zeroed: bool = False) -> Tuple[RAMList, LoadResult]:
     """Restore a snapshot (either layout) into ``ram`` — blocks matched by name and
     length — or into new private anonymous blocks (transparent huge pages when
-    ``huge``).  With ``verify`` every block's checksum is checked when the snapshot has
-    one.  Any error raises; memory it was writing must then be considered garbage."""
+    ``huge``).  ``zeroed``: the caller's blocks are known to be all zero (new memory), so
+    zero pages are not even read.  With ``verify`` every block's checksum is checked
+    when the snapshot has one.  Any error raises; memory it was writing must then be
+    considered garbage."""
     t0 = time.perf_counter()
-    fd, description, size = _open_snapshot(path)
+    fd, description, size, where = _open_snapshot(path)
     created = ram is None
     target = RAMList() if ram is None else ram
     fresh: Dict[str, bytearray] = {}
@@ -507,6 +522,8 @@ def load(path: str, ram: Optional[RAMList] = None, *, verify: bool = True,
             elif block.used_length != length:
                 raise FormatError(f"block {name!r} is {length:#x} bytes in the snapshot, "
                                   f"{block.used_length:#x} in the target", pos)
+            elif zeroed:
+                fresh[name] = bytearray(b"\xff" * bitmap_bytes(length // TARGET_PAGE_SIZE))
             return block
 
         def mapped_block(binfo: stream.BlockInfo, pos: int) -> None:
@@ -523,6 +540,7 @@ def load(path: str, ram: Optional[RAMList] = None, *, verify: bool = True,
         info = stream.StreamReader(f, resolve=resolve, fresh=fresh,
                                    mapped_block=mapped_block).read()
         f.close()
+        _check_tail(info, size, where)
         if not info.blocks:
             raise FormatError(f"{path}: the stream holds no RAM", 0)
         verified = _verify(target, info, description) if verify else False
