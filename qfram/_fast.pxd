@@ -165,3 +165,4 @@ cdef class QEMUFile:
     cdef Py_ssize_t _read_python(self, unsigned char *dst, Py_ssize_t room) noexcept nogil
     cdef Py_ssize_t _peek(self, Py_ssize_t size, Py_ssize_t offset) noexcept nogil
     cdef Py_ssize_t _get_into(self, unsigned char *dst, Py_ssize_t size) noexcept nogil
+    cdef Py_ssize_t _skip(self, Py_ssize_t size) noexcept nogil

@@ -1190,25 +1190,30 @@ cdef class QEMUFile:
         finally:
             self._leave()
 
-    def skip(self, Py_ssize_t size):
-        """Consume ``size`` bytes."""
+    cdef Py_ssize_t _skip(self, Py_ssize_t size) noexcept nogil:
         cdef Py_ssize_t done = 0
         cdef Py_ssize_t res
         cdef Py_ssize_t want
+        while done < size:
+            want = size - done
+            if want > self.buf_cap:
+                want = self.buf_cap
+            res = self._peek(want, 0)
+            if res == 0:
+                break
+            self.buf_index += res
+            done += res
+        return done
+
+    def skip(self, Py_ssize_t size):
+        """Consume ``size`` bytes."""
+        cdef Py_ssize_t done
         cdef int64_t start
         self._enter(0)
         try:
             start = self._read_pos()
             with nogil:
-                while done < size:
-                    want = size - done
-                    if want > self.buf_cap:
-                        want = self.buf_cap
-                    res = self._peek(want, 0)
-                    if res == 0:
-                        break
-                    self.buf_index += res
-                    done += res
+                done = self._skip(size)
             if done < size:
                 self._raise_short(start, size, done, "skip")
         finally:
@@ -1238,6 +1243,8 @@ cdef class QEMUFile:
         such a page (consumed, its payload not), for the caller's format code.
         Raises FormatError (with the byte offset) on a page outside the region or a
         ZERO record whose fill byte is not 0, StreamEnded at a premature end.
+        ``region`` may be an int, a block length: then the records are only checked and
+        counted, their payloads skipped (``qfram info``).
         """
         cdef Py_buffer view
         cdef Py_buffer fview
@@ -1248,29 +1255,37 @@ cdef class QEMUFile:
             if page_size < 512 or page_size & (page_size - 1):
                 raise ValueError(f"page_size must be a power of two >= 512, not {page_size}")
             memset(&loop, 0, sizeof(loop))
-            PyObject_GetBuffer(region, &view, PyBUF_WRITABLE)
-            try:
-                loop.base = <unsigned char *>view.buf
-                loop.length = view.len
-                loop.page_size = page_size
-                if header is not None:
-                    loop.have_header = True
-                    loop.header = header
-                    loop.header_pos = header_pos
-                if have_fresh:
-                    PyObject_GetBuffer(fresh, &fview, PyBUF_WRITABLE)
-                    if fview.len * 8 < view.len // page_size:
-                        PyBuffer_Release(&fview)
-                        raise ValueError("the fresh bitmap is shorter than the region")
-                    loop.fresh = <unsigned char *>fview.buf
+            loop.page_size = page_size
+            if header is not None:
+                loop.have_header = True
+                loop.header = header
+                loop.header_pos = header_pos
+            if isinstance(region, int):
+                # count and check only: offsets against this length, payloads skipped
+                if region < 0:
+                    raise ValueError("a block length cannot be negative")
+                loop.length = region
+                with nogil:
+                    _load_loop(self, &loop)
+            else:
+                PyObject_GetBuffer(region, &view, PyBUF_WRITABLE)
                 try:
-                    with nogil:
-                        _load_loop(self, &loop)
-                finally:
+                    loop.base = <unsigned char *>view.buf
+                    loop.length = view.len
                     if have_fresh:
-                        PyBuffer_Release(&fview)
-            finally:
-                PyBuffer_Release(&view)
+                        PyObject_GetBuffer(fresh, &fview, PyBUF_WRITABLE)
+                        if fview.len * 8 < view.len // page_size:
+                            PyBuffer_Release(&fview)
+                            raise ValueError("the fresh bitmap is shorter than the region")
+                        loop.fresh = <unsigned char *>fview.buf
+                    try:
+                        with nogil:
+                            _load_loop(self, &loop)
+                    finally:
+                        if have_fresh:
+                            PyBuffer_Release(&fview)
+                finally:
+                    PyBuffer_Release(&view)
             if loop.status == -2:
                 if self.last_error == 0:
                     self.last_error = -EINVAL
@@ -1634,7 +1649,14 @@ cdef void _load_loop(QEMUFile f, LoadLoop *loop) noexcept nogil:
         fresh = loop.fresh != NULL and (loop.fresh[index >> 3] >> (index & 7)) & 1
         if loop.fresh != NULL:
             loop.fresh[index >> 3] &= ~(1 << (index & 7))
-        if flags == FLAG_PAGE:
+        if flags == FLAG_PAGE and loop.base == NULL:
+            pos = f._read_pos()
+            got = f._skip(loop.page_size)
+            if got < <Py_ssize_t>loop.page_size:
+                _load_short(f, loop, pos, loop.page_size, got)
+                return
+            loop.pages += 1
+        elif flags == FLAG_PAGE:
             if f.buf_fill - f.buf_index >= <Py_ssize_t>loop.page_size:
                 memcpy(page, f.buf + f.buf_index, loop.page_size)
                 f.buf_index += loop.page_size
@@ -1658,7 +1680,7 @@ cdef void _load_loop(QEMUFile f, LoadLoop *loop) noexcept nogil:
                 loop.bad_pos = f._read_pos() - 1
                 return
             # fresh memory is zero already: do not even read it (no fault, no page)
-            if not fresh and not _is_zero(page, loop.page_size):
+            if loop.base != NULL and not fresh and not _is_zero(page, loop.page_size):
                 memset(page, 0, loop.page_size)
             loop.zeros += 1
         if _load_header(f, loop) < 0:

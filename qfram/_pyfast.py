@@ -849,17 +849,21 @@ class QEMUFile:
         finally:
             self._leave()
 
+    def _skip(self, size: int) -> int:
+        done = 0
+        while done < size:
+            res = self._peek(min(size - done, self._cap), 0)
+            if res == 0:
+                break
+            self._index += res
+            done += res
+        return done
+
     def skip(self, size: int) -> None:
         self._enter(False)
         try:
             start = self._read_pos()
-            done = 0
-            while done < size:
-                res = self._peek(min(size - done, self._cap), 0)
-                if res == 0:
-                    break
-                self._index += res
-                done += res
+            done = self._skip(size)
             if done < size:
                 self._raise_short(start, size, done, "skip")
         finally:
@@ -876,10 +880,16 @@ class QEMUFile:
         try:
             if page_size < 512 or page_size & (page_size - 1):
                 raise ValueError(f"page_size must be a power of two >= 512, not {page_size}")
-            target = memoryview(region).cast("B")
-            if target.readonly:
-                raise BufferError("load_pages needs a writable region")
-            length = len(target)
+            if isinstance(region, int):      # count and check only
+                if region < 0:
+                    raise ValueError("a block length cannot be negative")
+                target = None
+                length = region
+            else:
+                target = memoryview(region).cast("B")
+                if target.readonly:
+                    raise BufferError("load_pages needs a writable region")
+                length = len(target)
             bits = None
             if fresh is not None:
                 bits = memoryview(fresh).cast("B")
@@ -907,13 +917,20 @@ class QEMUFile:
                     self._fail_format(FormatError(
                         f"page at offset {offset:#x} lies outside its block of {length:#x} "
                         f"bytes", header_pos))
-                page = target[offset:offset + page_size]
+                page = target[offset:offset + page_size] if target is not None else None
                 index = offset // page_size
                 was_fresh = False
                 if bits is not None:
                     was_fresh = bool((bits[index >> 3] >> (index & 7)) & 1)
                     bits[index >> 3] &= ~(1 << (index & 7))
-                if flags == RAM_SAVE_FLAG_PAGE:
+                if flags == RAM_SAVE_FLAG_PAGE and page is None:
+                    start = self._read_pos()
+                    got = self._skip(page_size)
+                    if got < page_size:
+                        self._raise_short(start, page_size, got, "load_pages")
+                        return (hdr, pages, zeros)
+                    pages += 1
+                elif flags == RAM_SAVE_FLAG_PAGE:
                     start = self._read_pos()
                     got = self._get_into(page)
                     if got < page_size:
@@ -926,7 +943,7 @@ class QEMUFile:
                         self._fail_format(FormatError(
                             f"zero page record with fill byte {ch:#x} (must be 0)",
                             self._read_pos() - 1))
-                    if not was_fresh and not _all_zero(page):
+                    if page is not None and not was_fresh and not _all_zero(page):
                         page[:] = bytes(page_size)
                     zeros += 1
                 header_pos = self._read_pos()

@@ -83,14 +83,22 @@ def cmd_stream(args: argparse.Namespace) -> int:
         "released_bytes": out.released_bytes, "rss_before": rss_before,
         "rss_after": rss_after,
     }
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"streamed {human(len(region))} of RAM ({pages} pages, {zeros} zero) as "
-              f"{human(out.tell())} in {seconds:.3f} s: {result['gbps']} GB/s")
-        print(f"released {human(out.released_bytes)}; RSS {human(rss_before)} -> "
-              f"{human(rss_after)}")
+    text = (f"streamed {human(len(region))} of RAM ({pages} pages, {zeros} zero) as "
+            f"{human(out.tell())} in {seconds:.3f} s: {result['gbps']} GB/s\n"
+            f"released {human(out.released_bytes)}; RSS {human(rss_before)} -> "
+            f"{human(rss_after)}")
+    # with the stream on stdout, the summary goes to stderr
+    emit(args, result, text, sys.stderr if args.output == "-" else sys.stdout)
     return 0
+
+
+def emit(args: argparse.Namespace, result: dict, text: str, to=None) -> None:
+    """Results go to stdout: one JSON object with --json, else the text; --json-out FILE
+    also writes the JSON object to FILE (for scripts that show the text)."""
+    if getattr(args, "json_out", None):
+        with open(args.json_out, "w") as f:
+            json.dump(result, f)
+    print(json.dumps(result) if args.json else text, file=to or sys.stdout)
 
 
 class Progress:
@@ -146,18 +154,16 @@ def cmd_save(args: argparse.Namespace) -> int:
                            threads=args.threads, progress=progress)
     out = result.as_dict()
     out.update(rss_before=before, rss_after=rss(), rss_trace=progress.rss_trace)
-    if args.json:
-        print(json.dumps(out))
-    else:
-        what = f"{result.pages} pages, {result.zero_pages} zero"
-        if result.unchanged_pages:
-            what += f", {result.unchanged_pages} unchanged"
-        print(f"saved {human(result.ram_bytes)} of RAM ({what}) to {args.snapshot}: "
-              f"{human(result.file_bytes)} {result.layout} layout in {result.seconds:.3f} s, "
-              f"{out['gbps']} GB/s")
-        if args.release:
-            print(f"released {human(result.released_bytes)} while saving; RSS "
-                  f"{human(before)} -> {human(out['rss_after'])}")
+    what = f"{result.pages} pages, {result.zero_pages} zero"
+    if result.unchanged_pages:
+        what += f", {result.unchanged_pages} unchanged"
+    text = (f"saved {human(result.ram_bytes)} of RAM ({what}) to {args.snapshot}: "
+            f"{human(result.file_bytes)} {result.layout} layout in {result.seconds:.3f} s, "
+            f"{out['gbps']} GB/s")
+    if args.release:
+        text += (f"\nreleased {human(result.released_bytes)} while saving; RSS "
+                 f"{human(before)} -> {human(out['rss_after'])}")
+    emit(args, out, text)
     ram.close()
     return 0
 
@@ -187,14 +193,11 @@ def cmd_load(args: argparse.Namespace) -> int:
                                 threads=args.threads, zeroed=ram is not None)
     out = result.as_dict()
     out.update(rss_before=before, rss_after=rss(), target=args.target)
-    if args.json:
-        print(json.dumps(out))
-    else:
-        check = "checksums verified" if result.verified else "no checksums to verify"
-        print(f"restored {human(result.ram_bytes)} ({result.pages} pages, "
-              f"{result.zero_pages} zero) from {args.snapshot} in {result.seconds:.3f} s, "
-              f"{out['gbps']} GB/s; {check}" + (f"; written to {args.target}"
-                                                if args.target else ""))
+    check = "checksums verified" if result.verified else "no checksums to verify"
+    emit(args, out, f"restored {human(result.ram_bytes)} ({result.pages} pages, "
+                    f"{result.zero_pages} zero) from {args.snapshot} in {result.seconds:.3f} s, "
+                    f"{out['gbps']} GB/s; {check}"
+                    + (f"; written to {args.target}" if args.target else ""))
     ram.close()
     return 0
 
@@ -214,39 +217,39 @@ def load_lazy(args: argparse.Namespace) -> int:
     out = stats.as_dict()
     out.update(workload_first_touch=touched, snapshot=args.snapshot, target=args.target,
                ram_bytes=sum(b.used_length for b in lazy.ram))
-    if args.json:
-        print(json.dumps(out))
-    else:
-        lat = stats.handler_latency
-        print(f"lazily restored {human(out['ram_bytes'])} from {args.snapshot} in "
-              f"{stats.seconds:.3f} s: {stats.faults} faults served ({stats.fault_pages} "
-              f"pages), {stats.background_pages} pages in the background, "
-              f"{stats.zero_pages} zero pages")
-        print(f"fault service p50 {lat['p50_us']} us, p99 {lat['p99_us']} us, max "
-              f"{lat['max_us']} us; the workload's touches p50 {touched['p50_us']} us, "
-              f"p99 {touched['p99_us']} us; "
-              + ("checksums verified" if stats.verified else "no checksums to verify"))
+    lat = stats.handler_latency
+    emit(args, out,
+         f"lazily restored {human(out['ram_bytes'])} from {args.snapshot} in "
+         f"{stats.seconds:.3f} s: {stats.faults} faults served ({stats.fault_pages} pages), "
+         f"{stats.background_pages} pages in the background, {stats.zero_pages} zero pages\n"
+         f"fault service p50 {lat['p50_us']} us, p99 {lat['p99_us']} us, max "
+         f"{lat['max_us']} us; the workload's touches p50 {touched['p50_us']} us, p99 "
+         f"{touched['p99_us']} us; "
+         + ("checksums verified" if stats.verified else "no checksums to verify"))
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Describe a snapshot or QEMU migration stream."""
     info = snapshot.inspect(args.snapshot)
-    if args.json:
-        print(json.dumps(info))
-        return 0
-    print(f"{args.snapshot}: {info['format']}, {info['layout']} layout, "
-          f"{human(info['file_bytes'])}" + (f", machine {info['machine']}"
-                                            if info["machine"] else ""))
+    lines = [f"{args.snapshot}: {info['format']}, {info['layout']} layout, "
+             f"{human(info['file_bytes'])}"
+             + (f", machine {info['machine']}" if info["machine"] else "")]
     if info["qfram"]:
-        print(f"written by qfram {info['created'] or ''}"
-              + (f", {info['compression']} compression" if info["compression"] else ""))
-    print(f"{'block':24} {'size':>12} {'pages':>9} {'zero':>9} {'absent':>8}  checksum")
+        lines.append(f"written by qfram {info['created'] or ''}"
+                     + (f", {info['compression']} compression" if info["compression"] else ""))
+    lines.append(f"{'block':24} {'size':>12} {'pages':>9} {'zero':>9} {'absent':>8}  checksum")
     for b in info["blocks"]:
-        print(f"{b['name']:24} {human(b['used_length']):>12} {b['pages']:>9} "
-              f"{b['zero_pages']:>9} {b['absent_pages']:>8}  "
-              f"{('xxh3:' + b['xxh3_64']) if b.get('xxh3_64') else '-'}")
+        lines.append(f"{b['name']:24} {human(b['used_length']):>12} {b['pages']:>9} "
+                     f"{b['zero_pages']:>9} {b['absent_pages']:>8}  "
+                     f"{('xxh3:' + b['xxh3_64']) if b.get('xxh3_64') else '-'}")
+    emit(args, info, "\n".join(lines))
     return 0
+
+
+def add_output_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--json-out", metavar="FILE", help="also write the JSON object to FILE")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -271,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--machine", default=snapshot.DEFAULT_MACHINE,
                    help="machine type in the configuration section")
     p.add_argument("--threads", type=int, default=2, help="writer threads (mapped layout)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_output_options(p)
     p.set_defaults(func=cmd_save)
 
     p = sub.add_parser("load", help="restore a snapshot (eagerly or lazily) and check it")
@@ -289,12 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--lazy: fault thread busy-waits this long before sleeping")
     p.add_argument("--threads", type=int, default=2, help="reader threads (mapped layout)")
     p.add_argument("--no-verify", action="store_true", help="skip the checksum check")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_output_options(p)
     p.set_defaults(func=cmd_load)
 
     p = sub.add_parser("info", help="describe a snapshot or QEMU migration stream")
     p.add_argument("snapshot")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_output_options(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("stream", help="stream RAM as page records into a file or pipe")

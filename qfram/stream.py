@@ -444,42 +444,15 @@ class RAMSectionReader:
         return block
 
     def _pages(self, block: BlockInfo, header: int, pos: int) -> int:
-        """A run of PAGE/ZERO records for one block, in C.  Returns the next header."""
+        """A run of PAGE/ZERO records for one block, in C.  Returns the next header.
+        Without a target block the records are only checked and counted."""
         target = self.targets.get(block.name)
-        if target is None:
-            return self._count_pages(block, header, pos)
-        nxt, pages, zeros = self.f.load_pages(target.region, header, header_pos=pos,
+        region = target.region if target is not None else block.used_length
+        nxt, pages, zeros = self.f.load_pages(region, header, header_pos=pos,
                                               fresh=self.fresh.get(block.name))
         block.pages += pages
         block.zero_pages += zeros
         return nxt
-
-    def _count_pages(self, block: BlockInfo, header: int, pos: int) -> int:
-        """The same records, only counted and checked (no target memory)."""
-        f = self.f
-        first = True
-        while True:
-            flags = header & PAGE_MASK
-            addr = header & ~PAGE_MASK
-            if not first and not flags & FLAG_CONTINUE:
-                return header
-            kind = flags & ~FLAG_CONTINUE
-            if kind not in (FLAG_PAGE, FLAG_ZERO):
-                return header
-            first = False
-            if addr + TARGET_PAGE_SIZE > block.used_length:
-                raise FormatError(f"page at offset {addr:#x} lies outside block "
-                                  f"{block.name!r} of {block.used_length:#x} bytes", pos)
-            if kind == FLAG_PAGE:
-                f.skip(TARGET_PAGE_SIZE)
-                block.pages += 1
-            else:
-                fill_pos = f.tell()
-                if f.get_byte() != 0:
-                    raise FormatError("zero page record with a non-zero fill byte", fill_pos)
-                block.zero_pages += 1
-            pos = f.tell()
-            header = f.get_be64()
 
     def _compressed_page(self, block: BlockInfo, kind: int, addr: int, pos: int) -> None:
         f = self.f

@@ -199,3 +199,22 @@ def test_other_records_are_handed_back_to_the_caller(core):
         r, dst = load(core, be64(header) + b"rest")
         assert r.load_pages(dst) == (header, 0, 0)
         assert r.get_buffer(4) == b"rest"
+
+
+def test_counting_checks_records_without_a_target(core):
+    src = private_anon(8 * PAGE)
+    fill_pages(src, 4)
+    f = core.buffer_file()
+    f.save_pages(src, idstr="b")
+    f.put_be64(EOS)
+    f.flush()
+    data = f.channel.getvalue()
+    r = core.buffer_file(data)
+    header = r.get_be64()
+    r.get_counted_string()
+    assert r.load_pages(8 * PAGE, header) == (EOS, 4, 4)
+    r = core.buffer_file(data)
+    header = r.get_be64()
+    r.get_counted_string()
+    with pytest.raises(FormatError, match="outside"):
+        r.load_pages(4 * PAGE, header)              # the same records, a shorter block

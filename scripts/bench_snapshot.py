@@ -1,0 +1,216 @@
+#!/usr/bin/env python3
+"""Snapshot save and restore against references, in the same run.
+
+A 1 GiB demo RAM (30% zero pages, the rest text and random) is saved to and restored
+from a tmpfs file, each measurement in a fresh process with the RAM pre-faulted:
+
+  save     c         the C reference writer (QEMU's algorithm) -> stream file
+           stream    qfram.snapshot.save, stream layout (checksums included)
+           mapped    qfram.snapshot.save, mapped layout, 2 writer threads
+           cp        cp of the raw RAM image (the bar for the mapped layout)
+  restore  c         the C reader: stream file -> fresh memory (4 KiB / THP)
+           stream    qfram.snapshot.load of the stream file (verify off; +verify row)
+           mapped    qfram.snapshot.load of the mapped file (verify off; +verify row)
+  lazy     first-touch latency of pages not yet placed (one touching thread, every
+           touch a real fault) with and without the background fill; p50/p99/max
+
+Every destination file is new (tmpfs allocation included, as a real save has it).
+Medians of --repeat runs; ratios against the reference of the same row group.
+
+    scripts/bench_snapshot.py [--size 1G] [--repeat 5] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from bench_throughput import build_cref, load_image, parse_size, run_json  # noqa: E402
+
+PAGE = mmap.PAGESIZE
+
+
+# -- children --------------------------------------------------------------------------------
+
+
+def child_save(layout: str, image: str, path: str) -> dict:
+    from qfram import snapshot
+    from qfram.ram import RAMBlock, RAMList
+    region = load_image(image)
+    ram = RAMList([RAMBlock.from_buffer("pc.ram", region)])
+    t0 = time.perf_counter()
+    result = snapshot.save(ram, path, layout=layout)
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "bytes": result.ram_bytes}
+
+
+def child_load(path: str, huge: bool, verify: bool) -> dict:
+    from qfram import snapshot
+    t0 = time.perf_counter()
+    ram, result = snapshot.load(path, verify=verify, huge=huge)
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "bytes": result.ram_bytes, "verified": result.verified}
+
+
+def child_lazy(path: str, background: bool, touches: int, spin_us: float) -> dict:
+    from qfram import faults
+    with faults.LazyRestore(path, background=background, spin_us=spin_us) as lazy:
+        block = next(iter(lazy.ram))
+        windows = list(range(block.npages // 16))
+        random.Random(7).shuffle(windows)
+        region = block.region
+        lat = []
+        for w in windows[:touches]:
+            off = (w * 16 + 5) * PAGE
+            if background and lazy.complete:
+                break
+            t0 = time.perf_counter_ns()
+            region[off]
+            lat.append(time.perf_counter_ns() - t0)
+        stats = lazy.wait()
+    return {"touch": faults.percentiles(lat), "handler": stats.handler_latency,
+            "faults": stats.faults, "verified": stats.verified, "seconds": stats.seconds}
+
+
+# -- the parent ------------------------------------------------------------------------------
+
+
+def fresh(path: Path) -> None:
+    if path.exists():
+        path.unlink()
+
+
+def median_gbps(runs) -> float:
+    return round(statistics.median(r["bytes"] / r["seconds"] / 1e9 for r in runs), 3)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="1G")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--touches", type=int, default=2000)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        kind, *rest = args.child
+        if kind == "save":
+            print(json.dumps(child_save(*rest)))
+        elif kind == "load":
+            print(json.dumps(child_load(rest[0], rest[1] == "1", rest[2] == "1")))
+        else:
+            print(json.dumps(child_lazy(rest[0], rest[1] == "1", int(rest[2]),
+                                        float(rest[3]))))
+        return 0
+
+    size = parse_size(args.size)
+    size -= size % PAGE
+    cref = build_cref()
+    me = [sys.executable, __file__, "--child"]
+    rows = []
+    note = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+    with tempfile.TemporaryDirectory(prefix="qfram-bench-", dir="/dev/shm") as tmp:
+        work = Path(tmp)
+        image = work / "image"
+        from qfram.demo import fill_demo
+        with open(image, "wb") as f:
+            f.truncate(size)
+        with open(image, "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
+            fill_demo(m)
+        out = {"c": work / "c.stream", "stream": work / "snap.stream",
+               "mapped": work / "snap.mapped", "cp": work / "copy"}
+
+        # -- save: writers take turns in random order, each into a new file
+        runs = {k: [] for k in out}
+        for _ in range(args.repeat):
+            for kind in random.sample(list(out), len(out)):
+                fresh(out[kind])
+                if kind == "c":
+                    fd = os.open(out[kind], os.O_WRONLY | os.O_CREAT, 0o600)
+                    try:
+                        r = run_json([str(cref), "write", str(image), str(fd), "64", "32768"],
+                                     pass_fds=(fd,))
+                    finally:
+                        os.close(fd)
+                    r["bytes"] = r["ram_bytes"]
+                elif kind == "cp":
+                    t0 = time.perf_counter()
+                    subprocess.run(["cp", str(image), str(out[kind])], check=True)
+                    r = {"seconds": time.perf_counter() - t0, "bytes": size}
+                else:
+                    r = run_json(me + ["save", kind, str(image), str(out[kind])])
+                runs[kind].append(r)
+        refs = {"c": "c", "stream": "c", "mapped": "cp", "cp": "cp"}
+        gbps = {k: median_gbps(v) for k, v in runs.items()}
+        for kind in ("c", "stream", "cp", "mapped"):
+            rows.append({"group": "save", "what": kind, "gbps": gbps[kind],
+                         "ratio": round(gbps[kind] / gbps[refs[kind]], 3),
+                         "reference": refs[kind]})
+            note(f"  save {kind:8} {gbps[kind]:.3f} GB/s")
+
+        # -- restore into fresh memory, 4 KiB pages and transparent huge pages
+        for huge in (False, True):
+            target = "thp" if huge else "4k"
+            cases = {"c": [str(cref), "read", str(out["c"]), str(size), "1" if huge else "0"],
+                     "stream": me + ["load", str(out["stream"]), "1" if huge else "0", "0"],
+                     "mapped": me + ["load", str(out["mapped"]), "1" if huge else "0", "0"],
+                     "stream+verify": me + ["load", str(out["stream"]), "1" if huge else "0", "1"],
+                     "mapped+verify": me + ["load", str(out["mapped"]), "1" if huge else "0", "1"]}
+            runs = {k: [] for k in cases}
+            for _ in range(args.repeat):
+                for kind in random.sample(list(cases), len(cases)):
+                    r = run_json(cases[kind])
+                    if kind == "c":
+                        r["bytes"] = size
+                    runs[kind].append(r)
+            gbps = {k: median_gbps(v) for k, v in runs.items()}
+            for kind in cases:
+                rows.append({"group": f"restore-{target}", "what": kind, "gbps": gbps[kind],
+                             "ratio": round(gbps[kind] / gbps["c"], 3), "reference": "c"})
+                note(f"  restore {target} {kind:14} {gbps[kind]:.3f} GB/s")
+
+        # -- lazy restore: first-touch latency
+        lazy = []
+        for background in (False, True):
+            for spin in (0.0, 50.0):
+                r = run_json(me + ["lazy", str(out["mapped"]), "1" if background else "0",
+                                   str(args.touches), str(spin)])
+                r.update(background=background, spin_us=spin)
+                lazy.append(r)
+                note(f"  lazy background={background} spin={spin}: touch {r['touch']}, "
+                     f"handler {r['handler']}")
+
+    report = {"size": size, "repeat": args.repeat, "rows": rows, "lazy": lazy}
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"RAM {size >> 20} MiB (30% zero pages), tmpfs, median of {args.repeat}")
+        print(f"{'group':12} {'what':15} {'GB/s':>7} {'ratio':>6}  reference")
+        for r in rows:
+            print(f"{r['group']:12} {r['what']:15} {r['gbps']:7.3f} {r['ratio']:6.2f}  "
+                  f"{r['reference']}")
+        print("lazy restore, first touch of a missing page (us):")
+        for r in lazy:
+            t, h = r["touch"], r["handler"]
+            print(f"  background={str(r['background']):5} spin={r['spin_us']:4.0f}us  touch "
+                  f"p50 {t['p50_us']:6.1f} p99 {t['p99_us']:6.1f} max {t['max_us']:8.1f}   "
+                  f"handler p50 {h['p50_us']:6.1f} p99 {h['p99_us']:6.1f}  verified "
+                  f"{r['verified']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
