@@ -10,9 +10,7 @@ import sys
 import time
 from typing import List, Optional
 
-import psutil
-
-from qfram import channel, core, snapshot
+from qfram import channel, core, qemu, snapshot
 from qfram.demo import demo_ram, fill_demo
 from qfram.ram import RAMBlock, RAMList
 
@@ -42,6 +40,7 @@ def human(n: float) -> str:
 
 
 def rss() -> int:
+    import psutil        # here, not at import: every command starts faster
     return psutil.Process().memory_info().rss
 
 
@@ -146,12 +145,13 @@ def cmd_save(args: argparse.Namespace) -> int:
     if not args.demo and not args.sources:
         raise ValueError("name a memory file to save, or --demo SIZE")
     ram = source_blocks(args)
+    devices = qemu.device_state(args.devices_from) if args.devices_from else None
     before = rss()
     progress = Progress("save")
     result = snapshot.save(ram, args.snapshot, layout=args.layout, machine=args.machine,
                            release=args.release, compress=args.compress,
                            incremental=args.incremental, direct=args.direct,
-                           threads=args.threads, progress=progress)
+                           threads=args.threads, progress=progress, devices=devices)
     out = result.as_dict()
     out.update(rss_before=before, rss_after=rss(), rss_trace=progress.rss_trace)
     what = f"{result.pages} pages, {result.zero_pages} zero"
@@ -243,7 +243,56 @@ def cmd_info(args: argparse.Namespace) -> int:
         lines.append(f"{b['name']:24} {human(b['used_length']):>12} {b['pages']:>9} "
                      f"{b['zero_pages']:>9} {b['absent_pages']:>8}  "
                      f"{('xxh3:' + b['xxh3_64']) if b.get('xxh3_64') else '-'}")
+    if info["devices"]:
+        lines.append(f"{len(info['devices'])} device sections"
+                     + ("" if info["vmdescription"] else " (no VMDESCRIPTION: names from the "
+                        "section headers)") + ":")
+        lines.append(f"  {'section':32} {'instance':>8} {'version':>7} {'bytes':>21}")
+        for d in info["devices"]:
+            lines.append(f"  {d['name']:32} {d['instance']:>8} {d['version']:>7} "
+                         f"{d['offset']:>10}-{d['end']:<10}")
+    for c in info["commands"]:
+        lines.append(f"command {c['cmd']} ({c['length']} bytes) at byte {c['offset']}")
     emit(args, info, "\n".join(lines))
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    """Write each RAM block of a QEMU stream as a raw file."""
+    t0 = time.perf_counter()
+    result = qemu.extract(args.stream, args.outdir)
+    result["seconds"] = round(time.perf_counter() - t0, 4)
+    lines = [f"extracted {len(result['blocks'])} RAM blocks from {args.stream} in "
+             f"{result['seconds']:.3f} s:"]
+    for b in result["blocks"]:
+        lines.append(f"  {b['file']:48} {human(b['used_length']):>12}  {b['pages']} pages, "
+                     f"{b['zero_pages']} zero")
+    emit(args, result, "\n".join(lines))
+    return 0
+
+
+def cmd_rewrite(args: argparse.Namespace) -> int:
+    """Read a stream, replace block contents, write it again (either layout); the
+    device sections and machine type are carried over byte for byte."""
+    devices = qemu.device_state(args.input)
+    ram, loaded = snapshot.load(args.input, verify=not args.no_verify, huge=False)
+    for spec in args.set or []:
+        name, sep, path = spec.partition("=")
+        if not sep or name not in ram:
+            raise ValueError(f"--set takes NAME=FILE with a block of {args.input}: {spec!r}")
+        data = open(path, "rb").read()
+        if len(data) != ram[name].used_length:
+            raise ValueError(f"{path} has {len(data)} bytes, block {name!r} has "
+                             f"{ram[name].used_length}")
+        memoryview(ram[name].region)[:] = data
+    result = snapshot.save(ram, args.output, layout=args.layout, compress=args.compress,
+                           devices=devices)
+    out = dict(result.as_dict(), input=args.input, devices=len(devices.description))
+    emit(args, out, f"rewrote {args.input} as {args.output} ({result.layout} layout, "
+                    f"{human(result.file_bytes)}), {len(ram)} RAM blocks"
+                    + (f", {len(args.set)} replaced" if args.set else "")
+                    + f", device state carried over ({len(devices.sections)} bytes)")
+    ram.close()
     return 0
 
 
@@ -271,8 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--incremental", action="store_true",
                    help="mapped layout: update SNAPSHOT in place, only changed pages")
     p.add_argument("--direct", action="store_true", help="mapped layout: O_DIRECT writes")
-    p.add_argument("--machine", default=snapshot.DEFAULT_MACHINE,
-                   help="machine type in the configuration section")
+    p.add_argument("--machine", "--qemu-machine", dest="machine",
+                   help="machine type in the configuration section, e.g. pc-i440fx-7.2 "
+                        "(default: the --devices-from stream's, else pc-i440fx-7.2)")
+    p.add_argument("--devices-from", metavar="STREAM",
+                   help="carry the device sections of this QEMU stream over, byte for byte "
+                        "(QEMU also loads a stream without them: devices keep their reset "
+                        "state)")
     p.add_argument("--threads", type=int, default=2, help="writer threads (mapped layout)")
     add_output_options(p)
     p.set_defaults(func=cmd_save)
@@ -299,6 +353,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("snapshot")
     add_output_options(p)
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("extract", help="write each RAM block of a QEMU stream as a raw file")
+    p.add_argument("stream", help="a QEMU migration stream or mapped-ram file")
+    p.add_argument("outdir", help="where the files go ('/' in block names: folders)")
+    add_output_options(p)
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("rewrite", help="rewrite a stream: replace blocks, change the layout")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--set", action="append", metavar="NAME=FILE",
+                   help="replace block NAME's contents with a raw file of its size")
+    p.add_argument("--layout", choices=["stream", "mapped"], default="stream")
+    p.add_argument("--compress", choices=["zlib", "lz4"])
+    p.add_argument("--no-verify", action="store_true")
+    add_output_options(p)
+    p.set_defaults(func=cmd_rewrite)
 
     p = sub.add_parser("stream", help="stream RAM as page records into a file or pipe")
     src = p.add_mutually_exclusive_group(required=True)

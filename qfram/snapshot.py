@@ -88,10 +88,11 @@ def checksum(region, length: int) -> str:
 
 
 def _description(layout: str, blocks: List[RAMBlock], sums: Dict[str, str],
-                 counts: Dict[str, Tuple[int, int]], compression: Optional[str]) -> dict:
+                 counts: Dict[str, Tuple[int, int]], compression: Optional[str],
+                 devices: Optional[stream.DeviceState]) -> dict:
     return {
         "page_size": TARGET_PAGE_SIZE,
-        "devices": [],
+        "devices": devices.description if devices else [],
         "qfram": {
             "format": FORMAT_VERSION, "layout": layout, "checksum": "xxh3_64",
             "compression": compression,
@@ -144,16 +145,20 @@ class AtomicFile:
 # ---------------------------------------------------------------------------------------
 
 
-def save(ram: RAMList, path: str, *, layout: str = "stream", machine: str = DEFAULT_MACHINE,
+def save(ram: RAMList, path: str, *, layout: str = "stream", machine: Optional[str] = None,
          release: bool = False, compress: Optional[str] = None, incremental: bool = False,
-         direct: bool = False, threads: int = 2, progress: Progress = None) -> SaveResult:
+         direct: bool = False, threads: int = 2, progress: Progress = None,
+         devices: Optional[stream.DeviceState] = None) -> SaveResult:
     """Save the blocks of ``ram`` to ``path``.
 
     ``release`` gives each page back to the kernel once it is written (the source's
     footprint falls while it saves).  ``compress``: None, "zlib" (QEMU's COMPRESS_PAGE)
     or "lz4" (qfram extension); stream layout only.  ``incremental`` (mapped layout):
     update an existing snapshot of the same blocks in place, writing only the pages that
-    changed.  ``direct``: write the pages with O_DIRECT (mapped layout)."""
+    changed.  ``direct``: write the pages with O_DIRECT (mapped layout).
+    ``machine``: the machine type in the configuration section (default: the device
+    state's, else pc-i440fx-7.2).  ``devices``: device sections to carry (from
+    ``qemu.device_state``), copied byte for byte before EOF."""
     if layout not in ("stream", "mapped"):
         raise ValueError(f"layout is 'stream' or 'mapped', not {layout!r}")
     if compress not in (None, "zlib", "lz4"):
@@ -166,6 +171,8 @@ def save(ram: RAMList, path: str, *, layout: str = "stream", machine: str = DEFA
     blocks = list(ram)
     if not blocks:
         raise ValueError("nothing to save: the RAM list is empty")
+    if machine is None:
+        machine = devices.machine if devices else DEFAULT_MACHINE
     t0 = time.perf_counter()
     if incremental and os.path.exists(path):
         result = _save_incremental(blocks, path, release, threads, progress)
@@ -173,10 +180,11 @@ def save(ram: RAMList, path: str, *, layout: str = "stream", machine: str = DEFA
         target = AtomicFile(path)
         try:
             if layout == "stream":
-                result = _save_stream(blocks, target.fd, machine, release, compress, progress)
+                result = _save_stream(blocks, target.fd, machine, release, compress, progress,
+                                      devices)
             else:
                 result = _save_mapped(blocks, target.fd, target.tmp, machine, release,
-                                      direct, threads, progress)
+                                      direct, threads, progress, devices)
             target.commit()
         except BaseException:
             target.abort()
@@ -188,17 +196,19 @@ def save(ram: RAMList, path: str, *, layout: str = "stream", machine: str = DEFA
 
 
 def _save_stream(blocks: List[RAMBlock], fd: int, machine: str, release: bool,
-                 compress: Optional[str], progress: Progress) -> SaveResult:
+                 compress: Optional[str], progress: Progress,
+                 devices: Optional[stream.DeviceState]) -> SaveResult:
     f = channel.fdopen(fd, "wb", owned=False)
+    sid = devices.ram_section_id if devices else RAM_SECTION_ID
     sums: Dict[str, str] = {}
     counts: Dict[str, Tuple[int, int]] = {}
     total = sum(b.used_length for b in blocks)
     done = 0
     stream.put_header(f, machine)
-    stream.put_section_start(f, RAM_SECTION_ID, stream.RAM_SECTION, 0, stream.RAM_VERSION)
+    stream.put_section_start(f, sid, stream.RAM_SECTION, 0, stream.RAM_VERSION)
     stream.put_mem_size(f, blocks)
     f.put_be64(stream.FLAG_EOS)
-    stream.put_footer(f, RAM_SECTION_ID)
+    stream.put_footer(f, sid)
     released = 0
     for block in blocks:
         hasher = xxhash.xxh3_64()
@@ -206,7 +216,7 @@ def _save_stream(blocks: List[RAMBlock], fd: int, machine: str, release: bool,
         pages = zeros = 0
         part_pages = PART_BYTES // TARGET_PAGE_SIZE
         for part in range(0, block.npages, part_pages):
-            stream.put_section_part(f, RAM_SECTION_ID)
+            stream.put_section_part(f, sid)
             end = min(part + part_pages, block.npages)
             named = True              # each PART names its block again: always valid
             for first in range(part, end, CHUNK_PAGES):
@@ -227,18 +237,21 @@ def _save_stream(blocks: List[RAMBlock], fd: int, machine: str, release: bool,
                 if progress:
                     progress(done, total)
             f.put_be64(stream.FLAG_EOS)
-            stream.put_footer(f, RAM_SECTION_ID)
+            stream.put_footer(f, sid)
             if compress and release:
                 f.flush()         # compressed bytes are copies: release once written
                 released += block.discard(part * TARGET_PAGE_SIZE,
                                           (end - part) * TARGET_PAGE_SIZE)
         sums[block.name] = hasher.hexdigest()
         counts[block.name] = (pages, zeros)
-    stream.put_section_part(f, RAM_SECTION_ID, stream.SECTION_END)
+    stream.put_section_part(f, sid, stream.SECTION_END)
     f.put_be64(stream.FLAG_EOS)
-    stream.put_footer(f, RAM_SECTION_ID)
+    stream.put_footer(f, sid)
+    if devices:
+        f.put_buffer(devices.sections)
     f.put_byte(stream.SECTION_EOF)
-    stream.put_vmdescription(f, _description("stream", blocks, sums, counts, compress))
+    stream.put_vmdescription(f, _description("stream", blocks, sums, counts, compress,
+                                             devices))
     f.close()
     return SaveResult("", "stream", total, 0, sum(c[0] for c in counts.values()),
                       sum(c[1] for c in counts.values()), 0, 0.0,
@@ -253,11 +266,12 @@ class _MappedBlock:
     present: bytearray
 
 
-def _put_mapped_setup(f, blocks: List[RAMBlock], machine: str) -> List[_MappedBlock]:
+def _put_mapped_setup(f, blocks: List[RAMBlock], machine: str, sid: int) -> List[_MappedBlock]:
     """Header, configuration and the ram START section with a mapped-ram header per
     block; the file position jumps past each block's pages, as QEMU's does."""
-    stream.put_header(f, machine)
-    stream.put_section_start(f, RAM_SECTION_ID, stream.RAM_SECTION, 0, stream.RAM_VERSION)
+    # QEMU 9+ validates the capability list against its own: mapped-ram must be named
+    stream.put_header(f, machine, capabilities=("mapped-ram",))
+    stream.put_section_start(f, sid, stream.RAM_SECTION, 0, stream.RAM_VERSION)
     f.put_be64(sum(b.used_length for b in blocks) | stream.FLAG_MEM_SIZE)
     layout = []
     for block in blocks:
@@ -272,20 +286,23 @@ def _put_mapped_setup(f, blocks: List[RAMBlock], machine: str) -> List[_MappedBl
         f.set_offset(pages_offset + block.used_length)
         layout.append(_MappedBlock(block, bitmap_offset, pages_offset, bytearray(size)))
     f.put_be64(stream.FLAG_EOS)
-    stream.put_footer(f, RAM_SECTION_ID)
+    stream.put_footer(f, sid)
     return layout
 
 
-def _put_mapped_end(f, layout: List[_MappedBlock], sums, counts) -> None:
+def _put_mapped_end(f, layout: List[_MappedBlock], sums, counts, sid: int,
+                    devices: Optional[stream.DeviceState]) -> None:
     fd = f.channel.fd
     for mb in layout:
         os.pwrite(fd, mb.present, mb.bitmap_offset)
-    stream.put_section_part(f, RAM_SECTION_ID, stream.SECTION_END)
+    stream.put_section_part(f, sid, stream.SECTION_END)
     f.put_be64(stream.FLAG_EOS)
-    stream.put_footer(f, RAM_SECTION_ID)
+    stream.put_footer(f, sid)
+    if devices:
+        f.put_buffer(devices.sections)
     f.put_byte(stream.SECTION_EOF)
     stream.put_vmdescription(f, _description("mapped", [mb.block for mb in layout], sums,
-                                             counts, None))
+                                             counts, None, devices))
     f.flush()
     os.ftruncate(fd, f.tell())
 
@@ -358,9 +375,11 @@ def _write_blocks(layout: List[_MappedBlock], fd: int, release: bool, threads: i
 
 
 def _save_mapped(blocks: List[RAMBlock], fd: int, tmp_path: str, machine: str,
-                 release: bool, direct: bool, threads: int, progress: Progress) -> SaveResult:
+                 release: bool, direct: bool, threads: int, progress: Progress,
+                 devices: Optional[stream.DeviceState]) -> SaveResult:
     f = channel.fdopen(fd, "wb", owned=False)
-    layout = _put_mapped_setup(f, blocks, machine)
+    sid = devices.ram_section_id if devices else RAM_SECTION_ID
+    layout = _put_mapped_setup(f, blocks, machine, sid)
     page_fd = fd
     if direct:
         page_fd = os.open(tmp_path, os.O_WRONLY | os.O_DIRECT)
@@ -370,11 +389,19 @@ def _save_mapped(blocks: List[RAMBlock], fd: int, tmp_path: str, machine: str,
     finally:
         if page_fd != fd:
             os.close(page_fd)
-    _put_mapped_end(f, layout, sums, counts)
+    _put_mapped_end(f, layout, sums, counts, sid, devices)
     f.close()
     total = sum(b.used_length for b in blocks)
     return SaveResult("", "mapped", total, 0, sum(c[0] for c in counts.values()),
                       sum(c[1] for c in counts.values()), unchanged, 0.0, released, sums)
+
+
+def devices_of(fd: int, info: dict) -> stream.DeviceState:
+    """The device sections a mapped file already holds (kept by incremental saves)."""
+    parts = [os.pread(fd, d["end"] - d["offset"], d["offset"]) for d in info["devices"]]
+    ram_ids = [x["id"] for x in info["sections"] if x["name"] == stream.RAM_SECTION]
+    return stream.DeviceState(info["machine"], ram_ids[0] if ram_ids else RAM_SECTION_ID,
+                              b"".join(parts), [])
 
 
 def _save_incremental(blocks: List[RAMBlock], path: str, release: bool, threads: int,
@@ -407,9 +434,10 @@ def _save_incremental(blocks: List[RAMBlock], path: str, release: bool, threads:
         finally:
             for m in olds.values():
                 m.close()       # type: ignore[attr-defined]
+        devices = devices_of(fd, info)
         f = channel.fdopen(fd, "wb", owned=False)
         f.set_offset(info["ram_end_offset"])     # the END section and what follows
-        _put_mapped_end(f, layout, sums, counts)
+        _put_mapped_end(f, layout, sums, counts, devices.ram_section_id, devices)
         f.close()
         os.fsync(fd)
         os.pwrite(fd, stream.QEVM_MAGIC.to_bytes(4, "big"), 0)
@@ -456,9 +484,10 @@ def _qfram_blocks(description: Optional[dict]) -> Dict[str, dict]:
 
 
 def inspect(path: str) -> dict:
-    """What a snapshot (or any QEMU migration stream of RAM) holds: format, machine,
-    blocks with sizes, page counts by kind and checksums.  Reads the framing and the
-    RAM section; page data is skipped, not loaded."""
+    """What a snapshot or any QEMU migration stream (or mapped-ram file) holds: machine,
+    capabilities, RAM blocks with sizes, page counts by kind (normal/zero/absent) and
+    checksums, device sections with their byte ranges (names from the VMDESCRIPTION
+    where present), commands.  Page data is checked and counted, not loaded."""
     fd, description, size, where = _open_snapshot(path)
     try:
         f = channel.fdopen(fd, "rb", owned=False)
@@ -469,7 +498,8 @@ def inspect(path: str) -> dict:
             block.pages = sum(bin(b).count("1") for b in present)
             block.zero_pages = block.npages - block.pages
 
-        stream.StreamReader(f, info, mapped_block=mapped_block).read()
+        scanner = stream.FooterScanner(fd, size, description)
+        stream.StreamReader(f, info, on_section=scanner, mapped_block=mapped_block).read()
         f.close()
         _check_tail(info, size, where)
     finally:
@@ -482,6 +512,10 @@ def inspect(path: str) -> dict:
         if b.name in qblocks:
             d["xxh3_64"] = qblocks[b.name].get("xxh3_64")
         blocks.append(d)
+    vmsd = {(d.get("name"), d.get("instance_id")): d.get("vmsd_name")
+            for d in (description or {}).get("devices", []) if isinstance(d, dict)}
+    devices = [dict(r, vmsd_name=vmsd.get((r["name"], r["instance"])))
+               for r in scanner.ranges]
     return {
         "path": path, "file_bytes": size, "format": "qemu-migration-stream",
         "layout": "mapped" if info.mapped else "stream", "machine": info.machine,
@@ -493,6 +527,9 @@ def inspect(path: str) -> dict:
                                 stream.SECTION_END and s.name == stream.RAM_SECTION), -1),
         "sections": [{"type": stream.SECTION_NAMES.get(s.kind, s.kind), "id": s.section_id,
                       "name": s.name, "offset": s.offset} for s in info.sections],
+        "devices": devices,
+        "commands": [{"cmd": c, "length": n, "offset": o} for c, n, o in info.commands],
+        "vmdescription": where >= 0,
     }
 
 
@@ -532,12 +569,13 @@ def load(path: str, ram: Optional[RAMList] = None, *, verify: bool = True,
                                   f"the file", pos)
             present = os.pread(fd, bitmap_bytes(binfo.npages), binfo.bitmap_offset)
             block = target[binfo.name]
-            pages, zeros = _read_blocks(fd, block, binfo.pages_offset, present,
+            pages, zeros = read_blocks(fd, block, binfo.pages_offset, present,
                                         fresh.get(binfo.name), threads)
             binfo.pages, binfo.zero_pages = pages, zeros
 
         f = channel.fdopen(fd, "rb", owned=False)
-        info = stream.StreamReader(f, resolve=resolve, fresh=fresh,
+        info = stream.StreamReader(f, on_section=stream.FooterScanner(fd, size, description),
+                                   resolve=resolve, fresh=fresh,
                                    mapped_block=mapped_block).read()
         f.close()
         _check_tail(info, size, where)
@@ -559,7 +597,7 @@ def load(path: str, ram: Optional[RAMList] = None, *, verify: bool = True,
     return target, result
 
 
-def _read_blocks(fd: int, block: RAMBlock, pages_offset: int, present: bytes,
+def read_blocks(fd: int, block: RAMBlock, pages_offset: int, present: bytes,
                  fresh: Optional[bytearray], threads: int) -> Tuple[int, int]:
     """Read a mapped block's present pages on worker threads, 64-page aligned ranges."""
     npages = block.npages

@@ -26,6 +26,7 @@ len, data.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -102,6 +103,16 @@ def align_up(value: int, alignment: int) -> int:
 # ---------------------------------------------------------------------------------------
 # writing
 # ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class DeviceState:
+    """The device sections of a stream, as bytes to copy into another stream."""
+
+    machine: str
+    ram_section_id: int
+    sections: bytes                      # every non-RAM section, headers and footers
+    description: List[dict] = field(default_factory=list)   # their VMDESCRIPTION entries
 
 
 def put_header(f, machine: str, capabilities: Tuple[str, ...] = ()) -> None:
@@ -587,3 +598,91 @@ def read_vmdescription_tail(fd: int, size: int) -> Tuple[Optional[dict], int]:
         if window == size:
             break
     return None, -1
+
+
+SCAN_CHUNK = 1 << 16
+
+
+class FooterScanner:
+    """Measures non-RAM sections of a seekable stream, whose length the stream does not
+    say (QEMU's tools parse them field by field from the VMDESCRIPTION): a section ends
+    at its footer (0x7E + its id), accepted only when a valid next section header follows
+    — the next device the VMDESCRIPTION lists, when there is one.  Used as a
+    StreamReader ``on_section``; the sections are skipped, never interpreted, and their
+    byte ranges kept in ``ranges``."""
+
+    def __init__(self, fd: int, size: int, description: Optional[dict]) -> None:
+        self.fd = fd
+        self.size = size
+        devices = (description or {}).get("devices") or []
+        self.expected = [d.get("name") for d in devices if isinstance(d, dict)]
+        self.seen = 0                      # devices found so far (index into expected)
+        self.known_ids: Dict[int, str] = {}
+        self.ranges: List[dict] = []
+
+    def __call__(self, section: Section, f) -> bool:
+        start = f.tell()                   # first payload byte
+        end = self._payload_end(section, start)
+        f.skip(end - start)
+        if section.kind in (SECTION_START, SECTION_FULL):
+            self.known_ids[section.section_id] = section.name
+            self.seen += 1
+        self.ranges.append({"type": SECTION_NAMES[section.kind],
+                            "id": section.section_id, "name": section.name,
+                            "instance": section.instance, "version": section.version,
+                            "offset": section.offset, "end": end + 5})
+        return True
+
+    def _payload_end(self, section: Section, start: int) -> int:
+        footer = b"\x7e" + struct.pack(">I", section.section_id)
+        pos = start
+        while pos < self.size:
+            data = os.pread(self.fd, SCAN_CHUNK + 300, pos)
+            hit = data.find(footer)
+            while hit >= 0:
+                if hit + 300 > len(data) and pos + len(data) < self.size:
+                    break                  # too close to the chunk's end: rescan
+                if self._next_header_ok(data, hit + 5, pos + hit + 5):
+                    return pos + hit
+                hit = data.find(footer, hit + 1)
+            if len(data) <= SCAN_CHUNK:
+                break
+            pos += SCAN_CHUNK
+        raise FormatError(f"section {section.name!r} (id {section.section_id}) has no footer "
+                          f"followed by a valid section", section.offset)
+
+    def _next_header_ok(self, data: bytes, i: int, offset: int) -> bool:
+        """Is data[i:] the start of a plausible next section?"""
+        if i >= len(data):
+            return offset == self.size
+        kind = data[i]
+        if kind == SECTION_EOF:
+            return offset + 1 == self.size or (i + 1 < len(data) and
+                                               data[i + 1] == SECTION_VMDESCRIPTION)
+        if kind in (SECTION_START, SECTION_FULL):
+            if i + 6 > len(data):
+                return False
+            n = data[i + 5]
+            name = data[i + 6:i + 6 + n]
+            if n == 0 or len(name) < n or i + 14 + n > len(data):
+                return False
+            if not all(32 < c < 127 for c in name):
+                return False
+            version = struct.unpack(">I", data[i + 10 + n:i + 14 + n])[0]
+            if version > 1000:
+                return False
+            text = name.decode()
+            if text == RAM_SECTION:
+                return True
+            if self.expected:
+                # the next device must be the next one the description lists
+                return self.seen + 1 < len(self.expected) and self.expected[self.seen + 1] == text
+            return True
+        if kind in (SECTION_PART, SECTION_END):
+            if i + 5 > len(data):
+                return False
+            sid = struct.unpack(">I", data[i + 1:i + 5])[0]
+            return sid in self.known_ids
+        if kind == SECTION_COMMAND:
+            return i + 5 <= len(data) and struct.unpack(">H", data[i + 1:i + 3])[0] < 32
+        return False

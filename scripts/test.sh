@@ -3,4 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
+# real QEMU for the interoperability tests: Debian's (7.2), and a newer one (10.x, from
+# bookworm-backports, unpacked under .cache) for mapped-ram, which needs 9.0+
+command -v qemu-system-x86_64 >/dev/null 2>&1 || apt_install qemu-system-x86 || true
+scripts/fetch_qemu_backports.sh || true
 exec .venv/bin/python -m pytest "$@"
