@@ -23,6 +23,17 @@ cdef extern from "<limits.h>":
 cdef extern from "<string.h>" nogil:
     char *strerror(int errnum)
 
+cdef extern from *:
+    """
+    /* Take page i out of a bitmap; true if this caller cleared it (several threads may
+       save pages from one dirty bitmap: each page goes out exactly once). */
+    static inline int qf_claim_bit(unsigned char *bits, Py_ssize_t i) {
+        unsigned char mask = (unsigned char)(1u << (i & 7));
+        return (__atomic_fetch_and(&bits[i >> 3], (unsigned char)~mask, __ATOMIC_ACQ_REL) & mask) != 0;
+    }
+    """
+    bint qf_claim_bit(unsigned char *bits, Py_ssize_t i) nogil
+
 
 # A run of bytes [base, base + length) that may be handed back to the kernel.
 cdef struct Run:
@@ -76,6 +87,9 @@ cdef class QEMUFile:
     cdef bint is_shutdown
     cdef bint is_closed
     cdef bint busy                   # a method is running (one thread per file)
+    cdef bint gil_free               # never take the GIL (a thread faulting on memory
+                                     # this file fills may hold it): fd channels only
+    cdef const char *failed_op       # the syscall that failed (first error)
     cdef int timeout_ms              # poll timeout while waiting on a non-blocking fd
 
     # --- staging buffer (small puts when writing, read-ahead when reading) ---
@@ -143,6 +157,7 @@ cdef class QEMUFile:
     cdef int _fail_errno(self, int err, const char *what) noexcept nogil
     cdef int _fail_eof(self) noexcept nogil
     cdef int _check_signals(self) noexcept nogil
+    cdef int _run_signal_handlers(self) noexcept with gil
     cdef int _wait(self, short events) noexcept nogil
     cdef int _put_byte(self, unsigned char v) noexcept nogil
     cdef int _put_int(self, uint64_t v, int nbytes) except -1

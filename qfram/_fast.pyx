@@ -335,10 +335,11 @@ cdef class QEMUFile:
             self.last_exc = exc
 
     cdef int _fail_errno(self, int err, const char *what) noexcept nogil:
-        with gil:
-            if self.last_error == 0:
-                msg = f"{what.decode()} on fd {self.fd}: {os.strerror(err)}"
-                self._record(err, OSError(err, msg))
+        # No GIL here (a thread may fault on memory this file fills while holding it):
+        # keep the errno and the operation's name; `error` makes the exception.
+        if self.last_error == 0:
+            self.last_error = -err
+            self.failed_op = what
         return -1
 
     cdef int _fail_eof(self) noexcept nogil:
@@ -349,13 +350,17 @@ cdef class QEMUFile:
 
     cdef int _check_signals(self) noexcept nogil:
         """Run Python signal handlers after EINTR; an exception from one stops the I/O."""
-        with gil:
-            try:
-                _raise_pending_signals()
-            except BaseException as exc:
-                self._record(EINTR, raised_in(EINTR, "a signal handler", exc))
-                self.pending_exc = exc
-                return -1
+        if self.gil_free:
+            return 0                    # handlers run when Python gets control back
+        return self._run_signal_handlers()
+
+    cdef int _run_signal_handlers(self) noexcept with gil:
+        try:
+            _raise_pending_signals()
+        except BaseException as exc:
+            self._record(EINTR, raised_in(EINTR, "a signal handler", exc))
+            self.pending_exc = exc
+            return -1
         return 0
 
     cdef int _wait(self, short events) noexcept nogil:
@@ -399,6 +404,9 @@ cdef class QEMUFile:
             return None
         if self.at_eof:
             return StreamEnded(self._read_pos(), 1, 0)
+        if self.last_exc is None and self.failed_op != NULL:
+            self.last_exc = OSError(-self.last_error, f"{self.failed_op.decode()} on fd "
+                                                      f"{self.fd}: {os.strerror(-self.last_error)}")
         return _error_copy(self.last_exc) if self.last_exc is not None else OSError(
             -self.last_error, os.strerror(-self.last_error))
 
@@ -414,8 +422,7 @@ cdef class QEMUFile:
             return 0            # _leave() raises it
         if self.at_eof or self.last_error == 0:
             raise StreamEnded(start, wanted, got, what)
-        raise _error_copy(self.last_exc) if self.last_exc is not None else OSError(
-            -self.last_error, os.strerror(-self.last_error))
+        raise self.error
 
     def set_timeout(self, timeout):
         """Bound each wait on a non-blocking fd to ``timeout`` seconds (None: forever)."""
@@ -841,7 +848,9 @@ cdef class QEMUFile:
         the page, zero-copy).  With ``idstr`` the first record drops CONTINUE and carries
         the counted block name, the following ones get CONTINUE, as QEMU's
         save_page_header.  ``dirty`` (a writable bitmap, bit i = page i, LSB first) limits
-        the loop to set bits and clears each bit whose page was emitted.  With
+        the loop to set bits; each page's bit is cleared atomically before its record is
+        emitted, so several threads (files) may save from one bitmap: each page goes out
+        once.  With
         ``may_free`` every emitted page is released once its record is written.
         A ``save_page`` hook, if set, is offered each page first (a Python call per page).
 
@@ -932,13 +941,13 @@ cdef class QEMUFile:
             if self.last_error or (loop.stop_when_rate_limited and self._rate_limited()):
                 loop.next_page = i
                 return 0
+            if loop.dirty != NULL and not qf_claim_bit(loop.dirty, i):
+                continue                # another thread took it
             offset = loop.header_base + <uint64_t>i * loop.page_size
             ret, _ = self._control_save_page(block_offset, offset, loop.page_size)
             if ret == RAM_SAVE_CONTROL_NOT_SUPP:
                 with nogil:
                     _save_one(self, loop, i)
-            elif loop.dirty != NULL:
-                loop.dirty[i >> 3] &= ~(1 << (i & 7))
         loop.next_page = loop.end
         return 0
 
@@ -1565,8 +1574,6 @@ cdef inline int _save_one(QEMUFile f, PageLoop *loop, Py_ssize_t i) noexcept nog
             f._note_release(<char *>page, loop.page_size)
         f._add_to_iovec(<const char *>page, loop.page_size, loop.may_free)
         loop.pages += 1
-    if loop.dirty != NULL:
-        loop.dirty[i >> 3] &= ~(1 << (i & 7))
     return 0
 
 
@@ -1587,6 +1594,9 @@ cdef void _save_loop(QEMUFile f, PageLoop *loop) noexcept nogil:
         if f.last_error or (loop.stop_when_rate_limited and f._rate_limited()):
             loop.next_page = i
             return
+        if loop.dirty != NULL and not qf_claim_bit(loop.dirty, i):
+            i += 1                      # another thread took it
+            continue
         _save_one(f, loop, i)
         i += 1
     loop.next_page = loop.end
@@ -1999,3 +2009,37 @@ def read_pages_at(int fd, region, int64_t file_offset, present, Py_ssize_t first
             PyBuffer_Release(&pview)
     finally:
         PyBuffer_Release(&rview)
+
+
+def bitmap_runs(bitmap, Py_ssize_t npages):
+    """The runs of set bits of a page bitmap (bit i = page i, LSB first) among its first
+    ``npages`` bits, as ``(first_page, count)`` pairs: fast on sparse and dense maps."""
+    cdef Py_buffer view
+    cdef const unsigned char *bits
+    cdef Py_ssize_t i = 0, j
+    runs = []
+    PyObject_GetBuffer(bitmap, &view, PyBUF_SIMPLE)
+    try:
+        if view.len * 8 < npages:
+            raise ValueError("the bitmap is shorter than npages")
+        bits = <const unsigned char *>view.buf
+        while i < npages:
+            if (i & 7) == 0 and bits[i >> 3] == 0:
+                i += 8
+                continue
+            if not (bits[i >> 3] >> (i & 7)) & 1:
+                i += 1
+                continue
+            j = i + 1
+            while j < npages:
+                if (j & 7) == 0 and bits[j >> 3] == 0xFF and j + 8 <= npages:
+                    j += 8
+                elif (bits[j >> 3] >> (j & 7)) & 1:
+                    j += 1
+                else:
+                    break
+            runs.append((i, j - i))
+            i = j
+    finally:
+        PyBuffer_Release(&view)
+    return runs

@@ -1289,3 +1289,21 @@ def read_pages_at(fd: int, region: Any, file_offset: int, present: Any, first_pa
             if fresh_bits is not None:
                 _set_bit(fresh_bits, i, False)
     return (pages, zeros)
+
+
+def bitmap_runs(bitmap: Any, npages: int) -> List[Tuple[int, int]]:
+    bits = memoryview(bitmap).cast("B")
+    if len(bits) * 8 < npages:
+        raise ValueError("the bitmap is shorter than npages")
+    runs = []
+    i = 0
+    while i < npages:
+        if _bit(bits, i):
+            j = i + 1
+            while j < npages and _bit(bits, j):
+                j += 1
+            runs.append((i, j - i))
+            i = j
+        else:
+            i += 1
+    return runs

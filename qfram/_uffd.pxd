@@ -25,7 +25,11 @@ cdef extern from "<linux/userfaultfd.h>" nogil:
         UFFDIO_WAKE
         UFFDIO_COPY
         UFFDIO_ZEROPAGE
+        UFFDIO_WRITEPROTECT
         UFFDIO_REGISTER_MODE_MISSING
+        UFFDIO_REGISTER_MODE_WP
+        UFFDIO_WRITEPROTECT_MODE_WP
+        UFFDIO_ZEROPAGE_MODE_DONTWAKE
         UFFD_EVENT_PAGEFAULT
         UFFD_FEATURE_MISSING_SHMEM
         UFFD_FEATURE_MISSING_HUGETLBFS
@@ -57,6 +61,10 @@ cdef extern from "<linux/userfaultfd.h>" nogil:
         uint64_t mode
         int64_t zeropage
 
+    struct uffdio_writeprotect:
+        uffdio_range range
+        uint64_t mode
+
     # only the members read here; the C compiler knows the real (packed) layout
     struct _uffd_pagefault:
         uint64_t flags
@@ -71,6 +79,53 @@ cdef extern from "<linux/userfaultfd.h>" nogil:
 
 cdef extern from *:
     """
+    #include <stdint.h>
+    #include <sys/ioctl.h>
+    /* Kernel 6.7+ (PAGEMAP_SCAN, asynchronous write protection); older headers lack
+       them, the kernel decides at run time. */
+    #ifndef UFFD_FEATURE_WP_UNPOPULATED
+    #define UFFD_FEATURE_WP_UNPOPULATED (1 << 13)
+    #endif
+    #ifndef UFFD_FEATURE_WP_ASYNC
+    #define UFFD_FEATURE_WP_ASYNC (1 << 15)
+    #endif
+    struct qf_page_region { uint64_t start, end, categories; };
+    struct qf_pm_scan_arg {
+        uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages,
+                 category_inverted, category_mask, category_anyof_mask, return_mask;
+    };
+    #define QF_PAGEMAP_SCAN _IOWR('f', 16, struct qf_pm_scan_arg)
+    #define QF_PAGE_IS_WRITTEN (1 << 1)
+    #define QF_PM_SCAN_WP_MATCHING (1 << 0)
+    #define QF_PM_SCAN_CHECK_WPASYNC (1 << 1)
+    """
+    enum:
+        UFFD_FEATURE_WP_UNPOPULATED
+        UFFD_FEATURE_WP_ASYNC
+        QF_PAGEMAP_SCAN
+        QF_PAGE_IS_WRITTEN
+        QF_PM_SCAN_WP_MATCHING
+        QF_PM_SCAN_CHECK_WPASYNC
+    struct qf_page_region:
+        uint64_t start
+        uint64_t end
+        uint64_t categories
+    struct qf_pm_scan_arg:
+        uint64_t size
+        uint64_t flags
+        uint64_t start
+        uint64_t end
+        uint64_t walk_end
+        uint64_t vec
+        uint64_t vec_len
+        uint64_t max_pages
+        uint64_t category_inverted
+        uint64_t category_mask
+        uint64_t category_anyof_mask
+        uint64_t return_mask
+
+cdef extern from *:
+    """
     static inline uint64_t qf_fetch_or(uint64_t *p, uint64_t v) {
         return __atomic_fetch_or(p, v, __ATOMIC_ACQ_REL);
     }
@@ -79,15 +134,20 @@ cdef extern from *:
     }
     static inline void qf_store_int(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
     static inline int qf_load_int(const int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+    static inline int qf_add_int(int *p, int v) { return __atomic_add_fetch(p, v, __ATOMIC_ACQ_REL); }
     static inline uint64_t qf_add(uint64_t *p, uint64_t v) {
         return __atomic_add_fetch(p, v, __ATOMIC_RELAXED);
     }
+    #include <errno.h>
+    static inline void qf_set_errno(int e) { errno = e; }
     """
     uint64_t qf_fetch_or(uint64_t *p, uint64_t v) nogil
     uint64_t qf_load(const uint64_t *p) nogil
     void qf_store_int(int *p, int v) nogil
     int qf_load_int(const int *p) nogil
+    int qf_add_int(int *p, int v) nogil
     uint64_t qf_add(uint64_t *p, uint64_t v) nogil
+    void qf_set_errno(int e) nogil
 
 
 # One registered range of guest RAM and where its pages come from.
@@ -96,6 +156,13 @@ cdef struct Area:
     uint64_t length
     uint64_t npages
     uint64_t *claimed             # bit set = a thread has taken this page to place it
-    const unsigned char *present  # source bitmap: bit set = data, clear = zero page
-    const unsigned char *src      # source bytes of page 0 (a mapping of the snapshot)
+    const unsigned char *present  # local source: bit set = data, clear = zero page
+    const unsigned char *src      # local source: bytes of page 0 (a snapshot mapping)
     uint64_t placed               # pages placed so far
+    # remote source (postcopy): pages are asked for and arrive on a stream
+    uint64_t *requested           # bit set = already asked for
+    uint64_t *zero_known          # bit set = arrived as zero and never touched: a fault
+                                  # there gets the zero page here, nothing is asked for
+    uint64_t *fault_ns            # when the page's fault was read (0: not faulted)
+    unsigned char name[256]
+    int name_len

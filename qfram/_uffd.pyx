@@ -13,21 +13,39 @@ missing memory faults *holding* the GIL, so a handler that needed it would deadl
 * ``fill_background``: places everything else, in order, in 1 MiB windows.
 
 Each page is claimed with an atomic bit before it is placed, so no page is placed twice;
-EEXIST is tolerated anyway.  Pages come from a *source*: here a mapping of the snapshot
-file plus its bitmap of present pages (the mapped layout).
+EEXIST is tolerated anyway.  Pages come from a *source*, the one seam between lazy restore
+and postcopy:
+
+* local: a mapping of a snapshot file plus its bitmap of present pages (mapped layout);
+  the fault thread places pages itself;
+* remote (postcopy): the fault thread asks for the faulting page and its missing
+  neighbours on a return path (QEMU's REQ_PAGES_ID / REQ_PAGES messages) and ``receive``,
+  on its own thread, places the pages as they arrive on the main stream.
+
+:class:`DirtyTracker` finds the pages a program writes (userfaultfd asynchronous write
+protection + PAGEMAP_SCAN, Linux 6.7+), for precopy rounds.
 """
 
-from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
-from libc.errno cimport errno, EINTR, EAGAIN, EEXIST, ENOENT, EINVAL
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
+from libc.errno cimport errno, EINTR, EAGAIN, EEXIST, ENOENT, EINVAL, EPIPE, ETIMEDOUT, EPROTO
 from libc.stdlib cimport calloc, free, malloc
-from libc.string cimport memset
-from posix.fcntl cimport O_CLOEXEC, O_NONBLOCK, O_RDWR, open as c_open
+from libc.string cimport memset, memcpy, memcmp
+from posix.fcntl cimport O_CLOEXEC, O_NONBLOCK, O_RDWR, O_RDONLY as O_RDONLY_, open as c_open
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
-from posix.unistd cimport read, write, close
+from posix.unistd cimport read, write, close, _exit, pread
+from libc.stdio cimport snprintf
+from libc.string cimport strerror
+from posix.mman cimport madvise
+
+cdef extern from "<sys/mman.h>":
+    enum:
+        MADV_POPULATE_READ
 
 import os
 
-from qfram._fast cimport pollfd, poll, POLLIN
+from qfram.errors import FormatError
+
+from qfram._fast cimport pollfd, poll, POLLIN, POLLOUT, QEMUFile
 
 cdef uint64_t PAGE = 4096
 cdef int MAX_AREAS = 64
@@ -91,10 +109,26 @@ cdef class FaultServer:
     cdef readonly uint64_t eexist
     cdef int error                # errno of the first failure in a loop
     cdef readonly uint64_t features
+    # remote source
+    cdef int request_fd
+    cdef int last_request_area
+    cdef int request_timeout_ms
+    cdef readonly uint64_t requests
+    cdef readonly uint64_t requested_pages
+    cdef readonly uint64_t received_pages
+    cdef readonly uint64_t received_zero_pages
+    cdef readonly uint64_t duplicate_pages
+    cdef int receiving            # receive() is inside its GIL-free loop
+    cdef public bint exit_on_failure  # remote areas: a failure ends the process (see _die)
+    cdef int format_error         # receive(): 1 bad record, 2 unknown block, 3 page past block
+    cdef int64_t format_offset
 
     def __cinit__(self):
         self.uffd = -1
         self.stop_fd = -1
+        self.request_fd = -1
+        self.last_request_area = -1
+        self.request_timeout_ms = 10000
 
     def __init__(self, uint64_t window_pages=16, double spin_us=0.0):
         cdef uffdio_api api
@@ -131,7 +165,13 @@ cdef class FaultServer:
         cdef int i
         for i in range(self.nareas):
             free(self.areas[i].claimed)
+            free(self.areas[i].requested)
+            free(self.areas[i].zero_known)
+            free(self.areas[i].fault_ns)
             self.areas[i].claimed = NULL
+            self.areas[i].requested = NULL
+            self.areas[i].zero_known = NULL
+            self.areas[i].fault_ns = NULL
         self.nareas = 0
         for i in range(self.nviews):
             PyBuffer_Release(&self.views[i])
@@ -154,54 +194,123 @@ cdef class FaultServer:
         self.nviews += 1
         return view
 
-    def add_area(self, region, source, present):
-        """Register ``region`` (MISSING mode); its pages come from ``source`` (same
-        length or longer) where ``present`` has the page's bit, else they are zero.
-        Returns the area's index."""
+    def add_area(self, region, source=None, present=None, name=None):
+        """Register ``region`` (MISSING mode).  Local source: its pages come from
+        ``source`` (same length or longer) where ``present`` has the page's bit, else
+        they are zero.  Remote source (``source`` None): pages are asked for on the
+        request fd and placed by ``receive``; ``name`` is the block's idstr there, and
+        ``present`` marks the pages already in place (arrived before registration; never
+        asked for).  Returns the area's index."""
         cdef Py_buffer *r
         cdef Py_buffer *s
         cdef Py_buffer pview
         cdef uffdio_register reg
         cdef Area *a
         cdef uint64_t nwords
+        cdef bytes encoded
         if self.nareas >= MAX_AREAS:
             raise ValueError(f"at most {MAX_AREAS} areas")
         r = self._export(region)
         if <uint64_t>r.buf % PAGE or r.len % PAGE or r.len == 0:
             raise ValueError("a userfaultfd area must be whole, aligned pages")
-        s = self._export(source)
-        if s.len < r.len:
-            raise ValueError("the source is shorter than the region")
         a = &self.areas[self.nareas]
+        memset(a, 0, sizeof(Area))
         a.base = <uint64_t>r.buf
         a.length = r.len
         a.npages = r.len // PAGE
-        PyObject_GetBuffer(present, &pview, PyBUF_SIMPLE)
-        try:
-            if <uint64_t>pview.len * 8 < a.npages:
-                raise ValueError("the present bitmap is shorter than the region")
-        finally:
-            PyBuffer_Release(&pview)
-        # the bitmap must outlive the server: keep our own copy
-        kept = bytes(present)
-        self.exports.append(kept)
-        a.present = <const unsigned char *><char *>kept
-        a.src = <const unsigned char *>s.buf
         nwords = (a.npages + 63) // 64
+        encoded = (name or "").encode()
+        if len(encoded) > 255:
+            raise ValueError("a block name holds at most 255 bytes")
+        memcpy(a.name, <const char *>encoded, len(encoded))
+        a.name_len = len(encoded)
+        if source is not None:
+            if present is None:
+                raise ValueError("a local source needs its bitmap of present pages")
+            s = self._export(source)
+            if s.len < r.len:
+                raise ValueError("the source is shorter than the region")
+            PyObject_GetBuffer(present, &pview, PyBUF_SIMPLE)
+            try:
+                if <uint64_t>pview.len * 8 < a.npages:
+                    raise ValueError("the present bitmap is shorter than the region")
+            finally:
+                PyBuffer_Release(&pview)
+            # the bitmap must outlive the server: keep our own copy
+            kept = bytes(present)
+            self.exports.append(kept)
+            a.present = <const unsigned char *><char *>kept
+            a.src = <const unsigned char *>s.buf
         a.claimed = <uint64_t *>calloc(nwords, 8)
         if a.claimed == NULL:
             raise MemoryError()
+        if source is None:
+            if not encoded:
+                raise ValueError("a remote area needs its block name")
+            a.requested = <uint64_t *>calloc(nwords, 8)
+            a.zero_known = <uint64_t *>calloc(nwords, 8)
+            a.fault_ns = <uint64_t *>calloc(a.npages, 8)
+            if a.requested == NULL or a.zero_known == NULL or a.fault_ns == NULL:
+                raise MemoryError()
+
         memset(&reg, 0, sizeof(reg))
         reg.range.start = a.base
         reg.range.len = a.length
         reg.mode = UFFDIO_REGISTER_MODE_MISSING
         if ioctl(self.uffd, UFFDIO_REGISTER, &reg) != 0:
-            free(a.claimed)
-            a.claimed = NULL
             raise OSError(errno, f"UFFDIO_REGISTER: {os.strerror(errno)}")
+        if source is None and present is not None:
+            self._mark_present(a, present)
         self.total_pages += a.npages
         self.nareas += 1
         return self.nareas - 1
+
+    cdef int _mark_present(self, Area *a, present) except -1:
+        """The pages whose bit is set are in place already.  Zero pages that arrived as
+        ZERO records on fresh memory were never touched (/proc/self/pagemap tells which):
+        a fault there gets the zero page on the spot, nothing is asked for — mapping them
+        all now would cost ~1.4 us a page of downtime."""
+        cdef Py_buffer view
+        cdef uint64_t i, j, k, p, n = 0
+        cdef uint64_t entries[512]
+        cdef int pm
+        cdef ssize_t got
+        cdef const unsigned char *bits
+        PyObject_GetBuffer(present, &view, PyBUF_SIMPLE)
+        pm = c_open(b"/proc/self/pagemap", O_RDONLY_ | O_CLOEXEC)
+        try:
+            if <uint64_t>view.len * 8 < a.npages:
+                raise ValueError("the bitmap is shorter than the area")
+            if pm < 0:
+                raise OSError(errno, "/proc/self/pagemap")
+            bits = <const unsigned char *>view.buf
+            i = 0
+            while i < a.npages:
+                j = min(<uint64_t>512, a.npages - i)
+                got = pread(pm, entries, j * 8, (a.base // PAGE + i) * 8)
+                if got != <ssize_t>(j * 8):
+                    raise OSError(errno, "reading /proc/self/pagemap")
+                for k in range(j):
+                    p = i + k
+                    if (bits[p >> 3] >> (p & 7)) & 1:
+                        n += 1
+                        if (entries[k] >> 63) & 1:
+                            a.claimed[p >> 6] |= (<uint64_t>1) << (p & 63)
+                        else:                       # arrived as zero, never touched
+                            a.zero_known[p >> 6] |= (<uint64_t>1) << (p & 63)
+                i += j
+        finally:
+            if pm >= 0:
+                close(pm)
+            PyBuffer_Release(&view)
+        a.placed = n
+        self.placed_pages += n
+        return 0
+
+    def set_remote(self, int request_fd, double timeout=10.0):
+        """Faults on remote areas become page requests written to ``request_fd``."""
+        self.request_fd = request_fd
+        self.request_timeout_ms = <int>(timeout * 1000)
 
     # -- placing --------------------------------------------------------------------------
 
@@ -331,6 +440,11 @@ cdef class FaultServer:
                 if a == NULL:
                     continue
                 page = (msgs[k].arg.pagefault.address - a.base) // PAGE
+                if a.requested != NULL:
+                    if self._request(a, page, t0) < 0:
+                        return -1
+                    self.faults += 1
+                    continue
                 first = page - page % self.window_pages
                 if first + self.window_pages > a.npages:
                     first = a.npages - self.window_pages if a.npages > self.window_pages else 0
@@ -345,11 +459,247 @@ cdef class FaultServer:
             spin_until = now_ns() + self.spin_ns
         return 0
 
+    cdef int _request(self, Area *a, uint64_t page, uint64_t t0) noexcept nogil:
+        """Ask for the faulting page and the following pages of its window that are
+        neither in place nor asked for yet: one REQ_PAGES(_ID) message."""
+        cdef uint64_t end = page + self.window_pages
+        cdef uint64_t j = page
+        cdef uint64_t bit
+        cdef unsigned char msg[4 + 12 + 256]
+        cdef int n, idx
+        cdef uffdio_zeropage zp
+        bit = <uint64_t>1 << (page & 63)
+        if a.zero_known[page >> 6] & bit:
+            # zero, known here: place the zero page at once (and wake the faulter)
+            if not (qf_fetch_or(&a.claimed[page >> 6], bit) & bit):
+                zp.range.start = a.base + page * PAGE
+                zp.range.len = PAGE
+                zp.mode = 0
+                zp.zeropage = 0
+                if ioctl(self.uffd, UFFDIO_ZEROPAGE, &zp) != 0 and errno != EEXIST:
+                    self.error = errno
+                    return -1
+            return 0
+        if (qf_load(&a.claimed[page >> 6]) >> (page & 63)) & 1:
+            return 0                    # arriving or in place: the copy will wake us
+        if a.fault_ns[page] == 0:
+            a.fault_ns[page] = t0
+        if end > a.npages:
+            end = a.npages
+        while j < end:
+            bit = <uint64_t>1 << (j & 63)
+            if (qf_load(&a.claimed[j >> 6]) & bit) or (a.requested[j >> 6] & bit):
+                if j == page:
+                    return 0            # asked for already
+                break
+            a.requested[j >> 6] |= bit
+            j += 1
+        idx = <int>(a - self.areas)
+        # be16 type, be16 length, be64 start, be32 length [, counted block name]
+        _be64(msg + 4, page * PAGE)
+        _be32(msg + 12, <uint32_t>((j - page) * PAGE))
+        n = 12
+        if idx != self.last_request_area:
+            msg[16] = <unsigned char>a.name_len
+            memcpy(msg + 17, a.name, a.name_len)
+            n += 1 + a.name_len
+            _be16(msg, 3)               # REQ_PAGES_ID
+            self.last_request_area = idx
+        else:
+            _be16(msg, 4)               # REQ_PAGES: the same block as the last request
+        _be16(msg + 2, <unsigned int>n)
+        if _write_all(self.request_fd, msg, 4 + n, self.request_timeout_ms) < 0:
+            self.error = errno
+            return -1
+        self.requests += 1
+        self.requested_pages += j - page
+        return 0
+
+    def receive(self, QEMUFile f not None):
+        """Place the pages of a postcopy stream as they arrive on ``f`` (GIL released):
+        PART/END sections of RAM page records, until EOF.  Returns when the stream
+        ends; raises on a broken stream or connection."""
+        cdef int rc
+        if f.busy:
+            raise RuntimeError("the QEMUFile is in use by another thread")
+        if f.fd < 0:
+            raise ValueError("receive() needs a QEMUFile over an fd")
+        f.busy = True
+        f.gil_free = True
+        try:
+            with nogil:
+                qf_add_int(&self.receiving, 1)
+                rc = self._receive_loop(f)
+                if rc < 0 and self.exit_on_failure:
+                    self._die(f, b"receiving pages")
+                qf_add_int(&self.receiving, -1)
+        finally:
+            f.busy = False
+            f.gil_free = False
+        if rc == 0:
+            return
+        if self.format_error:
+            what = {1: "an unexpected record or section", 2: "a page of an unknown block",
+                    3: "a page outside its block"}[self.format_error]
+            raise FormatError(f"postcopy stream: {what}", self.format_offset)
+        err = f.error
+        if err is not None:
+            raise err
+        raise OSError(self.error, f"postcopy receive: {os.strerror(self.error)}")
+
+    cdef int _receive_loop(self, QEMUFile f) noexcept nogil:
+        cdef unsigned char kind
+        cdef uint64_t header, flags, offset
+        cdef Area *a = NULL
+        cdef Area *b
+        cdef int i, n
+        cdef unsigned char name[256]
+        while True:
+            if _get(f, &kind, 1) < 0:
+                return -1
+            if kind == 0x00:                        # EOF
+                return 0
+            if kind == 0x08:                        # COMMAND (PING...): skipped
+                if _get(f, name, 4) < 0 or f._skip((name[2] << 8) | name[3]) < \
+                        ((name[2] << 8) | name[3]):
+                    return -1
+                continue
+            if kind != 0x02 and kind != 0x03:       # PART or END
+                return self._bad(f, 1)
+            if _get(f, name, 4) < 0:                # section id
+                return -1
+            while True:                             # records up to EOS
+                if _get_be64(f, &header) < 0:
+                    return -1
+                flags = header & (PAGE - 1)
+                offset = header & ~(PAGE - 1)
+                if flags == 0x10:                   # EOS
+                    break
+                if flags == 0x200:                  # MULTIFD_FLUSH
+                    continue
+                if not (flags & 0x20):              # no CONTINUE: a block name follows
+                    if _get(f, name, 1) < 0 or _get(f, name + 1, name[0]) < 0:
+                        return -1
+                    a = NULL
+                    for i in range(self.nareas):
+                        b = &self.areas[i]
+                        if b.name_len == name[0] and memcmp(b.name, name + 1, name[0]) == 0:
+                            a = b
+                    if a == NULL:
+                        return self._bad(f, 2)
+                elif a == NULL:
+                    return self._bad(f, 1)
+                flags &= ~(<uint64_t>0x20)
+                if flags != 0x08 and flags != 0x02:
+                    return self._bad(f, 1)
+                if offset >= a.length:
+                    return self._bad(f, 3)
+                if self._receive_page(f, a, offset // PAGE, flags == 0x08) < 0:
+                    return -1
+            if f.buf_fill - f.buf_index >= 1 and f.buf[f.buf_index] == 0x7E or \
+                    f.buf_fill - f.buf_index < 1 and f._peek(1, 0) == 1 and \
+                    f.buf[f.buf_index] == 0x7E:
+                if _get(f, name, 5) < 0:            # footer
+                    return -1
+
+    cdef int _receive_page(self, QEMUFile f, Area *a, uint64_t page, bint data) noexcept nogil:
+        cdef uint64_t bit = <uint64_t>1 << (page & 63)
+        cdef unsigned char fill
+        cdef unsigned char scratch[4096]
+        cdef uffdio_copy cp
+        cdef uffdio_zeropage zp
+        cdef int r
+        cdef uint64_t k
+        if qf_fetch_or(&a.claimed[page >> 6], bit) & bit:
+            qf_add(&self.duplicate_pages, 1)    # in place already: skip its bytes
+            if data:
+                return 0 if f._skip(PAGE) == <Py_ssize_t>PAGE else self._short(f)
+            return 0 if _get(f, &fill, 1) == 0 else -1
+        if data:
+            if f.buf_fill - f.buf_index >= <Py_ssize_t>PAGE:
+                cp.src = <uint64_t>(f.buf + f.buf_index)
+                f.buf_index += PAGE
+            else:
+                if f._get_into(scratch, PAGE) < <Py_ssize_t>PAGE:
+                    return self._short(f)
+                cp.src = <uint64_t>scratch
+            cp.dst = a.base + page * PAGE
+            cp.len = PAGE
+            cp.mode = 0
+            cp.copy = 0
+            while ioctl(self.uffd, UFFDIO_COPY, &cp) != 0:
+                if errno == EAGAIN:
+                    continue
+                if errno == EEXIST:
+                    qf_add(&self.eexist, 1)
+                    break
+                self.error = errno
+                return -1
+            qf_add(&self.received_pages, 1)
+        else:
+            if _get(f, &fill, 1) < 0:
+                return -1
+            if fill != 0:
+                return self._bad(f, 1)
+            zp.range.start = a.base + page * PAGE
+            zp.range.len = PAGE
+            zp.mode = 0
+            zp.zeropage = 0
+            while ioctl(self.uffd, UFFDIO_ZEROPAGE, &zp) != 0:
+                if errno == EAGAIN:
+                    continue
+                if errno == EEXIST:
+                    qf_add(&self.eexist, 1)
+                    break
+                self.error = errno
+                return -1
+            qf_add(&self.received_zero_pages, 1)
+        qf_add(&a.placed, 1)
+        qf_add(&self.placed_pages, 1)
+        if a.fault_ns[page]:
+            k = qf_add(&self.nlat, 1) - 1       # two receivers may place at once
+            if k < <uint64_t>MAX_LATENCIES:
+                self.lat[k] = now_ns() - a.fault_ns[page]
+        return 0
+
+    cdef void _die(self, QEMUFile f, const char *what) noexcept nogil:
+        """A postcopy destination that lost its pages cannot wake the threads waiting
+        for them (and one of them may hold the GIL): say why on stderr, without Python,
+        and end the process with status 1."""
+        cdef char line[512]
+        cdef int n
+        cdef int err = self.error
+        cdef const char *reason = b"the stream ended early"
+        if f is not None and err == 0 and f.last_error:
+            err = -f.last_error
+        if err:
+            reason = strerror(err)
+        if self.format_error:
+            n = snprintf(line, sizeof(line), "qfram: postcopy failed while %s: broken stream "
+                         "(%d) at byte %lld\n", what, self.format_error,
+                         <long long>self.format_offset)
+        else:
+            n = snprintf(line, sizeof(line), "qfram: postcopy failed while %s: %s\n", what,
+                         reason)
+        write(2, line, n)
+        _exit(1)
+
+    cdef int _bad(self, QEMUFile f, int what) noexcept nogil:
+        self.format_error = what
+        self.format_offset = f._read_pos()
+        return -1
+
+    cdef int _short(self, QEMUFile f) noexcept nogil:
+        self.error = EPIPE
+        return -1
+
     def serve_faults(self):
         """Serve faults until stop(); run it on a thread of its own (GIL released)."""
         cdef int rc
         with nogil:
             rc = self._serve_loop()
+            if rc < 0 and self.exit_on_failure:
+                self._die(None, b"serving faults")
         if rc < 0:
             raise OSError(self.error, f"fault server: {os.strerror(self.error)}")
 
@@ -396,6 +746,12 @@ cdef class FaultServer:
                 raise OSError(errno, f"UFFDIO_UNREGISTER: {os.strerror(errno)}")
 
     @property
+    def receiving(self):
+        """How many receive() calls run without the GIL: only once they do may a Python
+        thread fault on remote areas (it holds the GIL while it waits for its page)."""
+        return qf_load_int(&self.receiving)
+
+    @property
     def placed_pages(self):
         return qf_load(&self.placed_pages)
 
@@ -405,4 +761,204 @@ cdef class FaultServer:
 
     def latencies_ns(self):
         """Time from reading each fault to its pages being in place, in ns."""
-        return [self.lat[i] for i in range(self.nlat)]
+        return [self.lat[i] for i in range(min(self.nlat, <uint64_t>MAX_LATENCIES))]
+
+
+# ---------------------------------------------------------------------------------------
+# small helpers for the postcopy wire format (no GIL)
+# ---------------------------------------------------------------------------------------
+
+cdef inline void _be16(unsigned char *p, unsigned int v) noexcept nogil:
+    p[0] = <unsigned char>(v >> 8)
+    p[1] = <unsigned char>v
+
+
+cdef inline void _be32(unsigned char *p, uint32_t v) noexcept nogil:
+    p[0] = <unsigned char>(v >> 24)
+    p[1] = <unsigned char>(v >> 16)
+    p[2] = <unsigned char>(v >> 8)
+    p[3] = <unsigned char>v
+
+
+cdef inline void _be64(unsigned char *p, uint64_t v) noexcept nogil:
+    _be32(p, <uint32_t>(v >> 32))
+    _be32(p + 4, <uint32_t>v)
+
+
+cdef int _get(QEMUFile f, unsigned char *dst, Py_ssize_t n) noexcept nogil:
+    """Exactly n bytes from f, or -1 (end of stream or error, sticky in f)."""
+    if n == 0:
+        return 0
+    if f.buf_fill - f.buf_index >= n:
+        memcpy(dst, f.buf + f.buf_index, n)
+        f.buf_index += n
+        return 0
+    return 0 if f._get_into(dst, n) == n else -1
+
+
+cdef int _get_be64(QEMUFile f, uint64_t *out) noexcept nogil:
+    cdef unsigned char b[8]
+    cdef int i
+    if _get(f, b, 8) < 0:
+        return -1
+    out[0] = 0
+    for i in range(8):
+        out[0] = (out[0] << 8) | b[i]
+    return 0
+
+
+cdef int _write_all(int fd, const unsigned char *p, size_t n, int timeout_ms) noexcept nogil:
+    """Write all of p to a (possibly non-blocking) fd, waiting at most timeout_ms for
+    room each time; errno set on failure."""
+    cdef ssize_t k
+    cdef pollfd pfd
+    while n > 0:
+        k = write(fd, p, n)
+        if k > 0:
+            p += k
+            n -= k
+            continue
+        if k < 0 and errno == EINTR:
+            continue
+        if k < 0 and errno == EAGAIN:
+            pfd.fd = fd
+            pfd.events = POLLOUT
+            pfd.revents = 0
+            if poll(&pfd, 1, timeout_ms) == 0:
+                qf_set_errno(ETIMEDOUT)
+                return -1
+            continue
+        return -1
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# dirty tracking: asynchronous write protection + PAGEMAP_SCAN
+# ---------------------------------------------------------------------------------------
+
+cdef class DirtyTracker:
+    """The pages of a region written since the last ``collect()``, found with
+    userfaultfd asynchronous write protection (writes are never stopped: the kernel
+    only notes them) and the PAGEMAP_SCAN ioctl, which reads and re-arms them at once.
+    Needs Linux 6.7+; ``DirtyTracker.available()`` says whether this kernel has it."""
+    cdef int uffd
+    cdef int pagemap
+    cdef uint64_t base
+    cdef uint64_t length
+    cdef Py_buffer view
+    cdef bint have_view
+    cdef qf_page_region *vec
+    cdef uint64_t vec_len
+
+    def __cinit__(self):
+        self.uffd = -1
+        self.pagemap = -1
+
+    def __init__(self, region):
+        cdef uffdio_api api
+        cdef uffdio_register reg
+        cdef uffdio_writeprotect wp
+        PyObject_GetBuffer(region, &self.view, PyBUF_SIMPLE)
+        self.have_view = True
+        self.base = <uint64_t>self.view.buf
+        self.length = self.view.len
+        if self.base % PAGE or self.length % PAGE:
+            raise ValueError("a tracked region must be whole, aligned pages")
+        self.vec_len = 4096
+        self.vec = <qf_page_region *>malloc(self.vec_len * sizeof(qf_page_region))
+        if self.vec == NULL:
+            raise MemoryError()
+        self.uffd = open_userfaultfd()
+        memset(&api, 0, sizeof(api))
+        api.api = UFFD_API
+        api.features = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED
+        if ioctl(self.uffd, UFFDIO_API, &api) != 0 or not (api.features & UFFD_FEATURE_WP_ASYNC):
+            raise OSError(errno or EINVAL, "userfaultfd asynchronous write protection is not "
+                                           "available (Linux 6.7+)")
+        memset(&reg, 0, sizeof(reg))
+        reg.range.start = self.base
+        reg.range.len = self.length
+        reg.mode = UFFDIO_REGISTER_MODE_WP
+        if ioctl(self.uffd, UFFDIO_REGISTER, &reg) != 0:
+            raise OSError(errno, f"UFFDIO_REGISTER (write protect): {os.strerror(errno)}")
+        memset(&wp, 0, sizeof(wp))
+        wp.range.start = self.base
+        wp.range.len = self.length
+        wp.mode = UFFDIO_WRITEPROTECT_MODE_WP
+        if ioctl(self.uffd, UFFDIO_WRITEPROTECT, &wp) != 0:
+            raise OSError(errno, f"UFFDIO_WRITEPROTECT: {os.strerror(errno)}")
+        self.pagemap = c_open(b"/proc/self/pagemap", O_RDONLY_ | O_CLOEXEC)
+        if self.pagemap < 0:
+            raise OSError(errno, "/proc/self/pagemap")
+
+    @staticmethod
+    def available():
+        try:
+            probe = DirtyTracker(memoryview(_probe_region()))
+        except OSError:
+            return False
+        probe.close()
+        return True
+
+    def collect(self, bitmap):
+        """OR the pages written since the last call into ``bitmap`` (bit i = page i,
+        writable, LSB first) and start watching them again.  Returns how many."""
+        cdef Py_buffer b
+        cdef qf_pm_scan_arg arg
+        cdef uint64_t start = self.base
+        cdef long n, k
+        cdef uint64_t p, first, last, count = 0
+        cdef unsigned char *bits
+        PyObject_GetBuffer(bitmap, &b, PyBUF_WRITABLE)
+        try:
+            if <uint64_t>b.len * 8 < self.length // PAGE:
+                raise ValueError("the bitmap is shorter than the region")
+            bits = <unsigned char *>b.buf
+            with nogil:
+                while start < self.base + self.length:
+                    memset(&arg, 0, sizeof(arg))
+                    arg.size = sizeof(arg)
+                    arg.flags = QF_PM_SCAN_WP_MATCHING | QF_PM_SCAN_CHECK_WPASYNC
+                    arg.start = start
+                    arg.end = self.base + self.length
+                    arg.vec = <uint64_t>self.vec
+                    arg.vec_len = self.vec_len
+                    arg.category_mask = QF_PAGE_IS_WRITTEN
+                    arg.return_mask = QF_PAGE_IS_WRITTEN
+                    n = ioctl(self.pagemap, QF_PAGEMAP_SCAN, &arg)
+                    if n < 0:
+                        break
+                    for k in range(n):
+                        first = (self.vec[k].start - self.base) // PAGE
+                        last = (self.vec[k].end - self.base) // PAGE
+                        for p in range(first, last):
+                            bits[p >> 3] |= <unsigned char>(1 << (p & 7))
+                        count += last - first
+                    if arg.walk_end <= start:
+                        break
+                    start = arg.walk_end
+            if n < 0:
+                raise OSError(errno, f"PAGEMAP_SCAN: {os.strerror(errno)}")
+            return count
+        finally:
+            PyBuffer_Release(&b)
+
+    def close(self):
+        if self.uffd >= 0:
+            close(self.uffd)         # unregisters: the region is ordinary memory again
+            self.uffd = -1
+        if self.pagemap >= 0:
+            close(self.pagemap)
+            self.pagemap = -1
+        if self.have_view:
+            PyBuffer_Release(&self.view)
+            self.have_view = False
+
+    def __dealloc__(self):
+        self.close()
+        free(self.vec)
+
+
+def _probe_region():
+    import mmap
+    return mmap.mmap(-1, 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)

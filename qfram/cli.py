@@ -301,6 +301,57 @@ def add_output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json-out", metavar="FILE", help="also write the JSON object to FILE")
 
 
+def cmd_send(args: argparse.Namespace) -> int:
+    """Migrate RAM to a `qfram receive` (precopy rounds, then postcopy)."""
+    from qfram import postcopy
+    if not args.demo and not args.sources:
+        raise ValueError("name a memory file to send, or --demo SIZE")
+    ram = source_blocks(args)
+    workload = None
+    if args.workload:
+        workload = postcopy.Workload(ram, kinds=("write",), seed=args.seed,
+                                     pause_us=args.workload_pause_us)
+    before = rss()
+    stats = postcopy.send(ram, args.to, preempt=not args.no_preempt, release=args.release,
+                          max_rounds=args.rounds, converge_pages=args.converge_pages,
+                          switch_after=args.switch_after, workload=workload,
+                          postcopy=not args.precopy_only, timeout=args.timeout)
+    stats.update(rss_before=before, rss_after=rss())
+    emit(args, stats,
+         f"sent {human(stats['ram_bytes'])} to {args.to} in {stats['seconds']} s: "
+         f"{stats['precopy_rounds']} precopy rounds ({stats['precopy_pages']} pages), "
+         f"{stats['postcopy_pages']} pages after the switch ({stats['requested_pages']} "
+         f"requested), downtime here {stats.get('downtime_source_ms')} ms; dirty "
+         f"tracking {stats['dirty_tracking']}"
+         + (f"; released {human(stats['released_bytes'])}, RSS {human(before)} -> "
+            f"{human(stats['rss_after'])}" if args.release else ""))
+    ram.close()
+    return 0
+
+
+def cmd_receive(args: argparse.Namespace) -> int:
+    """Receive a migration; run the built-in workload from the switch on."""
+    from qfram import postcopy
+    factory = None
+    if args.workload:
+        kinds = tuple(args.workload.split(","))
+        factory = lambda ram: postcopy.Workload(ram, kinds=kinds, seed=args.seed + 1,  # noqa: E731
+                                                pause_us=args.workload_pause_us)
+    ram, stats = postcopy.receive(args.listen, preempt=not args.no_preempt,
+                                  timeout=args.timeout, workload=factory,
+                                  window_pages=args.window, spin_us=args.spin_us)
+    lat = stats.get("fault_latency", {})
+    emit(args, stats,
+         f"received {human(ram.total_size)} on {args.listen} in {stats['seconds']} s: "
+         f"{stats.get('faults', 0)} faults, {stats.get('requested_pages', 0)} pages "
+         f"requested, fault latency p50 {lat.get('p50_us')} us p99 {lat.get('p99_us')} us "
+         f"max {lat.get('max_us')} us; downtime here {stats.get('downtime_destination_ms')} "
+         f"ms; " + ("verified against the source" if stats.get("verified") else
+                    "not verified"))
+    ram.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qfram", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -353,6 +404,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("snapshot")
     add_output_options(p)
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("send", help="migrate RAM to `qfram receive` (precopy + postcopy)")
+    p.add_argument("sources", nargs="*", metavar="SOURCE",
+                   help="memory file(s) to send: PATH or NAME=PATH")
+    p.add_argument("--demo", type=parse_size, metavar="SIZE", help="send an embedded demo RAM")
+    p.add_argument("--block", default="pc.ram", help="block name for a single source")
+    p.add_argument("--to", required=True, metavar="HOST:PORT|PATH",
+                   help="the destination: TCP host:port or a unix socket path")
+    p.add_argument("--release", action="store_true",
+                   help="free each page here once the destination has it")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="precopy rounds at most before the switch (0: postcopy only)")
+    p.add_argument("--converge-pages", type=int, default=1024,
+                   help="switch once fewer pages than this are dirty after a round")
+    p.add_argument("--switch-after", type=float, metavar="SECONDS",
+                   help="switch after this long in precopy")
+    p.add_argument("--precopy-only", action="store_true",
+                   help="no postcopy: stop the workload for a last precopy round")
+    p.add_argument("--workload", action="store_true",
+                   help="run the built-in writing workload here until the switch")
+    p.add_argument("--workload-pause-us", type=float, default=50.0)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--no-preempt", action="store_true",
+                   help="requested pages queue on the main connection (no second one)")
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds without progress before the migration is given up")
+    add_output_options(p)
+    p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser("receive", help="receive one migration from `qfram send`")
+    p.add_argument("--listen", required=True, metavar="HOST:PORT|PATH")
+    p.add_argument("--workload", nargs="?", const="scan,read,write", metavar="KINDS",
+                   help="run the built-in workload from the switch on (scan,read,write)")
+    p.add_argument("--workload-pause-us", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--window", type=int, default=16, help="pages requested per fault")
+    p.add_argument("--spin-us", type=float, default=0.0,
+                   help="fault thread busy-waits this long before sleeping")
+    p.add_argument("--no-preempt", action="store_true")
+    p.add_argument("--timeout", type=float, default=30.0)
+    add_output_options(p)
+    p.set_defaults(func=cmd_receive)
 
     p = sub.add_parser("extract", help="write each RAM block of a QEMU stream as a raw file")
     p.add_argument("stream", help="a QEMU migration stream or mapped-ram file")

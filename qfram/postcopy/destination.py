@@ -1,0 +1,329 @@
+"""The receiving side of a postcopy migration.
+
+Precopy pages are placed straight into fresh memory.  At LISTEN the pages the source
+still calls dirty are discarded, every block is registered with userfaultfd (missing
+mode) and, at RUN, the program's workload starts at once: its first touch of a missing
+page becomes a page request on the return path (the core's fault server), and the page
+is placed with UFFDIO_COPY when it arrives on the main stream (``FaultServer.receive``,
+in C: neither loop needs the GIL that a faulting Python thread holds).
+"""
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import sys
+import threading
+import time
+from array import array
+from typing import Callable, Dict, List, Optional
+
+import xxhash
+
+from qfram import channel, sched, stream
+from qfram.errors import FormatError
+from qfram.faults import percentiles
+from qfram.postcopy import messages as msg
+from qfram.ram import TARGET_PAGE_SIZE, RAMBlock, RAMList, bitmap_bytes
+
+PAGE = TARGET_PAGE_SIZE
+
+
+class MigrationFailed(RuntimeError):
+    pass
+
+
+class Destination:
+    """Receive a migration on ``sock`` (connected) into new memory, or into ``ram``
+    (blocks matched by name and length; they must be fresh, zeroed memory).
+
+    ``workload(ram)`` makes the program's workload (an object with ``start()`` and
+    ``stop()``), started at RUN.  ``on_failure``: "exit" ends the process with status 1
+    when the migration breaks after RUN (threads faulting on pages that will never
+    arrive cannot be woken safely); "raise" raises instead (only safe when nothing
+    else touches the memory)."""
+
+    def __init__(self, sock: socket.socket, *, preempt: Optional[socket.socket] = None,
+                 ram: Optional[RAMList] = None,
+                 workload: Optional[Callable[[RAMList], object]] = None,
+                 window_pages: int = 16, spin_us: float = 50.0, verify: bool = True,
+                 timeout: float = 30.0, on_failure: str = "exit") -> None:
+        if on_failure not in ("exit", "raise"):
+            raise ValueError("on_failure is 'exit' or 'raise'")
+        self.sock = sock
+        self.preempt = preempt
+        self.ram = ram if ram is not None else RAMList()
+        self.created = ram is None
+        self.workload_factory = workload
+        self.workload = None
+        self.window_pages = window_pages
+        self.spin_us = spin_us
+        self.verify = verify
+        self.timeout = timeout
+        self.on_failure = on_failure
+        self.fresh: Dict[str, bytearray] = {}
+        self.stats: Dict[str, object] = {"role": "destination"}
+
+    # -- the run ------------------------------------------------------------------------
+
+    def run(self) -> Dict[str, object]:
+        t0 = time.perf_counter()
+        self.sock.setblocking(False)
+        f = channel.socket_file(self.sock, "rb", timeout=self.timeout)
+        rp = f.get_return_path()
+        server = None
+        try:
+            info = stream.StreamInfo()
+            ram_reader = stream.RAMSectionReader(f, info, resolve=self._resolve,
+                                                 fresh=self.fresh)
+            stream.get_header(f, info)
+            switched = self._precopy(f, info, ram_reader, rp)
+            if switched:
+                server = self._listen_and_run(f, rp)
+                self._receive_postcopy(f, server)
+            description = self._trailer(f)
+            self.stats["seconds"] = round(time.perf_counter() - t0, 3)
+            if server is not None:
+                server.stop()
+                self._fault_thread.join()
+                if server.placed_pages < server.total_pages:
+                    raise MigrationFailed(f"the stream ended with "
+                                          f"{server.total_pages - server.placed_pages} "
+                                          f"pages missing")
+                server.unregister()
+            if self.workload is not None:
+                self.workload.stop()
+                if getattr(self.workload, "error", None):
+                    raise self.workload.error
+            self.stats["verified"] = self._verify(description) if self.verify else False
+            msg.put_return_message(rp, msg.MIG_RP_MSG_SHUT, msg.shut_payload(0))
+        except BaseException as exc:
+            self._fail(exc, rp, server)
+            raise
+        finally:
+            if server is not None:
+                self._collect(server)
+                server.close()
+        for closer in (f.close, rp.close):
+            try:
+                closer()
+            except OSError:
+                pass
+        return self.stats
+
+    def _fail(self, exc: BaseException, rp, server) -> None:
+        try:
+            msg.put_return_message(rp, msg.MIG_RP_MSG_SHUT, msg.shut_payload(1))
+        except BaseException:
+            pass
+        if server is not None and self.on_failure == "exit":
+            # Threads may be faulting on pages that will never come: end the process.
+            print(f"qfram receive: migration failed after the switch: {exc}",
+                  file=sys.stderr, flush=True)
+            os._exit(1)
+
+    # -- precopy ------------------------------------------------------------------------
+
+    def _resolve(self, name: str, length: int, pos: int) -> RAMBlock:
+        block = self.ram.get(name)
+        if block is None:
+            if not self.created:
+                raise FormatError(f"the source sends block {name!r}; the target has none", pos)
+            # 4 KiB pages: userfaultfd places pages one by one
+            block = self.ram.add(RAMBlock.anonymous(name, length, huge=False))
+        elif block.used_length != length:
+            raise FormatError(f"block {name!r} is {length:#x} bytes at the source, "
+                              f"{block.used_length:#x} here", pos)
+        fresh = bytearray(bitmap_bytes(length // PAGE))
+        for i in range(length // PAGE):
+            fresh[i >> 3] |= 1 << (i & 7)
+        self.fresh[name] = fresh
+        return block
+
+    def _precopy(self, f, info: stream.StreamInfo, ram_reader, rp) -> bool:
+        """Sections until LISTEN (True) or EOF (a precopy-only migration: False)."""
+        ram_id = None
+        t_first = None
+        while True:
+            pos = f.tell()
+            kind = f.get_byte()
+            if kind == stream.SECTION_CONFIGURATION:
+                stream.get_configuration(f, info)
+            elif kind == stream.SECTION_COMMAND:
+                cmd, length = f.get_be16(), f.get_be16()
+                data = f.get_buffer(length)
+                if cmd == msg.CMD_POSTCOPY_LISTEN:
+                    self.stats["precopy_s"] = round(time.perf_counter() - (t_first or 0), 3)
+                    self._t_listen = time.perf_counter()
+                    return True
+                self._command(cmd, data, pos, rp)
+            elif kind in (stream.SECTION_START, stream.SECTION_PART, stream.SECTION_END):
+                section_id = f.get_be32()
+                if kind == stream.SECTION_START:
+                    name = stream.get_counted_name(f, "a section name")
+                    f.get_be32()
+                    version = f.get_be32()
+                    if name != stream.RAM_SECTION or version != stream.RAM_VERSION:
+                        raise FormatError(f"section {name!r} v{version}: a postcopy stream "
+                                          f"carries only RAM", pos)
+                    ram_id = section_id
+                elif section_id != ram_id:
+                    raise FormatError(f"section id {section_id} is not the RAM's", pos)
+                t_first = t_first or time.perf_counter()
+                ram_reader.read_payload()
+                if f.peek_byte() == stream.SECTION_FOOTER:
+                    f.skip(5)
+            elif kind == stream.SECTION_EOF:
+                return False
+            else:
+                raise FormatError(f"unexpected section type {kind:#04x}", pos)
+
+    def _command(self, cmd: int, data: bytes, pos: int, rp) -> None:
+        if cmd == msg.CMD_OPEN_RETURN_PATH:
+            return
+        if cmd == msg.CMD_PING:
+            msg.put_return_message(rp, msg.MIG_RP_MSG_PONG, data[:4])
+        elif cmd == msg.CMD_POSTCOPY_ADVISE:
+            if len(data) >= 16 and int.from_bytes(data[8:16], "big") != PAGE:
+                raise FormatError("the source's target page size is not 4 KiB", pos)
+        elif cmd == msg.CMD_POSTCOPY_RAM_DISCARD:
+            name, ranges = msg.parse_discard(data, pos)
+            block = self.ram.get(name)
+            if block is None:
+                raise FormatError(f"RAM_DISCARD for unknown block {name!r}", pos)
+            fresh = self.fresh[name]
+            for start, length in ranges:
+                if start % PAGE or length % PAGE or start + length > block.used_length:
+                    raise FormatError(f"RAM_DISCARD range {start:#x}+{length:#x} outside "
+                                      f"{name!r}", pos)
+                block.discard(start, length)
+                for i in range(start // PAGE, (start + length) // PAGE):
+                    fresh[i >> 3] |= 1 << (i & 7)
+        else:
+            raise FormatError(f"unexpected command {cmd}", pos)
+
+    # -- the switch and postcopy ----------------------------------------------------------
+
+    def _listen_and_run(self, f, rp):
+        from qfram._uffd import FaultServer
+        server = FaultServer(self.window_pages, self.spin_us)
+        server.exit_on_failure = self.on_failure == "exit"
+        for block in self.ram:
+            received = bytes(b ^ 0xFF for b in self.fresh[block.name])
+            server.add_area(block.region, name=block.name, present=received)
+        server.set_remote(rp.channel.fd, self.timeout)
+        from qfram.postcopy.source import POSTCOPY_SOCKET_BUFFER, PREEMPT_MAGIC
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, POSTCOPY_SOCKET_BUFFER)
+        self._fault_thread = threading.Thread(target=self._guarded, args=(server.serve_faults,),
+                                              daemon=True, name="qfram-faults")
+        self._fault_thread.start()
+        pos = f.tell()
+        if f.get_byte() != stream.SECTION_COMMAND or f.get_be16() != msg.CMD_POSTCOPY_RUN:
+            raise FormatError("LISTEN is not followed by RUN", pos)
+        f.skip(f.get_be16())
+        self.stats["pages_at_switch"] = server.placed_pages
+        # The receiver must be in its GIL-free loop before anything can fault: a Python
+        # thread waits for its page holding the GIL.
+        self._receive_error: Optional[BaseException] = None
+        files = [f]
+        if self.preempt is not None:
+            self.preempt.setblocking(False)
+            pf = channel.socket_file(self.preempt, "rb", timeout=self.timeout)
+            if pf.get_buffer(len(PREEMPT_MAGIC)) != PREEMPT_MAGIC:
+                raise FormatError("the preempt channel does not start with its magic", 0)
+            files.append(pf)
+        self._receivers = [threading.Thread(target=self._receive, args=(x, server, i == 0),
+                                            daemon=True, name="qfram-receive")
+                           for i, x in enumerate(files)]
+        for t in self._receivers:
+            t.start()
+        while server.receiving < len(files) and all(t.is_alive() for t in self._receivers):
+            time.sleep(0.0002)
+        self._t_run = time.perf_counter()
+        if self.workload_factory is not None:
+            self.workload = self.workload_factory(self.ram)
+            self.workload.start()
+        self.stats["downtime_destination_ms"] = round(
+            (time.perf_counter() - self._t_listen) * 1000, 2)
+        return server
+
+    def _receive(self, f, server, background: bool) -> None:
+        if background and self.preempt is not None:
+            sched.background()       # the bulk stream yields to the requested pages
+        else:
+            sched.short_slice()
+        try:
+            server.receive(f)            # until EOF, in C
+        except BaseException as exc:
+            self._receive_error = exc
+
+    def _guarded(self, loop) -> None:
+        sched.short_slice()          # the fault thread: woken by every fault
+        try:
+            loop()
+        except BaseException as exc:
+            self._fail(exc, None, True)
+
+    def _receive_postcopy(self, f, server) -> None:
+        for t in self._receivers:
+            t.join()
+        if self._receive_error is not None:
+            raise self._receive_error
+        self.stats["postcopy_s"] = round(time.perf_counter() - self._t_run, 3)
+
+    def _trailer(self, f) -> Optional[dict]:
+        """The VMDESCRIPTION after EOF: the source's verification hashes."""
+        import json
+        try:
+            if f.get_byte() != stream.SECTION_VMDESCRIPTION:
+                return None
+        except EOFError:
+            return None
+        return json.loads(f.get_buffer(f.get_be32()))
+
+    def _collect(self, server) -> None:
+        self.stats.update({
+            "faults": server.faults, "requests": server.requests,
+            "requested_pages": server.requested_pages,
+            "received_pages": server.received_pages + server.received_zero_pages,
+            "duplicate_pages": server.duplicate_pages, "eexist": server.eexist,
+            "fault_latency": percentiles(server.latencies_ns()),
+        })
+        if self.workload is not None and getattr(self.workload, "touch_ns", None):
+            self.stats["workload_first_touch"] = percentiles(self.workload.touch_ns)
+
+    # -- verification -------------------------------------------------------------------
+
+    def _verify(self, description: Optional[dict]) -> bool:
+        """Every HASH_CHUNK of pages must hash as at the source's switch, once the pages
+        the workload wrote here are taken as they were before it wrote them; and those
+        pages must hold what it wrote."""
+        q = (description or {}).get("qfram") or {}
+        hashes = q.get("chunk_hashes")
+        if not hashes:
+            return False
+        chunk = q.get("hash_chunk_pages", 64)
+        written = getattr(self.workload, "written", {}) or {}
+        originals = getattr(self.workload, "originals", {}) or {}
+        for block in self.ram:
+            expected = array("Q")
+            expected.frombytes(base64.b64decode(hashes[block.name]))
+            view = memoryview(block.region)
+            step = chunk * PAGE
+            for c, want in enumerate(expected):
+                first = c * chunk
+                pages = [p for p in range(first, min(first + chunk, block.npages))
+                         if (block.name, p) in written]
+                data = view[c * step:(c + 1) * step]
+                if pages:
+                    data = bytearray(data)
+                    for p in pages:
+                        if bytes(view[p * PAGE:(p + 1) * PAGE]) != written[(block.name, p)]:
+                            raise MigrationFailed(f"{block.name} page {p}: the workload's "
+                                                  f"write was lost")
+                        off = (p - first) * PAGE
+                        data[off:off + PAGE] = originals[(block.name, p)]
+                if xxhash.xxh3_64_intdigest(data) != want:
+                    raise MigrationFailed(f"{block.name} pages {first}..{first + chunk - 1} "
+                                          f"differ from the source")
+        return True

@@ -1,0 +1,108 @@
+"""Postcopy's wire messages, as QEMU frames them.
+
+Main stream commands (source -> destination), inside a COMMAND section: ``0x08, be16 cmd,
+be16 length, data``.  Return path messages (destination -> source): ``be16 type, be16
+length, payload``.
+"""
+from __future__ import annotations
+
+import struct
+from typing import Iterator, List, Optional, Tuple
+
+from qfram import core, stream
+from qfram.errors import FormatError
+
+# main stream commands (savevm.c)
+CMD_OPEN_RETURN_PATH = 1
+CMD_PING = 2
+CMD_POSTCOPY_ADVISE = 3
+CMD_POSTCOPY_LISTEN = 4
+CMD_POSTCOPY_RUN = 5
+CMD_POSTCOPY_RAM_DISCARD = 6
+CMD_PACKAGED = 7
+
+# return path messages (migration.c)
+MIG_RP_MSG_SHUT = 1
+MIG_RP_MSG_PONG = 2
+MIG_RP_MSG_REQ_PAGES_ID = 3
+MIG_RP_MSG_REQ_PAGES = 4
+MIG_RP_MSG_RECV_BITMAP = 5
+MIG_RP_MSG_RESUME_ACK = 6
+
+DISCARD_VERSION = 0
+# a command's length is a be16: at most this many (start, length) pairs per RAM_DISCARD
+MAX_DISCARD_PAIRS = 4000
+
+
+def put_command(f, cmd: int, data: bytes = b"") -> None:
+    f.put_byte(stream.SECTION_COMMAND)
+    f.put_be16(cmd)
+    f.put_be16(len(data))
+    if data:
+        f.put_buffer(data)
+
+
+def advise_payload(host_page_summary: int, target_page_size: int) -> bytes:
+    return struct.pack(">QQ", host_page_summary, target_page_size)
+
+
+def discard_payloads(block: str, ranges: List[Tuple[int, int]]) -> Iterator[bytes]:
+    """RAM_DISCARD commands for (start, length) byte ranges of one block."""
+    name = block.encode()
+    for i in range(0, len(ranges), MAX_DISCARD_PAIRS):
+        pairs = b"".join(struct.pack(">QQ", s, n) for s, n in ranges[i:i + MAX_DISCARD_PAIRS])
+        yield bytes([DISCARD_VERSION, len(name)]) + name + pairs
+
+
+def parse_discard(data: bytes, pos: int) -> Tuple[str, List[Tuple[int, int]]]:
+    if len(data) < 2 or data[0] != DISCARD_VERSION:
+        raise FormatError("RAM_DISCARD with an unknown version", pos)
+    n = data[1]
+    name = data[2:2 + n].decode("utf-8", "replace")
+    rest = data[2 + n:]
+    if len(name.encode()) != n or len(rest) % 16:
+        raise FormatError("RAM_DISCARD with a broken range list", pos)
+    return name, [struct.unpack(">QQ", rest[i:i + 16]) for i in range(0, len(rest), 16)]
+
+
+def bitmap_ranges(bitmap: bytes, npages: int, page_size: int) -> List[Tuple[int, int]]:
+    """The set bits of a page bitmap as (start byte, length) runs."""
+    return [(first * page_size, count * page_size)
+            for first, count in core.impl.bitmap_runs(bitmap, npages)]
+
+
+def put_return_message(f, msg_type: int, payload: bytes = b"") -> None:
+    f.put_be16(msg_type)
+    f.put_be16(len(payload))
+    if payload:
+        f.put_buffer(payload)
+    f.flush()
+
+
+def shut_payload(status: int) -> bytes:
+    return struct.pack(">I", status & 0xFFFFFFFF)
+
+
+def read_return_message(f) -> Tuple[int, bytes]:
+    """One return path message: (type, payload)."""
+    msg_type = f.get_be16()
+    length = f.get_be16()
+    return msg_type, f.get_buffer(length)
+
+
+def parse_page_request(msg_type: int, payload: bytes, last_block: Optional[str],
+                       pos: int = -1) -> Tuple[str, int, int]:
+    """REQ_PAGES_ID / REQ_PAGES -> (block, start byte, length bytes)."""
+    if len(payload) < 12:
+        raise FormatError("a page request shorter than 12 bytes", pos)
+    start, length = struct.unpack(">QI", payload[:12])
+    if msg_type == MIG_RP_MSG_REQ_PAGES_ID:
+        n = payload[12] if len(payload) > 12 else 0
+        block = payload[13:13 + n].decode("utf-8", "replace")
+        if n == 0 or len(payload) != 13 + n:
+            raise FormatError("REQ_PAGES_ID with a broken block name", pos)
+    else:
+        if last_block is None:
+            raise FormatError("REQ_PAGES before any REQ_PAGES_ID", pos)
+        block = last_block
+    return block, start, length

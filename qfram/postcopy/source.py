@@ -1,0 +1,434 @@
+"""The sending side of a postcopy migration.
+
+Precopy rounds stream every page, then the pages written meanwhile (found by
+``_uffd.DirtyTracker``), until few are left, a round limit, or ``switch()``.  Then the
+program's workload is stopped, the still-dirty pages are announced (RAM_DISCARD), the
+destination is told to LISTEN and RUN, and the remaining pages follow: the ones the
+destination asks for (REQ_PAGES on the return path) first, then the scan goes on from the
+requested page so its neighbours follow.  With ``release`` every page leaves the source's
+memory once it is at the destination.
+"""
+from __future__ import annotations
+
+import base64
+import os
+import queue
+import socket
+import threading
+import time
+from array import array
+from typing import Callable, Dict, List, Optional
+
+import xxhash
+
+from qfram import channel, core, sched, stream
+from qfram.errors import FormatError
+from qfram.faults import percentiles
+from qfram.postcopy import messages as msg
+from qfram.ram import TARGET_PAGE_SIZE, RAMBlock, RAMList, bitmap_bytes
+
+PAGE = TARGET_PAGE_SIZE
+RAM_SECTION_ID = 2
+PRECOPY_CHUNK = 16384          # pages per PART in precopy (64 MiB)
+# In postcopy a requested page the background stream has already taken waits behind
+# whatever the main connection's buffers hold: at ~1 GB/s a 4 MiB buffer each side is
+# ~8 ms.  Small buffers bound that wait, preempt channel or not (measured here on
+# loopback TCP, 1 GiB: p99 fault latency 14 ms with 4 MiB buffers, 0.35-0.6 ms with
+# 128 KiB, for ~25% less background throughput).
+POSTCOPY_SOCKET_BUFFER = 128 << 10
+PREEMPT_MAGIC = b"QFRAMPRE"    # opens the preempt channel (the main one opens with QEVM)
+POSTCOPY_CHUNK = 64            # pages per background batch in postcopy (256 KiB): a
+                               # request on the main channel waits at most one batch
+PREEMPT_CHUNK = 128            # with a preempt channel requests skip the queue; what the
+                               # background stream has taken ahead of them stays short
+HASH_CHUNK = 64                # pages per verification hash
+
+
+class Source:
+    """Send ``ram`` over ``sock`` (connected), precopy then postcopy.
+
+    ``workload``: started when sending starts and stopped at the switch (an object with
+    ``start()``/``stop()``, e.g. ``postcopy.workload.Workload``).  ``max_rounds``,
+    ``converge_pages``, ``switch_after`` (seconds) decide when to switch (``max_rounds``
+    0: no precopy at all); ``switch()`` does it at once.  ``postcopy=False`` migrates by precopy only (the workload is
+    stopped for a last round).  ``preempt``: a second connected socket on which
+    requested pages go out at once, ahead of the background stream (QEMU's
+    postcopy-preempt); without it they are queued between background batches."""
+
+    def __init__(self, ram: RAMList, sock: socket.socket, *, preempt: Optional[socket.socket] = None,
+                 release: bool = False,
+                 max_rounds: int = 10, converge_pages: int = 1024,
+                 switch_after: Optional[float] = None, workload=None, verify: bool = True,
+                 postcopy: bool = True, timeout: float = 30.0,
+                 machine: str = "pc-i440fx-7.2") -> None:
+        self.ram = ram
+        self.blocks: List[RAMBlock] = list(ram)
+        self.sock = sock
+        self.preempt = preempt
+        self.pf = None                 # the preempt channel's file
+        self._pf_lock = threading.Lock()
+        self.release = release
+        self.max_rounds = max_rounds
+        self.converge_pages = converge_pages
+        self.switch_after = switch_after
+        self.workload = workload
+        self.verify = verify
+        self.postcopy = postcopy
+        self.timeout = timeout
+        self.machine = machine
+        self.dirty: Dict[str, bytearray] = {b.name: bytearray(bitmap_bytes(b.npages))
+                                            for b in self.blocks}
+        self.requests: "queue.SimpleQueue" = queue.SimpleQueue()
+        self.shut = threading.Event()
+        self.shut_status: Optional[int] = None
+        self.rp_error: Optional[BaseException] = None
+        self._switch = threading.Event()
+        self._preempt_pages = 0
+        self._serve_ns: List[int] = []          # request read -> its pages written
+        self.stats: Dict[str, object] = {}
+
+    def switch(self) -> None:
+        """Switch to postcopy at the end of the current chunk (a command)."""
+        self._switch.set()
+
+    # -- the run ------------------------------------------------------------------------
+
+    def run(self) -> Dict[str, object]:
+        t0 = time.perf_counter()
+        self.sock.setblocking(False)
+        f = channel.socket_file(self.sock, "wb", timeout=self.timeout)
+        rp = f.get_return_path()
+        rp.set_timeout(None)
+        reader = threading.Thread(target=self._read_return_path, args=(rp,), daemon=True,
+                                  name="qfram-return-path")
+        trackers, tracking = self._trackers()
+        if self.preempt is not None:
+            self.preempt.setblocking(False)
+            self.pf = channel.socket_file(self.preempt, "wb", timeout=self.timeout)
+            self.pf.put_buffer(PREEMPT_MAGIC)
+            self.pf.flush()
+        try:
+            stream.put_header(f, self.machine)
+            msg.put_command(f, msg.CMD_OPEN_RETURN_PATH)
+            if self.postcopy:
+                msg.put_command(f, msg.CMD_POSTCOPY_ADVISE,
+                                msg.advise_payload(PAGE, PAGE))
+            stream.put_section_start(f, RAM_SECTION_ID, stream.RAM_SECTION, 0,
+                                     stream.RAM_VERSION)
+            stream.put_mem_size(f, self.blocks)
+            f.put_be64(stream.FLAG_EOS)
+            stream.put_footer(f, RAM_SECTION_ID)
+            f.flush()
+            reader.start()
+            for block in self.blocks:
+                block_all_dirty(self.dirty[block.name], block.npages)
+            if self.workload is not None:
+                self.workload.start()
+            rounds, precopy_pages = self._precopy(f, trackers, t0)
+            # -- the switch: stop the program, find what it wrote last
+            t_stop = time.perf_counter()
+            if self.workload is not None:
+                self.workload.stop()
+            for block, tracker in zip(self.blocks, trackers):
+                if tracker is not None:
+                    tracker.collect(self.dirty[block.name])
+            remaining = self._dirty_count()
+            t_verify = 0.0
+            hashes = None
+            if self.verify:
+                tv = time.perf_counter()
+                hashes = self._chunk_hashes()
+                t_verify = time.perf_counter() - tv
+            if self.postcopy:
+                postcopy_pages, requested_pages, released = self._postcopy(
+                    f, t_stop, t_verify)
+            else:
+                precopy_pages += self._send_all_dirty(f)
+                postcopy_pages = requested_pages = released = 0
+                self.stats["downtime_source_ms"] = round(
+                    (time.perf_counter() - t_stop - t_verify) * 1000, 2)
+            stream.put_section_part(f, RAM_SECTION_ID, stream.SECTION_END)
+            f.put_be64(stream.FLAG_EOS)
+            stream.put_footer(f, RAM_SECTION_ID)
+            f.put_byte(stream.SECTION_EOF)
+            if self.pf is not None:
+                with self._pf_lock:
+                    self.pf.put_byte(stream.SECTION_EOF)
+                    self.pf.flush()
+                    self._pf_done = True
+            stream.put_vmdescription(f, {"page_size": PAGE, "devices": [], "qfram": {
+                "postcopy": True, "hash_chunk_pages": HASH_CHUNK,
+                "chunk_hashes": hashes}})
+            f.flush()
+            if not self.shut.wait(self.timeout):
+                raise TimeoutError(f"the destination did not confirm within {self.timeout} s")
+            if self.rp_error is not None:
+                raise self.rp_error
+            if self.shut_status:
+                raise RuntimeError(f"the destination failed (status {self.shut_status})")
+        except BaseException:
+            for file in (f, self.pf):
+                try:
+                    if file is not None:
+                        file.shutdown()   # the peer sees the end at once; our reader wakes
+                except OSError:
+                    pass
+            raise
+        finally:
+            for tracker in trackers:
+                if tracker is not None:
+                    tracker.close()
+            reader.join(5)
+        sent_bytes = f.tell() + (self.pf.tell() if self.pf is not None else 0)
+        for closer in (f.close, rp.close) + ((self.pf.close,) if self.pf else ()):
+            try:
+                closer()
+            except OSError:
+                pass                    # the destination closed first: all was said
+        self.stats.update({
+            "role": "source", "ram_bytes": sum(b.used_length for b in self.blocks),
+            "dirty_tracking": tracking, "precopy_rounds": rounds,
+            "precopy_pages": precopy_pages, "dirty_at_switch": remaining,
+            "postcopy_pages": postcopy_pages, "requested_pages": requested_pages,
+            "requests": self.stats.get("requests", 0),
+            "pages_sent": precopy_pages + postcopy_pages, "bytes_sent": sent_bytes,
+            "released_bytes": released + f.released_bytes
+            + (self.pf.released_bytes if self.pf is not None else 0),
+            "preempt_channel": self.pf is not None, "verify_s": round(t_verify, 3),
+            "request_service": percentiles(self._serve_ns),
+            "seconds": round(time.perf_counter() - t0, 3),
+        })
+        return self.stats
+
+    # -- precopy ------------------------------------------------------------------------
+
+    def _trackers(self):
+        from qfram import _uffd
+        trackers = []
+        try:
+            for block in self.blocks:
+                trackers.append(_uffd.DirtyTracker(block.region))
+            return trackers, "userfaultfd-wp-async+pagemap-scan"
+        except OSError:
+            for t in trackers:
+                t.close()
+            # No way to see writes: one round, with the program stopped while it runs.
+            if self.workload is not None:
+                raise RuntimeError("this kernel cannot track dirty pages (needs Linux 6.7+ "
+                                   "for asynchronous userfaultfd write protection); "
+                                   "migrate without a running workload") from None
+            return [None] * len(self.blocks), "none"
+
+    def _precopy(self, f, trackers, t0: float):
+        rounds = sent = 0
+        if self.max_rounds == 0 and self.postcopy:
+            return 0, 0             # pure postcopy: every page is sent after the switch
+        while True:
+            rounds += 1
+            sent += self._send_all_dirty(f, stop_on_switch=rounds > 1)
+            for block, tracker in zip(self.blocks, trackers):
+                if tracker is not None:
+                    tracker.collect(self.dirty[block.name])
+            dirty = self._dirty_count()
+            if (self._switch.is_set() or dirty <= self.converge_pages
+                    or rounds >= self.max_rounds or trackers[0] is None
+                    or (self.switch_after is not None
+                        and time.perf_counter() - t0 >= self.switch_after)):
+                return rounds, sent
+
+    def _send_all_dirty(self, f, stop_on_switch: bool = False) -> int:
+        sent = 0
+        for block in self.blocks:
+            for first in range(0, block.npages, PRECOPY_CHUNK):
+                if stop_on_switch and self._switch.is_set():
+                    return sent
+                count = min(PRECOPY_CHUNK, block.npages - first)
+                stream.put_section_part(f, RAM_SECTION_ID)
+                p, z, _ = f.save_pages(block.region, first, count, 0, stream.FLAG_CONTINUE,
+                                       idstr=block.name, dirty=self.dirty[block.name])
+                f.put_be64(stream.FLAG_EOS)
+                stream.put_footer(f, RAM_SECTION_ID)
+                sent += p + z
+        f.flush()
+        return sent
+
+    def _dirty_count(self) -> int:
+        return sum(bin(int.from_bytes(d, "little")).count("1") for d in self.dirty.values())
+
+    def _chunk_hashes(self) -> Dict[str, str]:
+        """The final contents, for the destination to check: xxh3 of every HASH_CHUNK
+        pages (taken at the switch, before anything is released)."""
+        out = {}
+        for block in self.blocks:
+            view = memoryview(block.region)
+            step = HASH_CHUNK * PAGE
+            values = array("Q", (xxhash.xxh3_64_intdigest(view[o:o + step])
+                                 for o in range(0, block.used_length, step)))
+            out[block.name] = base64.b64encode(values.tobytes()).decode()
+        return out
+
+    # -- postcopy -----------------------------------------------------------------------
+
+    def _postcopy(self, f, t_stop: float, t_verify: float):
+        released = 0
+        self._clean_released = 0
+        self._clean_at_switch = [(b, bytes(x ^ 0xFF for x in self.dirty[b.name]))
+                                 for b in self.blocks]
+        for block in self.blocks:
+            name = block.name
+            for payload in msg.discard_payloads(
+                    name, msg.bitmap_ranges(self.dirty[name], block.npages, PAGE)):
+                msg.put_command(f, msg.CMD_POSTCOPY_RAM_DISCARD, payload)
+        msg.put_command(f, msg.CMD_POSTCOPY_LISTEN)
+        msg.put_command(f, msg.CMD_POSTCOPY_RUN)
+        f.flush()
+        # Either way the main connection's buffers are kept small: a page the background
+        # stream has taken waits behind what they hold, even if it is requested.
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, POSTCOPY_SOCKET_BUFFER)
+        self.stats["downtime_source_ms"] = round(
+            (time.perf_counter() - t_stop - t_verify) * 1000, 2)
+        t_post = time.perf_counter()
+        releaser = None
+        if self.release:
+            # the clean pages are at the destination: free them beside the sending
+            releaser = threading.Thread(target=self._release_clean, daemon=True)
+            releaser.start()
+        counts = {"pushed": 0, "requested": 0}
+        bytes_before = f.tell()
+        error: List[BaseException] = []
+        streamer = threading.Thread(target=self._guard, args=(self._background, f, counts, error),
+                                    name="qfram-background", daemon=True)
+        streamer.start()
+        streamer.join()
+        if error:
+            raise error[0]
+        pushed, requested = counts["pushed"], counts["requested"]
+        if releaser is not None:
+            releaser.join()
+            released += self._clean_released
+        requested += self._preempt_pages
+        seconds = time.perf_counter() - t_post
+        self.stats["postcopy_s"] = round(seconds, 3)
+        self.stats["postcopy_gbps"] = round((pushed + requested) * PAGE / seconds / 1e9, 3) \
+            if seconds else None
+        self.stats["postcopy_bytes"] = f.tell() - bytes_before
+        return pushed + requested, requested, released
+
+    @staticmethod
+    def _guard(target, *args) -> None:
+        error = args[-1]
+        try:
+            target(*args[:-1])
+        except BaseException as exc:
+            error.append(exc)
+
+    def _background(self, f, counts: Dict[str, int]) -> None:
+        """Send every page still dirty: requested ones first (without a preempt channel
+        they are queued here), then the scan, which goes on from the last requested page
+        so that its neighbours follow."""
+        scan = {b.name: 0 for b in self.blocks}
+        order = list(self.blocks)
+        current = 0
+        chunk = PREEMPT_CHUNK if self.pf else POSTCOPY_CHUNK
+        while current < len(order):
+            while True:
+                try:
+                    name, first, count = self.requests.get_nowait()
+                except queue.Empty:
+                    break
+                block = self.ram[name]
+                if self.pf is None:
+                    counts["requested"] += self._send_range(f, block, first, count)
+                scan[name] = first + count          # its neighbours follow
+                current = order.index(block)
+            if self.rp_error is not None:
+                raise self.rp_error
+            block = order[current]
+            first = scan[block.name]
+            if first >= block.npages:
+                # this block's scan reached its end: one more pass catches pages skipped
+                # when a request moved the scan forward, then the next block
+                if self._block_dirty(block):
+                    scan[block.name] = 0
+                else:
+                    current += 1
+                continue
+            count = min(chunk, block.npages - first)
+            counts["pushed"] += self._send_range(f, block, first, count)
+            scan[block.name] = first + count
+
+    def _send_range(self, f, block: RAMBlock, first: int, count: int) -> int:
+        """The still-dirty pages of [first, first+count) in one PART, flushed."""
+        stream.put_section_part(f, RAM_SECTION_ID)
+        p, z, _ = f.save_pages(block.region, first, count, 0, stream.FLAG_CONTINUE,
+                               self.release, idstr=block.name, dirty=self.dirty[block.name])
+        f.put_be64(stream.FLAG_EOS)
+        stream.put_footer(f, RAM_SECTION_ID)
+        if p + z:
+            f.flush()
+        return p + z
+
+    def _serve_preempt(self, block: RAMBlock, first: int, count: int) -> None:
+        """A request, sent at once on the preempt channel (from the return path's
+        thread; the dirty bitmap's atomic claims keep the two senders apart)."""
+        with self._pf_lock:
+            if getattr(self, "_pf_done", False):
+                return
+            self._preempt_pages += self._send_range(self.pf, block, first, count)
+        self.requests.put((block.name, first, count))    # a hint for the scan
+
+    def _block_dirty(self, block: RAMBlock) -> bool:
+        return any(self.dirty[block.name])
+
+    def _release_clean(self) -> None:
+        """At the switch, the pages that are not dirty are at the destination already:
+        give them back (the dirty ones go as they are sent)."""
+        released = 0
+        for block, clean in self._clean_at_switch:
+            for start, length in msg.bitmap_ranges(clean, block.npages, PAGE):
+                released += block.discard(start, length)
+        self._clean_released = released
+
+    # -- the return path ----------------------------------------------------------------
+
+    def _read_return_path(self, rp) -> None:
+        sched.short_slice()          # requests wake this thread: it should run at once
+        last: Optional[str] = None
+        requests = 0
+        try:
+            while True:
+                pos = rp.tell()
+                kind, payload = msg.read_return_message(rp)
+                if kind in (msg.MIG_RP_MSG_REQ_PAGES_ID, msg.MIG_RP_MSG_REQ_PAGES):
+                    name, start, length = msg.parse_page_request(kind, payload, last, pos)
+                    block = self.ram.get(name)
+                    if block is None or start % PAGE or length % PAGE or \
+                            start + length > block.used_length or length == 0:
+                        raise FormatError(f"a request for {name!r} {start:#x}+{length:#x} "
+                                          f"outside the RAM", pos)
+                    last = name
+                    requests += 1
+                    self.stats["requests"] = requests
+                    if self.pf is not None:
+                        t_req = time.perf_counter_ns()
+                        self._serve_preempt(block, start // PAGE, length // PAGE)
+                        self._serve_ns.append(time.perf_counter_ns() - t_req)
+                    else:
+                        self.requests.put((name, start // PAGE, length // PAGE))
+                elif kind == msg.MIG_RP_MSG_SHUT:
+                    self.shut_status = int.from_bytes(payload[:4], "big") if payload else 0
+                    return
+                elif kind == msg.MIG_RP_MSG_PONG:
+                    continue
+                else:
+                    raise FormatError(f"unknown return path message {kind}", pos)
+        except BaseException as exc:
+            self.rp_error = exc
+        finally:
+            self.shut.set()
+
+
+def block_all_dirty(bitmap: bytearray, npages: int) -> None:
+    bitmap[:npages // 8] = b"\xff" * (npages // 8)
+    for i in range(npages // 8 * 8, npages):
+        bitmap[i >> 3] |= 1 << (i & 7)
