@@ -116,6 +116,8 @@ class LazyRestore:
         if self._fill.is_alive():
             raise TimeoutError(f"lazy restore of {self.path} not complete after {timeout} s")
         seconds = time.perf_counter() - self._t0
+        if self.complete:
+            self.server.unregister()     # ordinary memory again; then the fault thread ends
         self.server.stop()
         self._faults.join()
         if self._errors:
@@ -123,7 +125,6 @@ class LazyRestore:
         if not self.complete:
             raise RuntimeError(f"lazy restore stopped with {self.server.placed_pages} of "
                                f"{self.server.total_pages} pages in place")
-        self.server.unregister()
         verified = False
         if verify:
             expected = {b["name"]: b.get("xxh3_64") for b in self.info["blocks"]}

@@ -84,13 +84,15 @@ class Destination:
             description = self._trailer(f)
             self.stats["seconds"] = round(time.perf_counter() - t0, 3)
             if server is not None:
-                server.stop()
-                self._fault_thread.join()
                 if server.placed_pages < server.total_pages:
                     raise MigrationFailed(f"the stream ended with "
                                           f"{server.total_pages - server.placed_pages} "
                                           f"pages missing")
+                # Every page is in place or known to be zero: unregister first (a thread
+                # faulting on a zero page is then served by the kernel), then stop.
                 server.unregister()
+                server.stop()
+                self._fault_thread.join()
             if self.workload is not None:
                 self.workload.stop()
                 if getattr(self.workload, "error", None):
