@@ -41,7 +41,7 @@ fi
 VPY=.venv/bin/python
 
 # Python packages: the build (Cython), the library (psutil), the tests
-REQS="cython>=3.0 setuptools>=64 wheel psutil>=5.9 pytest>=7 pytest-timeout hypothesis>=6 mypy>=1.5 typing_extensions"
+REQS="cython>=3.0 setuptools>=64 wheel psutil>=5.9 xxhash>=3 lz4>=4 pytest>=7 pytest-timeout hypothesis>=6 mypy>=1.5 typing_extensions matplotlib"
 stamp=.venv/.qfram-reqs
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$REQS" ]; then
     echo "setup: installing Python packages into .venv" >&2
