@@ -347,50 +347,53 @@ cdef class FaultServer:
         return 0
 
     cdef int _place(self, Area *a, uint64_t first, uint64_t n, bint data) noexcept nogil:
+        """Place pages [first, first+n) of a local area from its source."""
+        if data:
+            return self._copy(a.base + first * PAGE, <uint64_t>a.src + first * PAGE, n)
+        return self._zero(a.base + first * PAGE, n)
+
+    cdef int _copy(self, uint64_t dst, uint64_t src, uint64_t n) noexcept nogil:
+        """UFFDIO_COPY n pages (waking their waiters): partial progress, EAGAIN and a
+        page already present (EEXIST) are stepped over.  -1 on a real error."""
         cdef uffdio_copy cp
-        cdef uffdio_zeropage zp
         cdef uint64_t done = 0
-        cdef int r
         while done < n:
-            if data:
-                cp.dst = a.base + (first + done) * PAGE
-                cp.src = <uint64_t>a.src + (first + done) * PAGE
-                cp.len = (n - done) * PAGE
-                cp.mode = 0
-                cp.copy = 0
-                r = ioctl(self.uffd, UFFDIO_COPY, &cp)
-                if r == 0:
-                    return 0
-                if cp.copy > 0:
-                    done += <uint64_t>cp.copy // PAGE
-                    continue
-                if errno == EAGAIN:
-                    continue
-                if errno == EEXIST:
-                    qf_add(&self.eexist, 1)
-                    done += 1
-                    continue
+            cp.dst = dst + done * PAGE
+            cp.src = src + done * PAGE
+            cp.len = (n - done) * PAGE
+            cp.mode = 0
+            cp.copy = 0
+            if ioctl(self.uffd, UFFDIO_COPY, &cp) == 0:
+                return 0
+            if cp.copy > 0:
+                done += <uint64_t>cp.copy // PAGE
+            elif errno == EEXIST:
+                qf_add(&self.eexist, 1)
+                done += 1
+            elif errno != EAGAIN:
                 self.error = errno
                 return -1
-            else:
-                zp.range.start = a.base + (first + done) * PAGE
-                zp.range.len = (n - done) * PAGE
-                zp.mode = 0
-                zp.zeropage = 0
-                r = ioctl(self.uffd, UFFDIO_ZEROPAGE, &zp)
-                if r == 0:
-                    qf_add(&self.zero_pages, n - done)
-                    return 0
-                if zp.zeropage > 0:
-                    qf_add(&self.zero_pages, <uint64_t>zp.zeropage // PAGE)
-                    done += <uint64_t>zp.zeropage // PAGE
-                    continue
-                if errno == EAGAIN:
-                    continue
-                if errno == EEXIST:
-                    qf_add(&self.eexist, 1)
-                    done += 1
-                    continue
+        return 0
+
+    cdef int _zero(self, uint64_t dst, uint64_t n) noexcept nogil:
+        """UFFDIO_ZEROPAGE n pages, as _copy."""
+        cdef uffdio_zeropage zp
+        cdef uint64_t done = 0
+        while done < n:
+            zp.range.start = dst + done * PAGE
+            zp.range.len = (n - done) * PAGE
+            zp.mode = 0
+            zp.zeropage = 0
+            if ioctl(self.uffd, UFFDIO_ZEROPAGE, &zp) == 0:
+                qf_add(&self.zero_pages, n - done)
+                return 0
+            if zp.zeropage > 0:
+                qf_add(&self.zero_pages, <uint64_t>zp.zeropage // PAGE)
+                done += <uint64_t>zp.zeropage // PAGE
+            elif errno == EEXIST:
+                qf_add(&self.eexist, 1)
+                done += 1
+            elif errno != EAGAIN:
                 self.error = errno
                 return -1
         return 0
@@ -467,18 +470,11 @@ cdef class FaultServer:
         cdef uint64_t bit
         cdef unsigned char msg[4 + 12 + 256]
         cdef int n, idx
-        cdef uffdio_zeropage zp
         bit = <uint64_t>1 << (page & 63)
         if a.zero_known[page >> 6] & bit:
             # zero, known here: place the zero page at once (and wake the faulter)
             if not (qf_fetch_or(&a.claimed[page >> 6], bit) & bit):
-                zp.range.start = a.base + page * PAGE
-                zp.range.len = PAGE
-                zp.mode = 0
-                zp.zeropage = 0
-                if ioctl(self.uffd, UFFDIO_ZEROPAGE, &zp) != 0 and errno != EEXIST:
-                    self.error = errno
-                    return -1
+                return self._zero(a.base + page * PAGE, 1)
             return 0
         if (qf_load(&a.claimed[page >> 6]) >> (page & 63)) & 1:
             return 0                    # arriving or in place: the copy will wake us
@@ -606,10 +602,7 @@ cdef class FaultServer:
         cdef uint64_t bit = <uint64_t>1 << (page & 63)
         cdef unsigned char fill
         cdef unsigned char scratch[4096]
-        cdef uffdio_copy cp
-        cdef uffdio_zeropage zp
-        cdef int r
-        cdef uint64_t k
+        cdef uint64_t src, k
         if qf_fetch_or(&a.claimed[page >> 6], bit) & bit:
             qf_add(&self.duplicate_pages, 1)    # in place already: skip its bytes
             if data:
@@ -617,23 +610,13 @@ cdef class FaultServer:
             return 0 if _get(f, &fill, 1) == 0 else -1
         if data:
             if f.buf_fill - f.buf_index >= <Py_ssize_t>PAGE:
-                cp.src = <uint64_t>(f.buf + f.buf_index)
+                src = <uint64_t>(f.buf + f.buf_index)     # straight from the stream buffer
                 f.buf_index += PAGE
             else:
                 if f._get_into(scratch, PAGE) < <Py_ssize_t>PAGE:
                     return self._short(f)
-                cp.src = <uint64_t>scratch
-            cp.dst = a.base + page * PAGE
-            cp.len = PAGE
-            cp.mode = 0
-            cp.copy = 0
-            while ioctl(self.uffd, UFFDIO_COPY, &cp) != 0:
-                if errno == EAGAIN:
-                    continue
-                if errno == EEXIST:
-                    qf_add(&self.eexist, 1)
-                    break
-                self.error = errno
+                src = <uint64_t>scratch
+            if self._copy(a.base + page * PAGE, src, 1) < 0:
                 return -1
             qf_add(&self.received_pages, 1)
         else:
@@ -641,17 +624,7 @@ cdef class FaultServer:
                 return -1
             if fill != 0:
                 return self._bad(f, 1)
-            zp.range.start = a.base + page * PAGE
-            zp.range.len = PAGE
-            zp.mode = 0
-            zp.zeropage = 0
-            while ioctl(self.uffd, UFFDIO_ZEROPAGE, &zp) != 0:
-                if errno == EAGAIN:
-                    continue
-                if errno == EEXIST:
-                    qf_add(&self.eexist, 1)
-                    break
-                self.error = errno
+            if self._zero(a.base + page * PAGE, 1) < 0:
                 return -1
             qf_add(&self.received_zero_pages, 1)
         qf_add(&a.placed, 1)

@@ -244,18 +244,24 @@ def _save_stream(blocks: List[RAMBlock], fd: int, machine: str, release: bool,
                                           (end - part) * TARGET_PAGE_SIZE)
         sums[block.name] = hasher.hexdigest()
         counts[block.name] = (pages, zeros)
+    _put_tail(f, sid, devices, _description("stream", blocks, sums, counts, compress,
+                                            devices))
+    f.close()
+    return SaveResult("", "stream", total, 0, sum(c[0] for c in counts.values()),
+                      sum(c[1] for c in counts.values()), 0, 0.0,
+                      released + f.released_bytes, sums, compress)
+
+
+def _put_tail(f, sid: int, devices: Optional[stream.DeviceState], description: dict) -> None:
+    """The end of a stream: the ram END section, the device sections carried over,
+    EOF, and the VMDESCRIPTION with qfram's checksums."""
     stream.put_section_part(f, sid, stream.SECTION_END)
     f.put_be64(stream.FLAG_EOS)
     stream.put_footer(f, sid)
     if devices:
         f.put_buffer(devices.sections)
     f.put_byte(stream.SECTION_EOF)
-    stream.put_vmdescription(f, _description("stream", blocks, sums, counts, compress,
-                                             devices))
-    f.close()
-    return SaveResult("", "stream", total, 0, sum(c[0] for c in counts.values()),
-                      sum(c[1] for c in counts.values()), 0, 0.0,
-                      released + f.released_bytes, sums, compress)
+    stream.put_vmdescription(f, description)
 
 
 @dataclass
@@ -295,14 +301,8 @@ def _put_mapped_end(f, layout: List[_MappedBlock], sums, counts, sid: int,
     fd = f.channel.fd
     for mb in layout:
         os.pwrite(fd, mb.present, mb.bitmap_offset)
-    stream.put_section_part(f, sid, stream.SECTION_END)
-    f.put_be64(stream.FLAG_EOS)
-    stream.put_footer(f, sid)
-    if devices:
-        f.put_buffer(devices.sections)
-    f.put_byte(stream.SECTION_EOF)
-    stream.put_vmdescription(f, _description("mapped", [mb.block for mb in layout], sums,
-                                             counts, None, devices))
+    _put_tail(f, sid, devices, _description("mapped", [mb.block for mb in layout], sums,
+                                            counts, None, devices))
     f.flush()
     os.ftruncate(fd, f.tell())
 
