@@ -1,5 +1,5 @@
 """Typed face of qfram's Cython core (qfram/_fast.pyx); checked with mypy.stubtest."""
-from typing import Any, Callable, Optional, Protocol, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 from typing_extensions import Buffer, disjoint_base
 

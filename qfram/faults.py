@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import statistics
 import threading
 import time
 from dataclasses import dataclass

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import subprocess
 import sys
 import threading
@@ -398,7 +397,7 @@ COUNTERS_NOTE = __doc__.split("What the counters can and cannot see")[1].split('
 def report(rows: List[dict], command: str, machine: str) -> str:
     """A markdown table of the runs: peak and final footprint, bytes moved, time."""
     mib = lambda n: f"{n / 2**20:,.0f}"  # noqa: E731
-    lines = [f"# qfram memory footprint", "",
+    lines = ["# qfram memory footprint", "",
              f"Measured with `{command}` on {machine}, "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.  MiB; USS = memory "
              f"only that process holds.", "",

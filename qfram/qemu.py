@@ -10,7 +10,7 @@ devices=...)``), which a real QEMU then loads with ``-incoming``.
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional
+from typing import Dict
 
 from qfram import channel, core, snapshot, stream
 from qfram.errors import FormatError

@@ -450,7 +450,7 @@ class RAMSectionReader:
         if block is None:
             raise FormatError(f"unknown block {name!r}", name_pos)
         if self.info.mapped:
-            raise FormatError(f"a page record in a mapped-ram stream", pos)
+            raise FormatError("a page record in a mapped-ram stream", pos)
         self.last = block
         return block
 

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import PAGE, resident_pages
-from qfram import FormatError, QFramError, faults, snapshot, stream
+from qfram import FormatError, QFramError, faults, snapshot
 from qfram.demo import fill_demo
 from qfram.ram import RAMBlock, RAMList
 

@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from qfram import FormatError, qemu, snapshot, stream
+from qfram import FormatError, qemu, snapshot
 from qfram.ram import RAMBlock, RAMList
 
 

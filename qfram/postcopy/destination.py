@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from array import array
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 import xxhash
 

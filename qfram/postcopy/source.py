@@ -11,17 +11,16 @@ memory once it is at the destination.
 from __future__ import annotations
 
 import base64
-import os
 import queue
 import socket
 import threading
 import time
 from array import array
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import xxhash
 
-from qfram import channel, core, sched, stream
+from qfram import channel, sched, stream
 from qfram.errors import FormatError
 from qfram.faults import percentiles
 from qfram.postcopy import messages as msg
