@@ -26,6 +26,25 @@ class QMPError(RuntimeError):
     pass
 
 
+def qemu_command(memory: str = "64M", *, qemu: Optional[str] = None,
+                 firmware: Optional[str] = None, incoming: Optional[str] = None,
+                 running: bool = False, extra: Optional[List[str]] = None) -> List[str]:
+    """The command line of a bare guest: machine pc, ``memory`` of RAM, no default
+    devices, no display, TCG; stopped at start unless ``running``."""
+    qemu = qemu or find_qemu()
+    if qemu is None:
+        raise FileNotFoundError("qemu-system-x86_64 is not installed")
+    args = [qemu, "-machine", "pc", "-m", memory, "-nodefaults", "-display", "none",
+            "-accel", "tcg"]
+    if firmware:
+        args += ["-L", firmware]
+    if not running:
+        args.append("-S")
+    if incoming:
+        args += ["-incoming", incoming]
+    return args + (extra or [])
+
+
 class Guest:
     """``qemu-system-x86_64 -machine pc -m MEM -nodefaults -display none`` (TCG, no
     disk, stopped at start unless ``running``) with a QMP socket."""
@@ -34,24 +53,22 @@ class Guest:
                  incoming: Optional[str] = None, running: bool = False,
                  qemu: Optional[str] = None, firmware: Optional[str] = None,
                  timeout: float = 60.0) -> None:
-        qemu = qemu or find_qemu()
-        if qemu is None:
-            raise FileNotFoundError("qemu-system-x86_64 is not installed")
         self.dir = tempfile.mkdtemp(prefix="qfram-qemu-")
         self.qmp_path = os.path.join(self.dir, "qmp.sock")
-        args = [qemu, "-machine", "pc", "-m", memory, "-nodefaults", "-display", "none",
-                "-accel", "tcg", "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
-        if firmware:
-            args += ["-L", firmware]
-        if not running:
-            args.append("-S")
-        if incoming:
-            args += ["-incoming", incoming]
-        args += extra or []
+        args = qemu_command(memory, qemu=qemu, firmware=firmware, incoming=incoming,
+                            running=running, extra=extra)
+        args += ["-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
         self.log = open(os.path.join(self.dir, "qemu.log"), "w+")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
         self.timeout = timeout
-        self._connect()
+        try:
+            self._connect()
+        except BaseException:
+            self.proc.kill()
+            self.proc.wait()
+            self.log.close()
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
 
     def _connect(self) -> None:
         deadline = time.time() + self.timeout
@@ -69,8 +86,19 @@ class Guest:
                 time.sleep(0.05)
         self.sock.settimeout(self.timeout)
         self.file = self.sock.makefile("rw")
-        json.loads(self.file.readline())              # the greeting
-        self.cmd("qmp_capabilities")
+        try:
+            json.loads(self.file.readline())          # the greeting
+            self.cmd("qmp_capabilities")
+        except (OSError, ValueError) as exc:
+            # QEMU may exit between accepting the connection and greeting (a refused
+            # incoming stream, say): its exit status and output are the answer
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                raise QMPError(f"QMP greeting failed ({exc}) and QEMU is still running: "
+                               f"{self.output()}") from None
+            raise QMPError(f"QEMU exited with {self.proc.returncode}: "
+                           f"{self.output()}") from None
 
     def output(self) -> str:
         self.log.flush()

@@ -25,7 +25,7 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >&2
 }
 
-# a C compiler and the Python headers for the Cython core
+# a C compiler and the Python headers for the compiled core
 command -v cc >/dev/null 2>&1 || apt_install gcc libc6-dev
 if ! "$PYTHON" -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
     apt_install python3-dev
@@ -40,13 +40,24 @@ if [ ! -x .venv/bin/python ]; then
 fi
 VPY=.venv/bin/python
 
-# Python packages: the build (Cython), the library (psutil), the tests
-REQS="cython>=3.0 setuptools>=64 wheel psutil>=5.9 xxhash>=3 lz4>=4 pytest>=7 pytest-timeout hypothesis>=6 mypy>=1.5 typing_extensions matplotlib"
-stamp=.venv/.qfram-reqs
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$REQS" ]; then
-    echo "setup: installing Python packages into .venv" >&2
-    $VPY -m pip install -q --disable-pip-version-check $REQS >&2
-    echo "$REQS" > "$stamp"
+# Python packages, all listed once in pyproject.toml: the build requirements first (the
+# core is built without isolation, against them), then qfram with its test and plot
+# extras.  Redone only when pyproject.toml changes.
+stamp=.venv/.qfram-pyproject
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    echo "setup: installing Python packages into .venv (from pyproject.toml)" >&2
+    $VPY -c 'import tomllib' 2>/dev/null ||              # Python < 3.11 reads TOML with tomli
+        $VPY -m pip install -q --disable-pip-version-check tomli >&2
+    build_reqs=$($VPY -c 'import sys
+try:
+    import tomllib
+except ImportError:
+    import tomli as tomllib
+print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))')
+    $VPY -m pip install -q --disable-pip-version-check $build_reqs >&2
+    $VPY -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[test,plot]" >&2
+    echo "$want" > "$stamp"
 fi
 
 # the compiled core: (re)built when its sources are newer than the extension

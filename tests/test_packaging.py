@@ -3,6 +3,7 @@ a missing extension says how to build it, and nothing leaks."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -51,6 +52,24 @@ def test_a_missing_extension_is_an_import_error_that_says_how_to_build(tmp_path)
     assert out.returncode != 0
     assert "ImportError" in out.stderr and "pip install -e ." in out.stderr
     assert "QFRAM_PURE_PYTHON=1" in out.stderr
+
+
+def test_every_requirement_is_listed_once_in_pyproject():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    extras = project["project"]["optional-dependencies"]
+    names = lambda reqs: {re.split(r"[<>=!~\[ ]", r)[0].lower() for r in reqs}  # noqa: E731
+    # pytest is started with --timeout: `pip install -e .[test]` must bring the plugin
+    if "--timeout" in project["tool"]["pytest"]["ini_options"]["addopts"]:
+        assert "pytest-timeout" in names(extras["test"])
+    # scripts/setup.sh installs from pyproject.toml and names no package of its own
+    setup = (ROOT / "scripts" / "setup.sh").read_text().lower()
+    listed = (names(project["project"]["dependencies"]) | names(extras["test"])
+              | names(extras["plot"]) | names(project["build-system"]["requires"]))
+    assert not [n for n in listed if re.search(rf"\b{re.escape(n)}\b", setup)]
+    # the version is written once, in the package
+    assert "version" in project["project"]["dynamic"]
+    assert "__version__" in (ROOT / "qfram" / "__init__.py").read_text()
 
 
 def open_fds() -> int:
