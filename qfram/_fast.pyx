@@ -2011,6 +2011,97 @@ def read_pages_at(int fd, region, int64_t file_offset, present, Py_ssize_t first
         PyBuffer_Release(&rview)
 
 
+cdef int _diff_pages(const unsigned char *base, const unsigned char *old,
+                     const unsigned char *present, unsigned char *changed,
+                     unsigned char *nonzero, Py_ssize_t npages, size_t ps) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef int n = 0
+    cdef const unsigned char *page
+    cdef bint zero, held
+    for i in range(npages):
+        page = base + <size_t>i * ps
+        zero = _is_zero(page, ps)
+        held = _bit(present, i)
+        if zero:
+            if held:
+                _set_bit(changed, i, True)
+                n += 1
+        elif not held or memcmp(page, old + <size_t>i * ps, ps) != 0:
+            _set_bit(changed, i, True)
+            _set_bit(nonzero, i, True)
+            n += 1
+    return n
+
+
+def diff_pages(region, old, present, changed, nonzero, *, Py_ssize_t page_size=4096):
+    """Which pages of ``region`` differ from a mapped file's: ``old`` holds the file's
+    pages, ``present`` its bitmap.  A page changed when it holds data the file has not
+    (absent there, or other bytes), or is zero where the file holds data.  Sets the
+    changed pages' bits in ``changed`` and, for those that hold data, in ``nonzero``
+    (both writable bitmaps); GIL released.  Returns how many pages changed."""
+    cdef Py_buffer rview, oview, pview, cview, nview
+    cdef Py_ssize_t npages
+    cdef int n
+    if page_size < 512 or page_size & (page_size - 1):
+        raise ValueError(f"page_size must be a power of two >= 512, not {page_size}")
+    PyObject_GetBuffer(region, &rview, PyBUF_SIMPLE)
+    try:
+        npages = rview.len // page_size
+        PyObject_GetBuffer(old, &oview, PyBUF_SIMPLE)
+        try:
+            PyObject_GetBuffer(present, &pview, PyBUF_SIMPLE)
+            try:
+                PyObject_GetBuffer(changed, &cview, PyBUF_WRITABLE)
+                try:
+                    PyObject_GetBuffer(nonzero, &nview, PyBUF_WRITABLE)
+                    try:
+                        if oview.len < npages * page_size:
+                            raise ValueError("`old` is shorter than the region")
+                        if min(pview.len, cview.len, nview.len) * 8 < npages:
+                            raise ValueError("a bitmap is shorter than the region")
+                        with nogil:
+                            n = _diff_pages(<const unsigned char *>rview.buf,
+                                            <const unsigned char *>oview.buf,
+                                            <const unsigned char *>pview.buf,
+                                            <unsigned char *>cview.buf,
+                                            <unsigned char *>nview.buf, npages, page_size)
+                        return n
+                    finally:
+                        PyBuffer_Release(&nview)
+                finally:
+                    PyBuffer_Release(&cview)
+            finally:
+                PyBuffer_Release(&pview)
+        finally:
+            PyBuffer_Release(&oview)
+    finally:
+        PyBuffer_Release(&rview)
+
+
+def punch_hole(int fd, int64_t offset, int64_t length):
+    """Make ``length`` bytes of ``fd`` at ``offset`` a hole (they read as zero and hold
+    no space); the file's size stays.  Where the filesystem cannot punch holes, zeros
+    are written instead."""
+    cdef int rc
+    cdef int err = 0
+    if offset < 0 or length < 0:
+        raise ValueError("offset and length cannot be negative")
+    with nogil:
+        rc = fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+        if rc != 0:
+            err = errno
+    if rc == 0:
+        return
+    if err != EOPNOTSUPP:
+        raise OSError(err, f"fallocate (punch hole) at file offset {offset}: "
+                           f"{os.strerror(err)}")
+    zeros = bytes(min(length, 1 << 20))
+    while length > 0:
+        n = os.pwrite(fd, zeros[:length], offset)
+        offset += n
+        length -= n
+
+
 def bitmap_runs(bitmap, Py_ssize_t npages):
     """The runs of set bits of a page bitmap (bit i = page i, LSB first) among its first
     ``npages`` bits, as ``(first_page, count)`` pairs: fast on sparse and dense maps."""

@@ -1291,6 +1291,45 @@ def read_pages_at(fd: int, region: Any, file_offset: int, present: Any, first_pa
     return (pages, zeros)
 
 
+def diff_pages(region: Any, old: Any, present: Any, changed: Any, nonzero: Any, *,
+               page_size: int = 4096) -> int:
+    view = memoryview(region).cast("B")
+    old_view = memoryview(old).cast("B")
+    held, out, data = (memoryview(b).cast("B") for b in (present, changed, nonzero))
+    npages = len(view) // page_size
+    if len(old_view) < npages * page_size:
+        raise ValueError("`old` is shorter than the region")
+    if min(len(held), len(out), len(data)) * 8 < npages:
+        raise ValueError("a bitmap is shorter than the region")
+    n = 0
+    for i in range(npages):
+        page = view[i * page_size:(i + 1) * page_size]
+        if _all_zero(page):
+            if _bit(held, i):
+                _set_bit(out, i, True)
+                n += 1
+        elif not _bit(held, i) or old_view[i * page_size:(i + 1) * page_size] != page:
+            _set_bit(out, i, True)
+            _set_bit(data, i, True)
+            n += 1
+    return n
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    if offset < 0 or length < 0:
+        raise ValueError("offset and length cannot be negative")
+    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return
+    err = ctypes.get_errno()
+    if err != errno.EOPNOTSUPP:
+        raise OSError(err, f"fallocate (punch hole) at file offset {offset}: "
+                           f"{os.strerror(err)}")
+    while length > 0:
+        n = os.pwrite(fd, bytes(min(length, 1 << 20)), offset)
+        offset += n
+        length -= n
+
+
 def bitmap_runs(bitmap: Any, npages: int) -> List[Tuple[int, int]]:
     bits = memoryview(bitmap).cast("B")
     if len(bits) * 8 < npages:

@@ -8,10 +8,11 @@ import mmap
 import os
 import sys
 import time
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
-from qfram import channel, core, qemu, snapshot
+from qfram import channel, core, outputs, qemu, snapshot
 from qfram.demo import demo_ram, fill_demo
+from qfram.errors import QFramError
 from qfram.ram import RAMBlock, RAMList
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -168,29 +169,43 @@ def cmd_save(args: argparse.Namespace) -> int:
     return 0
 
 
-def target_blocks(info: dict, target: str) -> RAMList:
-    """Memory files to restore into: TARGET itself for one block, else a directory
-    with a file per block (names with '/' become folders)."""
+def target_blocks(info: dict, target: str) -> Tuple[RAMList, outputs.BlockFiles]:
+    """New memory files to restore into: TARGET itself for one block, else a directory
+    with a file per block (names with '/' become folders, never outside it).  They
+    appear only on the files' commit(), once the restore is verified."""
+    files = outputs.BlockFiles(target, single=len(info["blocks"]) == 1)
     ram = RAMList()
-    single = len(info["blocks"]) == 1
-    for b in info["blocks"]:
-        path = target if single else os.path.join(target, b["name"])
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        if os.path.exists(path):
-            os.unlink(path)           # a new, zeroed file: zero pages need no writing
-        ram.add(RAMBlock.map_file(b["name"], path, b["used_length"], create=True))
-    return ram
+    try:
+        for b in info["blocks"]:
+            out = files.new(b["name"])
+            ram.add(RAMBlock.map_fd(b["name"], out.fd, b["used_length"], path=out.path))
+    except BaseException:
+        ram.close()
+        files.abort()
+        raise
+    return ram, files
 
 
 def cmd_load(args: argparse.Namespace) -> int:
     """Restore a snapshot, eagerly or lazily, and check it."""
     if args.lazy:
         return load_lazy(args)
-    info = snapshot.inspect(args.snapshot)
-    ram = target_blocks(info, args.target) if args.target else None
+    files = None
+    ram = None
+    if args.target:
+        ram, files = target_blocks(snapshot.inspect(args.snapshot), args.target)
     before = rss()
-    ram, result = snapshot.load(args.snapshot, ram, verify=not args.no_verify,
-                                threads=args.threads, zeroed=ram is not None)
+    try:
+        ram, result = snapshot.load(args.snapshot, ram, verify=not args.no_verify,
+                                    threads=args.threads, zeroed=ram is not None)
+    except BaseException:
+        if files is not None:
+            ram.close()
+            files.abort()
+        raise
+    ram.close()
+    if files is not None:
+        files.commit()
     out = result.as_dict()
     out.update(rss_before=before, rss_after=rss(), target=args.target)
     check = "checksums verified" if result.verified else "no checksums to verify"
@@ -198,7 +213,6 @@ def cmd_load(args: argparse.Namespace) -> int:
                     f"{result.zero_pages} zero) from {args.snapshot} in {result.seconds:.3f} s, "
                     f"{out['gbps']} GB/s; {check}"
                     + (f"; written to {args.target}" if args.target else ""))
-    ram.close()
     return 0
 
 
@@ -209,11 +223,16 @@ def load_lazy(args: argparse.Namespace) -> int:
         touched = faults.touch_workload(lazy.ram, args.touches, threads=args.touch_threads)
         stats = lazy.wait(verify=not args.no_verify)
         if args.target:
-            info = snapshot.inspect(args.snapshot)
-            out_ram = target_blocks(info, args.target)
-            for block in lazy.ram:
-                memoryview(out_ram[block.name].region)[:] = memoryview(block.region)
+            out_ram, files = target_blocks(lazy.info, args.target)
+            try:
+                for block in lazy.ram:
+                    memoryview(out_ram[block.name].region)[:] = memoryview(block.region)
+            except BaseException:
+                out_ram.close()
+                files.abort()
+                raise
             out_ram.close()
+            files.commit()
     out = stats.as_dict()
     out.update(workload_first_touch=touched, snapshot=args.snapshot, target=args.target,
                ram_bytes=sum(b.used_length for b in lazy.ram))
@@ -232,15 +251,16 @@ def load_lazy(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     """Describe a snapshot or QEMU migration stream."""
     info = snapshot.inspect(args.snapshot)
+    shown = outputs.printable       # names come from the file: escape what a terminal obeys
     lines = [f"{args.snapshot}: {info['format']}, {info['layout']} layout, "
              f"{human(info['file_bytes'])}"
-             + (f", machine {info['machine']}" if info["machine"] else "")]
+             + (f", machine {shown(info['machine'])}" if info["machine"] else "")]
     if info["qfram"]:
         lines.append(f"written by qfram {info['created'] or ''}"
                      + (f", {info['compression']} compression" if info["compression"] else ""))
     lines.append(f"{'block':24} {'size':>12} {'pages':>9} {'zero':>9} {'absent':>8}  checksum")
     for b in info["blocks"]:
-        lines.append(f"{b['name']:24} {human(b['used_length']):>12} {b['pages']:>9} "
+        lines.append(f"{shown(b['name']):24} {human(b['used_length']):>12} {b['pages']:>9} "
                      f"{b['zero_pages']:>9} {b['absent_pages']:>8}  "
                      f"{('xxh3:' + b['xxh3_64']) if b.get('xxh3_64') else '-'}")
     if info["devices"]:
@@ -249,7 +269,7 @@ def cmd_info(args: argparse.Namespace) -> int:
                         "section headers)") + ":")
         lines.append(f"  {'section':32} {'instance':>8} {'version':>7} {'bytes':>21}")
         for d in info["devices"]:
-            lines.append(f"  {d['name']:32} {d['instance']:>8} {d['version']:>7} "
+            lines.append(f"  {shown(d['name']):32} {d['instance']:>8} {d['version']:>7} "
                          f"{d['offset']:>10}-{d['end']:<10}")
     for c in info["commands"]:
         lines.append(f"command {c['cmd']} ({c['length']} bytes) at byte {c['offset']}")
@@ -517,8 +537,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (OSError, ValueError) as exc:
-        print(f"qfram {args.command}: {exc}", file=sys.stderr)
+    except (OSError, ValueError, QFramError) as exc:
+        print(f"qfram {args.command}: {outputs.printable(str(exc))}", file=sys.stderr)
         return 1
 
 

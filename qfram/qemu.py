@@ -12,19 +12,9 @@ from __future__ import annotations
 import os
 from typing import Dict
 
-from qfram import channel, core, snapshot, stream
+from qfram import channel, core, outputs, snapshot, stream
 from qfram.errors import FormatError
 from qfram.ram import RAMBlock, RAMList, bitmap_bytes
-
-def block_path(outdir: str, name: str) -> str:
-    """Where a block's raw file goes: '/' in names become folders (as QEMU's
-    analyze-migration does); a leading '/' is dropped and '..' is refused, so every
-    file stays inside ``outdir``."""
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    if not parts or ".." in parts:
-        raise FormatError(f"block name {name!r} cannot be a file name", -1)
-    return os.path.join(outdir, *parts)
-
 
 def _memory_available() -> int:
     with open("/proc/meminfo") as f:
@@ -35,9 +25,11 @@ def _memory_available() -> int:
 
 
 def extract(path: str, outdir: str) -> dict:
-    """Write each RAM block of a stream as a raw (sparse) file under ``outdir``.  Only
+    """Write each RAM block of a stream as a raw (sparse) file under ``outdir`` (block
+    names with '/' become folders, always inside ``outdir``: see qfram.outputs).  Only
     the RAM section is read (no VMDESCRIPTION needed); reading stops at the first device
-    section after it.
+    section after it.  The files appear together once the whole RAM section was read,
+    or not at all: earlier files of the same names stay as they were on failure.
 
     While RAM fits comfortably in free memory, pages are placed in anonymous huge-page
     memory and each block is written out with one pwrite per run of non-zero pages
@@ -47,56 +39,46 @@ def extract(path: str, outdir: str) -> dict:
     ram = RAMList()
     fresh: Dict[str, bytearray] = {}
     in_memory = os.fstat(fd).st_size < _memory_available() // 2
+    files = outputs.BlockFiles(outdir, single=False)
     try:
         def resolve(name: str, length: int, pos: int) -> RAMBlock:
-            target = block_path(outdir, name)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            if os.path.exists(target):
-                os.unlink(target)
+            out = files.new(name, pos)
             fresh[name] = bytearray(b"\xff" * bitmap_bytes(length // 4096))
             if in_memory and length < _memory_available() // 2:
                 return ram.add(RAMBlock.anonymous(name, length, huge=True))
-            return ram.add(RAMBlock.map_file(name, target, length, create=True))
+            return ram.add(RAMBlock.map_fd(name, out.fd, length, path=out.path))
 
         def mapped_block(block: stream.BlockInfo, pos: int) -> None:
             present = os.pread(fd, bitmap_bytes(block.npages), block.bitmap_offset)
             block.pages, block.zero_pages = snapshot.read_blocks(
                 fd, ram[block.name], block.pages_offset, present, fresh.get(block.name), 2)
 
-        class RamDone(Exception):
-            pass
-
-        def stop_at_devices(section: stream.Section, f) -> bool:
-            raise RamDone()
-
         f = channel.fdopen(fd, "rb", owned=False)
         info = stream.StreamInfo()
-        try:
-            stream.StreamReader(f, info, on_section=stop_at_devices, resolve=resolve,
-                                fresh=fresh, mapped_block=mapped_block).read()
-        except RamDone:
-            pass
+        stream.StreamReader(f, info, on_section=lambda section, f: stream.STOP,
+                            resolve=resolve, fresh=fresh, mapped_block=mapped_block).read()
         f.close()
         if not info.blocks:
             raise FormatError(f"{path}: no RAM section", 0)
         for block in ram:
             if block.kind == "anonymous":
-                _write_sparse(block, block_path(outdir, block.name))
-        return {"path": path, "outdir": outdir, "machine": info.machine,
-                "blocks": [dict(b.as_dict(), file=block_path(outdir, b.name))
-                           for b in info.blocks.values()]}
-    finally:
+                _write_sparse(block, files.files[block.name].fd)
         ram.close()
-        os.close(fd)
-
-
-def _write_sparse(block: RAMBlock, target: str) -> None:
-    out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.ftruncate(out, block.used_length)
-        core.impl.write_pages_at(out, block.region, 0, bytearray(bitmap_bytes(block.npages)))
+        files.commit()
+    except BaseException:
+        ram.close()
+        files.abort()
+        raise
     finally:
-        os.close(out)
+        os.close(fd)
+    return {"path": path, "outdir": outdir, "machine": info.machine,
+            "blocks": [dict(b.as_dict(), file=files.path_of(b.name))
+                       for b in info.blocks.values()]}
+
+
+def _write_sparse(block: RAMBlock, out: int) -> None:
+    os.ftruncate(out, block.used_length)
+    core.impl.write_pages_at(out, block.region, 0, bytearray(bitmap_bytes(block.npages)))
 
 
 def device_state(path: str) -> stream.DeviceState:

@@ -108,6 +108,15 @@ class RAMBlock:
         return cls(name, region, kind="file", path=path, page_size=fs_block_size(path))
 
     @classmethod
+    def map_fd(cls, name: str, fd: int, size: int, *, path: Optional[str] = None) -> "RAMBlock":
+        """Map the open file ``fd`` shared, sized to ``size`` (e.g. a new file being
+        restored into); the fd stays the caller's."""
+        if os.fstat(fd).st_size != size:
+            os.ftruncate(fd, size)
+        region = mmap.mmap(fd, size)
+        return cls(name, region, kind="file", path=path, page_size=HOST_PAGE_SIZE)
+
+    @classmethod
     def from_buffer(cls, name: str, buf) -> "RAMBlock":
         """Any writable buffer the caller already has (not closed by the block)."""
         return cls(name, buf, kind="buffer", owns_region=False)

@@ -16,8 +16,12 @@ memory it was writing is not reported good.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
+import functools
 import os
 import queue
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,16 +29,21 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import xxhash
 
-from qfram import channel, core, stream
-from qfram.errors import FormatError
+from qfram import channel, core, outputs, stream
+from qfram.errors import FormatError, QFramError
 from qfram.ram import TARGET_PAGE_SIZE, RAMBlock, RAMList, bitmap_bytes
 
 DEFAULT_MACHINE = "pc-i440fx-7.2"
 RAM_SECTION_ID = 2
 FORMAT_VERSION = 1
 CHUNK_PAGES = 512                 # 2 MiB: hashed, then sent while still in cache
-PART_BYTES = 64 << 20             # RAM per PART section in the stream layout
-INCOMPLETE_MAGIC = b"QINC"        # marks a mapped file being updated in place
+# RAM per PART section in the stream layout; with release, each PART is written, made
+# durable (fdatasync) and only then released: tens of MiB keep the syncs few and RSS
+# falling as the save goes
+PART_BYTES = 32 << 20
+WINDOW_PAGES = PART_BYTES // 4096  # the same window for the mapped layout
+RESCUE_MARK = ".qfram-rescue-"     # a failed save's file kept for the pages in it
+LEGACY_INCOMPLETE_MAGIC = b"QINC"  # qfram 0.1 marked a file it was updating in place
 
 Progress = Optional[Callable[[int, int], None]]
 
@@ -87,7 +96,7 @@ def checksum(region, length: int) -> str:
     return h.hexdigest()
 
 
-def _description(layout: str, blocks: List[RAMBlock], sums: Dict[str, str],
+def make_description(layout: str, blocks: List[RAMBlock], sums: Dict[str, str],
                  counts: Dict[str, Tuple[int, int]], compression: Optional[str],
                  devices: Optional[stream.DeviceState]) -> dict:
     return {
@@ -105,39 +114,58 @@ def _description(layout: str, blocks: List[RAMBlock], sums: Dict[str, str],
 
 
 # ---------------------------------------------------------------------------------------
-# atomic files
+# releasing safely
 # ---------------------------------------------------------------------------------------
 
 
-class AtomicFile:
-    """A file written under a temporary name, fsync'd and renamed into place on
-    commit(); removed on abort.  Either the old file or the complete new one exists."""
+class ReleaseRollbackError(QFramError, OSError):
+    """A save failed after it had released pages, and they could not be put back: the
+    file that holds them was kept, under the name this error gives."""
 
-    def __init__(self, path: str) -> None:
-        self.path = os.path.abspath(path)
-        directory = os.path.dirname(self.path)
-        self.tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-        self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
 
-    def commit(self) -> None:
-        os.fsync(self.fd)
-        os.close(self.fd)
-        self.fd = -1
-        os.rename(self.tmp, self.path)
-        dirfd = os.open(os.path.dirname(self.path), os.O_RDONLY)
+@dataclass
+class _Released:
+    """Pages a save gave back once they were durable in its file, and how to read them
+    back from that file (``restore(fd)``) should the save fail before it commits."""
+
+    block: RAMBlock
+    first: int
+    count: int
+    restore: Callable[[int], None]
+
+
+class _Releaser:
+    """Releases what is durable, remembers it, and puts it back if the save fails."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.done: List[_Released] = []
+        self.bytes = 0
+
+    def release(self, fd: int, block: RAMBlock, first: int, count: int,
+                restore: Callable[[int], None]) -> None:
+        """The pages' bytes are written to ``fd``: make them durable, then release."""
+        if not self.enabled or count == 0:
+            return
+        os.fdatasync(fd)
+        self.done.append(_Released(block, first, count, restore))
+        self.bytes += block.discard(first * TARGET_PAGE_SIZE, count * TARGET_PAGE_SIZE)
+
+    def undo(self, out: outputs.NewFile, failure: BaseException) -> None:
+        """Put every released page back from the unfinished file; if that fails, keep
+        the file under a name of its own and say where."""
+        if not self.done:
+            return
         try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
-
-    def abort(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        try:
-            os.unlink(self.tmp)
-        except FileNotFoundError:
-            pass
+            for entry in self.done:
+                entry.restore(out.fd)
+        except BaseException as exc:
+            kept = out.keep_as(f"{RESCUE_MARK}{secrets.token_hex(6)}")
+            pages = sum(e.count for e in self.done)
+            raise ReleaseRollbackError(
+                errno.EIO, f"{failure}; then {pages} released pages could not be put back "
+                           f"({exc}): their bytes are in {kept}") from failure
+        self.done.clear()
 
 
 # ---------------------------------------------------------------------------------------
@@ -151,13 +179,16 @@ def save(ram: RAMList, path: str, *, layout: str = "stream", machine: Optional[s
          devices: Optional[stream.DeviceState] = None) -> SaveResult:
     """Save the blocks of ``ram`` to ``path``.
 
-    ``release`` gives each page back to the kernel once it is written (the source's
-    footprint falls while it saves).  ``compress``: None, "zlib" (QEMU's COMPRESS_PAGE)
-    or "lz4" (qfram extension); stream layout only.  ``incremental`` (mapped layout):
+    ``release`` gives pages back to the kernel as the save goes, once their bytes are
+    durable in the new file (written and fdatasync'd, every 32 MiB); if the save fails
+    before the file is committed, every released page is read back from it first, so
+    the RAM ends as it began.  ``compress``: None, "zlib" (QEMU's COMPRESS_PAGE) or
+    "lz4" (qfram extension); stream layout only.  ``incremental`` (mapped layout):
     update an existing snapshot of the same blocks in place, writing only the pages that
-    changed.  ``direct``: write the pages with O_DIRECT (mapped layout).
-    ``machine``: the machine type in the configuration section (default: the device
-    state's, else pc-i440fx-7.2).  ``devices``: device sections to carry (from
+    changed, through a journal (a crash leaves the old snapshot or the new one).
+    ``direct``: write the pages with O_DIRECT (mapped layout).  ``machine``: the machine
+    type in the configuration section (default: the device state's, else
+    pc-i440fx-7.2).  ``devices``: device sections to carry (from
     ``qemu.device_state``), copied byte for byte before EOF."""
     if layout not in ("stream", "mapped"):
         raise ValueError(f"layout is 'stream' or 'mapped', not {layout!r}")
@@ -175,19 +206,24 @@ def save(ram: RAMList, path: str, *, layout: str = "stream", machine: Optional[s
         machine = devices.machine if devices else DEFAULT_MACHINE
     t0 = time.perf_counter()
     if incremental and os.path.exists(path):
-        result = _save_incremental(blocks, path, release, threads, progress)
+        from qfram import journal
+        result = journal.save_incremental(blocks, path, release, progress)
     else:
-        target = AtomicFile(path)
+        out = outputs.new_file(path)
+        releaser = _Releaser(release)
         try:
             if layout == "stream":
-                result = _save_stream(blocks, target.fd, machine, release, compress, progress,
-                                      devices)
+                result = _save_stream(blocks, out.fd, machine, compress, progress, devices,
+                                      releaser)
             else:
-                result = _save_mapped(blocks, target.fd, target.tmp, machine, release,
-                                      direct, threads, progress, devices)
-            target.commit()
-        except BaseException:
-            target.abort()
+                result = _save_mapped(blocks, out.fd, machine, direct, threads, progress,
+                                      devices, releaser)
+            out.commit()
+        except BaseException as exc:
+            try:
+                releaser.undo(out, exc)
+            finally:
+                out.abort()
             raise
     result.path = path
     result.seconds = time.perf_counter() - t0
@@ -195,9 +231,9 @@ def save(ram: RAMList, path: str, *, layout: str = "stream", machine: Optional[s
     return result
 
 
-def _save_stream(blocks: List[RAMBlock], fd: int, machine: str, release: bool,
-                 compress: Optional[str], progress: Progress,
-                 devices: Optional[stream.DeviceState]) -> SaveResult:
+def _save_stream(blocks: List[RAMBlock], fd: int, machine: str, compress: Optional[str],
+                 progress: Progress, devices: Optional[stream.DeviceState],
+                 releaser: _Releaser) -> SaveResult:
     f = channel.fdopen(fd, "wb", owned=False)
     sid = devices.ram_section_id if devices else RAM_SECTION_ID
     sums: Dict[str, str] = {}
@@ -209,13 +245,13 @@ def _save_stream(blocks: List[RAMBlock], fd: int, machine: str, release: bool,
     stream.put_mem_size(f, blocks)
     f.put_be64(stream.FLAG_EOS)
     stream.put_footer(f, sid)
-    released = 0
+    part_pages = PART_BYTES // TARGET_PAGE_SIZE
     for block in blocks:
         hasher = xxhash.xxh3_64()
         view = memoryview(block.region)
         pages = zeros = 0
-        part_pages = PART_BYTES // TARGET_PAGE_SIZE
         for part in range(0, block.npages, part_pages):
+            part_offset = f.tell_fast()
             stream.put_section_part(f, sid)
             end = min(part + part_pages, block.npages)
             named = True              # each PART names its block again: always valid
@@ -228,7 +264,7 @@ def _save_stream(blocks: List[RAMBlock], fd: int, machine: str, release: bool,
                                                            named)
                 else:
                     p, z, _ = f.save_pages(block.region, first, count, 0,
-                                           stream.FLAG_CONTINUE, release,
+                                           stream.FLAG_CONTINUE,
                                            idstr=block.name if named else None)
                 named = False
                 pages += p
@@ -238,21 +274,34 @@ def _save_stream(blocks: List[RAMBlock], fd: int, machine: str, release: bool,
                     progress(done, total)
             f.put_be64(stream.FLAG_EOS)
             stream.put_footer(f, sid)
-            if compress and release:
-                f.flush()         # compressed bytes are copies: release once written
-                released += block.discard(part * TARGET_PAGE_SIZE,
-                                          (end - part) * TARGET_PAGE_SIZE)
+            if releaser.enabled:
+                # every PART is a release window: written, made durable, then released
+                f.flush()
+                releaser.release(fd, block, part, end - part,
+                                 functools.partial(_reread_part, block=block,
+                                                   offset=part_offset))
         sums[block.name] = hasher.hexdigest()
         counts[block.name] = (pages, zeros)
-    _put_tail(f, sid, devices, _description("stream", blocks, sums, counts, compress,
+    put_tail(f, sid, devices, make_description("stream", blocks, sums, counts, compress,
                                             devices))
     f.close()
     return SaveResult("", "stream", total, 0, sum(c[0] for c in counts.values()),
-                      sum(c[1] for c in counts.values()), 0, 0.0,
-                      released + f.released_bytes, sums, compress)
+                      sum(c[1] for c in counts.values()), 0, 0.0, releaser.bytes, sums,
+                      compress)
 
 
-def _put_tail(f, sid: int, devices: Optional[stream.DeviceState], description: dict) -> None:
+def _reread_part(fd: int, block: RAMBlock, offset: int) -> None:
+    """Put the pages of the PART section at ``offset`` back into ``block``."""
+    f = channel.fdopen(fd, "rb", owned=False)
+    f.set_offset(offset)
+    if f.get_byte() != stream.SECTION_PART:
+        raise FormatError("the section to read back is not a PART", offset)
+    f.get_be32()
+    stream.RAMSectionReader.for_blocks(f, [block]).read_payload()
+    f.close()
+
+
+def put_tail(f, sid: int, devices: Optional[stream.DeviceState], description: dict) -> None:
     """The end of a stream: the ram END section, the device sections carried over,
     EOF, and the VMDESCRIPTION with qfram's checksums."""
     stream.put_section_part(f, sid, stream.SECTION_END)
@@ -301,20 +350,19 @@ def _put_mapped_end(f, layout: List[_MappedBlock], sums, counts, sid: int,
     fd = f.channel.fd
     for mb in layout:
         os.pwrite(fd, mb.present, mb.bitmap_offset)
-    _put_tail(f, sid, devices, _description("mapped", [mb.block for mb in layout], sums,
+    put_tail(f, sid, devices, make_description("mapped", [mb.block for mb in layout], sums,
                                             counts, None, devices))
     f.flush()
     os.ftruncate(fd, f.tell())
 
 
-def _write_blocks(layout: List[_MappedBlock], fd: int, release: bool, threads: int,
-                  progress: Progress, old: Optional[Dict[str, object]] = None
-                  ) -> Tuple[Dict[str, str], Dict[str, Tuple[int, int]], int, int]:
+def _write_blocks(layout: List[_MappedBlock], fd: int, threads: int, progress: Progress,
+                  releaser: _Releaser) -> Tuple[Dict[str, str], Dict[str, Tuple[int, int]]]:
     """Hash each chunk in order here, write it on worker threads (GIL released in the
     core), each chunk at its fixed offset.  Chunks are 64-page aligned, so the workers
-    never share a byte of the bitmaps."""
+    never share a byte of the bitmaps.  With release, the workers are waited for every
+    window; the window is made durable, then released."""
     work: "queue.Queue[Optional[Tuple[_MappedBlock, int, int]]]" = queue.Queue(maxsize=64)
-    totals = {"written": 0, "zero": 0, "unchanged": 0, "released": 0}
     per_block: Dict[str, List[int]] = {mb.block.name: [0, 0] for mb in layout}
     errors: List[BaseException] = []
     lock = threading.Lock()
@@ -322,25 +370,21 @@ def _write_blocks(layout: List[_MappedBlock], fd: int, release: bool, threads: i
     def worker() -> None:
         while True:
             item = work.get()
-            if item is None:
-                return
-            mb, first, count = item
-            if errors:
-                continue
             try:
-                w, z, u, r = core.impl.write_pages_at(
-                    fd, mb.block.region, mb.pages_offset, mb.present, first, count,
-                    old=old.get(mb.block.name) if old else None, release=release)
+                if item is None:
+                    return
+                mb, first, count = item
+                if errors:
+                    continue
+                w, z, _, _ = core.impl.write_pages_at(
+                    fd, mb.block.region, mb.pages_offset, mb.present, first, count)
+                with lock:
+                    per_block[mb.block.name][0] += w
+                    per_block[mb.block.name][1] += z
             except BaseException as exc:
                 errors.append(exc)
-                continue
-            with lock:
-                totals["written"] += w
-                totals["zero"] += z
-                totals["unchanged"] += u
-                totals["released"] += r
-                per_block[mb.block.name][0] += w + u
-                per_block[mb.block.name][1] += z
+            finally:
+                work.task_done()
 
     pool = [threading.Thread(target=worker, daemon=True) for _ in range(max(1, threads))]
     for t in pool:
@@ -353,16 +397,28 @@ def _write_blocks(layout: List[_MappedBlock], fd: int, release: bool, threads: i
         for mb in layout:
             hasher = xxhash.xxh3_64()
             view = memoryview(mb.block.region)
-            for first in range(0, mb.block.npages, chunk):
-                count = min(chunk, mb.block.npages - first)
-                hasher.update(view[first * TARGET_PAGE_SIZE:(first + count) * TARGET_PAGE_SIZE])
-                work.put((mb, first, count))
-                done += count * TARGET_PAGE_SIZE
-                if progress:
-                    progress(done, total)
+            for window in range(0, mb.block.npages, WINDOW_PAGES):
+                window_end = min(window + WINDOW_PAGES, mb.block.npages)
+                for first in range(window, window_end, chunk):
+                    count = min(chunk, window_end - first)
+                    hasher.update(view[first * TARGET_PAGE_SIZE:
+                                       (first + count) * TARGET_PAGE_SIZE])
+                    work.put((mb, first, count))
+                    done += count * TARGET_PAGE_SIZE
+                    if progress:
+                        progress(done, total)
                 if errors:
                     break
+                if releaser.enabled:
+                    work.join()
+                    if errors:
+                        break
+                    releaser.release(fd, mb.block, window, window_end - window,
+                                     functools.partial(_reread_window, mb=mb, first=window,
+                                                       count=window_end - window))
             sums[mb.block.name] = hasher.hexdigest()
+            if errors:
+                break
     finally:
         for _ in pool:
             work.put(None)
@@ -371,21 +427,26 @@ def _write_blocks(layout: List[_MappedBlock], fd: int, release: bool, threads: i
     if errors:
         raise errors[0]
     counts = {name: (v[0], v[1]) for name, v in per_block.items()}
-    return sums, counts, totals["unchanged"], totals["released"]
+    return sums, counts
 
 
-def _save_mapped(blocks: List[RAMBlock], fd: int, tmp_path: str, machine: str,
-                 release: bool, direct: bool, threads: int, progress: Progress,
-                 devices: Optional[stream.DeviceState]) -> SaveResult:
+def _reread_window(fd: int, mb: _MappedBlock, first: int, count: int) -> None:
+    """Put pages [first, first+count) of a mapped block back from the file."""
+    core.impl.read_pages_at(fd, mb.block.region, mb.pages_offset, mb.present, first, count)
+
+
+def _save_mapped(blocks: List[RAMBlock], fd: int, machine: str, direct: bool,
+                 threads: int, progress: Progress, devices: Optional[stream.DeviceState],
+                 releaser: _Releaser) -> SaveResult:
     f = channel.fdopen(fd, "wb", owned=False)
     sid = devices.ram_section_id if devices else RAM_SECTION_ID
     layout = _put_mapped_setup(f, blocks, machine, sid)
     page_fd = fd
     if direct:
-        page_fd = os.open(tmp_path, os.O_WRONLY | os.O_DIRECT)
+        # the same (possibly unnamed) file, opened again for O_DIRECT page writes
+        page_fd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
     try:
-        sums, counts, unchanged, released = _write_blocks(layout, page_fd, release, threads,
-                                                          progress)
+        sums, counts = _write_blocks(layout, page_fd, threads, progress, releaser)
     finally:
         if page_fd != fd:
             os.close(page_fd)
@@ -393,7 +454,7 @@ def _save_mapped(blocks: List[RAMBlock], fd: int, tmp_path: str, machine: str,
     f.close()
     total = sum(b.used_length for b in blocks)
     return SaveResult("", "mapped", total, 0, sum(c[0] for c in counts.values()),
-                      sum(c[1] for c in counts.values()), unchanged, 0.0, released, sums)
+                      sum(c[1] for c in counts.values()), 0, 0.0, releaser.bytes, sums)
 
 
 def devices_of(fd: int, info: dict) -> stream.DeviceState:
@@ -404,69 +465,34 @@ def devices_of(fd: int, info: dict) -> stream.DeviceState:
                               b"".join(parts), [])
 
 
-def _save_incremental(blocks: List[RAMBlock], path: str, release: bool, threads: int,
-                      progress: Progress) -> SaveResult:
-    """Update a mapped snapshot in place: only pages that differ from the file are
-    written.  The file's magic is replaced by QINC while it is being updated, so a crash
-    in the middle leaves a file that says it is incomplete instead of a wrong one."""
-    import mmap
-    info = inspect(path)
-    if info["layout"] != "mapped":
-        raise ValueError(f"{path}: an incremental save needs a mapped snapshot")
-    names = [(b["name"], b["used_length"]) for b in info["blocks"]]
-    if names != [(b.name, b.used_length) for b in blocks]:
-        raise ValueError(f"{path} holds blocks {names}; an incremental save needs the same")
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.pwrite(fd, INCOMPLETE_MAGIC, 0)
-        os.fsync(fd)
-        layout = []
-        olds: Dict[str, object] = {}
-        for block, binfo in zip(blocks, info["blocks"]):
-            present = bytearray(os.pread(fd, bitmap_bytes(block.npages), binfo["bitmap_offset"]))
-            layout.append(_MappedBlock(block, binfo["bitmap_offset"], binfo["pages_offset"],
-                                       present))
-            olds[block.name] = mmap.mmap(fd, block.used_length, prot=mmap.PROT_READ,
-                                         offset=binfo["pages_offset"])
-        try:
-            sums, counts, unchanged, released = _write_blocks(layout, fd, release, threads,
-                                                              progress, olds)
-        finally:
-            for m in olds.values():
-                m.close()       # type: ignore[attr-defined]
-        devices = devices_of(fd, info)
-        f = channel.fdopen(fd, "wb", owned=False)
-        f.set_offset(info["ram_end_offset"])     # the END section and what follows
-        _put_mapped_end(f, layout, sums, counts, devices.ram_section_id, devices)
-        f.close()
-        os.fsync(fd)
-        os.pwrite(fd, stream.QEVM_MAGIC.to_bytes(4, "big"), 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    total = sum(b.used_length for b in blocks)
-    written = sum(c[0] for c in counts.values()) - unchanged
-    return SaveResult("", "mapped", total, 0, written, sum(c[1] for c in counts.values()),
-                      unchanged, 0.0, released, sums)
-
-
 # ---------------------------------------------------------------------------------------
 # reading
 # ---------------------------------------------------------------------------------------
 
 
 def _open_snapshot(path: str) -> Tuple[int, Optional[dict], int, int]:
-    """The snapshot's fd, its description (from the end of the file), the file size,
-    and where the description starts (-1: none)."""
-    fd = os.open(path, os.O_RDONLY)
-    head = os.pread(fd, 4, 0)
-    if head == INCOMPLETE_MAGIC:
+    """The snapshot's fd (holding a shared lock: no incremental save changes it while it
+    is read), its description (from the end of the file), the file size, and where the
+    description starts (-1: none).  An incremental save a crash interrupted is finished
+    or dropped first."""
+    from qfram import journal
+    journal.recover(path)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        return (fd,) + _read_head(path, fd)     # type: ignore[return-value]
+    except BaseException:
         os.close(fd)
-        raise FormatError(f"{path}: an incremental save into this snapshot was interrupted; "
-                          f"it is incomplete", 0)
+        raise
+
+
+def _read_head(path: str, fd: int) -> Tuple[Optional[dict], int, int]:
+    if os.pread(fd, 4, 0) == LEGACY_INCOMPLETE_MAGIC:
+        raise FormatError(f"{path}: an incremental save of qfram 0.1 into this snapshot "
+                          f"was interrupted; it is incomplete", 0)
     size = os.fstat(fd).st_size
     description, where = stream.read_vmdescription_tail(fd, size)
-    return fd, description, size, where
+    return description, size, where
 
 
 def _check_tail(info: stream.StreamInfo, size: int, where: int) -> None:
@@ -488,22 +514,28 @@ def inspect(path: str) -> dict:
     capabilities, RAM blocks with sizes, page counts by kind (normal/zero/absent) and
     checksums, device sections with their byte ranges (names from the VMDESCRIPTION
     where present), commands.  Page data is checked and counted, not loaded."""
-    fd, description, size, where = _open_snapshot(path)
+    fd = _open_snapshot(path)[0]
     try:
-        f = channel.fdopen(fd, "rb", owned=False)
-        info = stream.StreamInfo()
-
-        def mapped_block(block: stream.BlockInfo, pos: int) -> None:
-            present = os.pread(fd, bitmap_bytes(block.npages), block.bitmap_offset)
-            block.pages = sum(bin(b).count("1") for b in present)
-            block.zero_pages = block.npages - block.pages
-
-        scanner = stream.FooterScanner(fd, size, description)
-        stream.StreamReader(f, info, on_section=scanner, mapped_block=mapped_block).read()
-        f.close()
-        _check_tail(info, size, where)
+        return inspect_fd(path, fd)
     finally:
         os.close(fd)
+
+
+def inspect_fd(path: str, fd: int) -> dict:
+    """inspect() of a snapshot already open (and locked) as ``fd``."""
+    description, size, where = _read_head(path, fd)
+    f = channel.fdopen(fd, "rb", owned=False)
+    info = stream.StreamInfo()
+
+    def mapped_block(block: stream.BlockInfo, pos: int) -> None:
+        present = os.pread(fd, bitmap_bytes(block.npages), block.bitmap_offset)
+        block.pages = sum(bin(b).count("1") for b in present)
+        block.zero_pages = block.npages - block.pages
+
+    scanner = stream.FooterScanner(fd, size, description)
+    stream.StreamReader(f, info, on_section=scanner, mapped_block=mapped_block).read()
+    f.close()
+    _check_tail(info, size, where)
     qblocks = _qfram_blocks(description)
     q = (description or {}).get("qfram") or {}
     blocks = []

@@ -342,6 +342,17 @@ class RAMSectionReader:
         self.setup_done = False
         self.codec_decompress = None
 
+    @classmethod
+    def for_blocks(cls, f, blocks: List[RAMBlock]) -> "RAMSectionReader":
+        """A reader of page records into ``blocks`` (their setup already known): to read
+        PART sections on their own, e.g. back from a file qfram wrote."""
+        reader = cls(f, StreamInfo())
+        for block in blocks:
+            reader.info.blocks[block.name] = BlockInfo(block.name, block.used_length)
+            reader.targets[block.name] = block
+        reader.setup_done = True
+        return reader
+
     def read_payload(self) -> None:
         """Records up to and including EOS."""
         f = self.f
@@ -504,11 +515,15 @@ class RAMSectionReader:
         block.compressed_pages += 1
 
 
+STOP = "stop"      # an on_section result: the walk ends here (the section is not read)
+
+
 class StreamReader:
     """Walks a migration stream's sections; RAM sections go to a RAMSectionReader.
 
-    ``on_section(section, f)`` may consume a non-RAM section's payload and return True;
-    otherwise a non-RAM section is an error (its length is not in the stream)."""
+    ``on_section(section, f)`` may consume a non-RAM section's payload and return True,
+    or return STOP to end the walk there; otherwise a non-RAM section is an error (its
+    length is not in the stream).  ``read()`` returns at EOF or STOP."""
 
     def __init__(self, f, info: Optional[StreamInfo] = None,
                  on_section: Optional[Callable[[Section, object], bool]] = None,
@@ -535,7 +550,8 @@ class StreamReader:
                 section_id = f.get_be32()
                 name = get_counted_name(f, "a section name")
                 section = Section(kind, section_id, name, f.get_be32(), f.get_be32(), pos)
-                self._section(section)
+                if self._section(section) is STOP:
+                    return info
             elif kind in (SECTION_PART, SECTION_END):
                 section_id = f.get_be32()
                 known = {s.section_id: s for s in info.sections}
@@ -545,7 +561,8 @@ class StreamReader:
                 first = known[section_id]
                 section = Section(kind, section_id, first.name, first.instance,
                                   first.version, pos)
-                self._section(section)
+                if self._section(section) is STOP:
+                    return info
             elif kind == SECTION_COMMAND:
                 cmd = f.get_be16()
                 length = f.get_be16()
@@ -554,7 +571,7 @@ class StreamReader:
             else:
                 raise FormatError(f"unknown section type {kind:#04x}", pos)
 
-    def _section(self, section: Section) -> None:
+    def _section(self, section: Section) -> Optional[str]:
         f = self.f
         self.info.sections.append(section)
         if section.name == RAM_SECTION:
@@ -562,10 +579,14 @@ class StreamReader:
                 raise FormatError(f"ram section version {section.version} (qfram reads 4)",
                                   section.offset)
             self.ram.read_payload()
-        elif not (self.on_section and self.on_section(section, f)):
-            raise FormatError(f"device section {section.name!r} (instance "
-                              f"{section.instance}, version {section.version}): qfram "
-                              f"cannot tell where it ends", section.offset)
+        else:
+            consumed = self.on_section(section, f) if self.on_section else False
+            if consumed is STOP:
+                return STOP
+            if not consumed:
+                raise FormatError(f"device section {section.name!r} (instance "
+                                  f"{section.instance}, version {section.version}): qfram "
+                                  f"cannot tell where it ends", section.offset)
         if f.peek_byte() == SECTION_FOOTER:
             pos = f.tell()
             f.get_byte()
@@ -574,6 +595,7 @@ class StreamReader:
                 raise FormatError(f"footer of section {footer_id} closes section "
                                   f"{section.section_id}", pos)
         section.end = f.tell()
+        return None
 
 
 def read_vmdescription_tail(fd: int, size: int) -> Tuple[Optional[dict], int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import stat
 import struct
 import subprocess
 import sys
@@ -186,7 +187,7 @@ def test_an_interrupted_incremental_save_is_not_taken_for_a_snapshot(tmp_path):
     path = tmp_path / "snap"
     snapshot.save(ram, str(path), layout="mapped")
     with open(path, "r+b") as f:               # what a crash mid-update leaves
-        f.write(snapshot.INCOMPLETE_MAGIC)
+        f.write(snapshot.LEGACY_INCOMPLETE_MAGIC)
     with pytest.raises(FormatError, match="interrupted"):
         snapshot.load(str(path))
 
@@ -202,7 +203,20 @@ def test_direct_io_mapped_save(tmp_path):
     assert result.verified and restored["pc.ram"].region[:] == ram["pc.ram"].region[:]
 
 
-def test_a_killed_save_leaves_the_old_snapshot_intact(tmp_path):
+def bytes_being_written(pid: int, directory) -> int:
+    """How much the process has written to a file in ``directory`` (named or not)."""
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            st = os.stat(f"/proc/{pid}/fd/{fd}")
+            if target.startswith(f"{directory}/") and stat.S_ISREG(st.st_mode):
+                return st.st_size
+        except OSError:
+            pass
+    return 0
+
+
+def test_a_killed_save_leaves_the_old_snapshot_and_nothing_else(tmp_path):
     path = tmp_path / "snap"
     old = RAMList([demo_block("anonymous", "pc.ram", 1 << 20, tmp_path, seed=5)])
     snapshot.save(old, str(path))
@@ -211,13 +225,15 @@ def test_a_killed_save_leaves_the_old_snapshot_intact(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", code])
     deadline = time.time() + 60
     while time.time() < deadline:               # kill it mid-write, once writing began
-        tmp = [p for p in os.listdir(tmp_path) if p.startswith(".snap.tmp-")]
-        if tmp and os.path.getsize(tmp_path / tmp[0]) > (16 << 20):
+        if bytes_being_written(proc.pid, tmp_path) > (16 << 20):
             break
         time.sleep(0.01)
+    else:
+        pytest.fail("the save never started writing")
     proc.kill()
     proc.wait()
     assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["snap"]        # no temporary left behind
     restored, result = snapshot.load(str(path))
     assert result.verified and restored["pc.ram"].region[:] == old["pc.ram"].region[:]
 

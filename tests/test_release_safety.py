@@ -1,0 +1,178 @@
+"""`--release` never costs RAM: a page is given back only once its bytes are durable in the
+file that becomes the snapshot, and any failure before the snapshot is committed puts
+every released page back, so the RAM ends byte-identical to how it began.
+
+Failures are real: a full filesystem (a small tmpfs the test mounts), and EIO at write,
+sync and rename from a fault injector loaded with LD_PRELOAD (the other syscalls run)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RAM = 96 << 20
+
+SAVE_SCRIPT = r"""
+import json, sys, xxhash
+from qfram import snapshot
+from qfram.demo import fill_demo
+from qfram.ram import RAMBlock, RAMList
+kind, layout, path, direct, memfile, size = sys.argv[1:7]
+size = int(size)
+if kind == "anonymous":
+    block = RAMBlock.anonymous("pc.ram", size, huge=False)
+elif kind == "memfd":
+    block = RAMBlock.memfd("pc.ram", size)
+else:
+    block = RAMBlock.map_file("pc.ram", memfile, size, create=True)
+fill_demo(block.region, seed=3)
+before = xxhash.xxh3_64_hexdigest(block.region)
+try:
+    result = snapshot.save(RAMList([block]), path, layout=layout, release=True,
+                           direct=direct == "1")
+    error, released = None, result.released_bytes
+except Exception as exc:
+    error, released = f"{type(exc).__name__}: {exc}", None
+print(json.dumps({"before": before, "after": xxhash.xxh3_64_hexdigest(block.region),
+                  "error": error, "released": released}))
+"""
+
+
+@pytest.fixture(scope="module")
+def injector(tmp_path_factory):
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler for the fault injector")
+    lib = tmp_path_factory.mktemp("fi") / "faultinject.so"
+    subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-o", str(lib),
+                    os.path.join(HERE, "helpers", "faultinject.c"), "-ldl"], check=True)
+    return str(lib)
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real filesystem that fills up: a 24 MiB tmpfs (root only)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs (needs root): {out.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)])
+
+
+def save_in_child(kind, layout, out_dir, env=None, direct=False, size=RAM):
+    memfile = f"/dev/shm/qfram-test-{os.getpid()}-{kind}-{layout}"
+    try:
+        proc = subprocess.run([sys.executable, "-c", SAVE_SCRIPT, kind, layout,
+                               str(out_dir / "snap"), "1" if direct else "0", memfile,
+                               str(size)], capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, **(env or {})))
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+    finally:
+        if os.path.exists(memfile):
+            os.unlink(memfile)
+
+
+def old_snapshot(out_dir):
+    """The snapshot a failed save must leave as it was."""
+    from qfram import snapshot
+    from qfram.ram import RAMBlock, RAMList
+    snapshot.save(RAMList([RAMBlock.from_buffer("pc.ram", bytearray(b"old!" * 1024))]),
+                  str(out_dir / "snap"))
+    return (out_dir / "snap").read_bytes()
+
+
+KINDS = ["anonymous", "memfd", "file"]
+LAYOUTS = ["stream", "mapped"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_full_filesystem_costs_no_ram(small_fs, kind, layout):
+    old = old_snapshot(small_fs)
+    r = save_in_child(kind, layout, small_fs)
+    assert r["error"] and "No space left" in r["error"], r
+    assert r["after"] == r["before"]
+    assert (small_fs / "snap").read_bytes() == old
+    assert sorted(os.listdir(small_fs)) == ["snap"]
+
+
+FAULTS = {
+    "write": "write:{dir}:41943040",      # EIO at write after 40 MiB (a window released)
+    "sync": "sync:{dir}:2",               # the third sync fails: two windows released
+    "rename": "rename:{dir}:0",           # everything written and synced, then EIO
+}
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_io_error_costs_no_ram(tmp_path, injector, kind, layout, fault):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    old = old_snapshot(out_dir)
+    env = {"LD_PRELOAD": injector, "QFRAM_FAULT": FAULTS[fault].format(dir=out_dir)}
+    r = save_in_child(kind, layout, out_dir, env)
+    assert r["error"] and "Input/output error" in r["error"], r
+    assert r["after"] == r["before"], r
+    assert (out_dir / "snap").read_bytes() == old
+    assert sorted(os.listdir(out_dir)) == ["snap"]
+
+
+@pytest.mark.parametrize("fault", ["write", "sync"])
+def test_direct_io_saves_cost_no_ram_either(tmp_path, injector, fault):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    probe = save_in_child("anonymous", "mapped", out_dir, direct=True, size=4 << 20)
+    if probe["error"] and "Invalid argument" in probe["error"]:
+        pytest.skip(f"{out_dir} refuses O_DIRECT")
+    os.unlink(out_dir / "snap")
+    env = {"LD_PRELOAD": injector, "QFRAM_FAULT": FAULTS[fault].format(dir=out_dir)}
+    r = save_in_child("memfd", "mapped", out_dir, env, direct=True)
+    assert r["error"] and r["after"] == r["before"], r
+    assert os.listdir(out_dir) == []
+
+
+def test_when_pages_cannot_be_put_back_the_temporary_file_is_kept_and_named(tmp_path,
+                                                                            injector):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    env = {"LD_PRELOAD": injector, "QFRAM_FAULT": f"writeread:{out_dir}:41943040"}
+    r = save_in_child("file", "mapped", out_dir, env)
+    kept = [n for n in os.listdir(out_dir) if n != "snap"]
+    assert len(kept) == 1 and kept[0] in r["error"], r
+    assert "could not be put back" in r["error"]
+
+
+def test_a_successful_release_save_still_frees_memory_as_it_goes(tmp_path):
+    r = save_in_child("memfd", "stream", tmp_path)
+    assert r["error"] is None and r["released"] == RAM
+
+
+def test_the_cli_reports_a_full_disk_and_leaves_the_memory_file_whole(small_fs, tmp_path):
+    import xxhash
+    from qfram.demo import fill_demo
+    mem = f"/dev/shm/qfram-cli-{os.getpid()}"
+    try:
+        with open(mem, "wb") as f:
+            f.truncate(RAM)
+        import mmap
+        with open(mem, "r+b") as f, mmap.mmap(f.fileno(), RAM) as m:
+            fill_demo(m, seed=4)
+            before = xxhash.xxh3_64_hexdigest(m)
+        out = subprocess.run([sys.executable, "-m", "qfram", "save", mem,
+                              str(small_fs / "snap"), "--release"],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 1 and "No space left" in out.stderr
+        assert "Traceback" not in out.stderr
+        with open(mem, "rb") as f:
+            assert xxhash.xxh3_64_hexdigest(f.read()) == before
+    finally:
+        os.unlink(mem)
