@@ -52,6 +52,7 @@ cdef struct PageLoop:
     bint detect_zero
     bint stop_when_rate_limited
     unsigned char *dirty
+    unsigned char *claimed          # optional: bit set for every page emitted
     const unsigned char *idstr
     int idstr_len
     Py_ssize_t next_page

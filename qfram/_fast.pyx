@@ -839,7 +839,7 @@ cdef class QEMUFile:
                    uint64_t header_base=0, uint64_t flags=0, bint may_free=False, *,
                    idstr=None, Py_ssize_t page_size=4096, dirty=None,
                    bint detect_zero=True, bint stop_when_rate_limited=False,
-                   uint64_t block_offset=0):
+                   uint64_t block_offset=0, claimed=None):
         """Emit RAM page records for pages ``first_page .. first_page+count-1`` of
         ``region`` without Python work per page.
 
@@ -850,7 +850,8 @@ cdef class QEMUFile:
         save_page_header.  ``dirty`` (a writable bitmap, bit i = page i, LSB first) limits
         the loop to set bits; each page's bit is cleared atomically before its record is
         emitted, so several threads (files) may save from one bitmap: each page goes out
-        once.  With
+        once; ``claimed`` (a writable bitmap, same indexing) gets the bit of every page
+        this call emitted, so a caller knows exactly which ones it sent.  With
         ``may_free`` every emitted page is released once its record is written.
         A ``save_page`` hook, if set, is offered each page first (a Python call per page).
 
@@ -859,9 +860,11 @@ cdef class QEMUFile:
         """
         cdef Py_buffer rview
         cdef Py_buffer dview
+        cdef Py_buffer cview
         cdef PageLoop loop
         cdef Py_ssize_t npages
         cdef bint have_dirty = dirty is not None
+        cdef bint have_claimed = claimed is not None
         cdef bytes name = None
         self._enter(1)
         try:
@@ -898,6 +901,21 @@ cdef class QEMUFile:
                     PyBuffer_Release(&rview)
                     raise ValueError("the dirty bitmap is shorter than the page range")
                 loop.dirty = <unsigned char *>dview.buf
+            if have_claimed:
+                try:
+                    PyObject_GetBuffer(claimed, &cview, PyBUF_WRITABLE)
+                except BaseException:
+                    if have_dirty:
+                        PyBuffer_Release(&dview)
+                    PyBuffer_Release(&rview)
+                    raise
+                if cview.len * 8 < first_page + count:
+                    PyBuffer_Release(&cview)
+                    if have_dirty:
+                        PyBuffer_Release(&dview)
+                    PyBuffer_Release(&rview)
+                    raise ValueError("the claimed bitmap is shorter than the page range")
+                loop.claimed = <unsigned char *>cview.buf
             loop.base = <const unsigned char *>rview.buf
             loop.page_size = page_size
             loop.first = first_page
@@ -921,6 +939,8 @@ cdef class QEMUFile:
             finally:
                 if have_dirty:
                     PyBuffer_Release(&dview)
+                if have_claimed:
+                    PyBuffer_Release(&cview)
                 # The loop's own export kept the region alive while it ran (flushes in
                 # the loop give pins back); if bytes or releases are still pending, the
                 # region stays exported until they are written.
@@ -1555,6 +1575,8 @@ cdef inline int _save_one(QEMUFile f, PageLoop *loop, Py_ssize_t i) noexcept nog
     cdef bint zero = loop.detect_zero and _is_zero(page, loop.page_size)
     cdef uint64_t header = (loop.header_base + <uint64_t>i * loop.page_size) | loop.flags
     header |= FLAG_ZERO if zero else FLAG_PAGE
+    if loop.claimed != NULL:
+        loop.claimed[i >> 3] |= <unsigned char>(1 << (i & 7))
     if loop.idstr_len >= 0:
         f._put_be64(header & ~(<uint64_t>FLAG_CONTINUE))
         f._put_byte(<unsigned char>loop.idstr_len)
@@ -2102,12 +2124,13 @@ def punch_hole(int fd, int64_t offset, int64_t length):
         length -= n
 
 
-def bitmap_runs(bitmap, Py_ssize_t npages):
-    """The runs of set bits of a page bitmap (bit i = page i, LSB first) among its first
-    ``npages`` bits, as ``(first_page, count)`` pairs: fast on sparse and dense maps."""
+def bitmap_runs(bitmap, Py_ssize_t npages, Py_ssize_t first=0):
+    """The runs of set bits of a page bitmap (bit i = page i, LSB first) among bits
+    ``first .. npages-1``, as ``(first_page, count)`` pairs: fast on sparse and dense
+    maps."""
     cdef Py_buffer view
     cdef const unsigned char *bits
-    cdef Py_ssize_t i = 0, j
+    cdef Py_ssize_t i = max(first, 0), j
     runs = []
     PyObject_GetBuffer(bitmap, &view, PyBUF_SIMPLE)
     try:

@@ -577,7 +577,7 @@ class QEMUFile:
                    header_base: int = 0, flags: int = 0, may_free: bool = False, *,
                    idstr: Any = None, page_size: int = 4096, dirty: Any = None,
                    detect_zero: bool = True, stop_when_rate_limited: bool = False,
-                   block_offset: int = 0) -> Tuple[int, int, int]:
+                   block_offset: int = 0, claimed: Any = None) -> Tuple[int, int, int]:
         self._enter(True)
         try:
             if page_size < 512 or page_size & (page_size - 1):
@@ -610,10 +610,17 @@ class QEMUFile:
                 if len(bits) * 8 < first_page + count:
                     export.release()
                     raise ValueError("the dirty bitmap is shorter than the page range")
+            sent = None
+            if claimed is not None:
+                sent = memoryview(claimed).cast("B")
+                if sent.readonly or len(sent) * 8 < first_page + count:
+                    export.release()
+                    raise ValueError("the claimed bitmap is read-only or shorter than the "
+                                     "page range")
             try:
                 return self._save_loop(export, first_page, count, header_base, flags,
                                        may_free, name, page_size, bits, detect_zero,
-                                       stop_when_rate_limited, block_offset)
+                                       stop_when_rate_limited, block_offset, sent)
             finally:
                 # the loop's export kept the region alive; keep it while bytes are pending
                 if self._iov or self._batch_runs or self._open_run[1]:
@@ -626,7 +633,8 @@ class QEMUFile:
     def _save_loop(self, export: _Export, first_page: int, count: int, header_base: int,
                    flags: int, may_free: bool, name: Optional[bytes], page_size: int,
                    bits: Optional[memoryview], detect_zero: bool,
-                   stop_when_rate_limited: bool, block_offset: int) -> Tuple[int, int, int]:
+                   stop_when_rate_limited: bool, block_offset: int,
+                   sent: Optional[memoryview] = None) -> Tuple[int, int, int]:
         pages = zeros = 0
         hooked = self._hooks.get("save_page") is not None
         for i in range(first_page, first_page + count):
@@ -646,6 +654,8 @@ class QEMUFile:
             zero = detect_zero and _all_zero(page)
             header = (header_base + i * page_size) | flags
             header |= RAM_SAVE_FLAG_ZERO if zero else RAM_SAVE_FLAG_PAGE
+            if sent is not None:
+                sent[i >> 3] |= 1 << (i & 7)
             if name is not None:
                 self._put_be(header & ~RAM_SAVE_FLAG_CONTINUE, 8)
                 self._put_byte(len(name))
@@ -1330,12 +1340,12 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
         length -= n
 
 
-def bitmap_runs(bitmap: Any, npages: int) -> List[Tuple[int, int]]:
+def bitmap_runs(bitmap: Any, npages: int, first: int = 0) -> List[Tuple[int, int]]:
     bits = memoryview(bitmap).cast("B")
     if len(bits) * 8 < npages:
         raise ValueError("the bitmap is shorter than npages")
     runs = []
-    i = 0
+    i = max(first, 0)
     while i < npages:
         if _bit(bits, i):
             j = i + 1

@@ -138,6 +138,12 @@ cdef extern from *:
     static inline uint64_t qf_add(uint64_t *p, uint64_t v) {
         return __atomic_add_fetch(p, v, __ATOMIC_RELAXED);
     }
+    static inline void qf_store(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    static inline void qf_lock(int *p) {
+        while (__atomic_exchange_n(p, 1, __ATOMIC_ACQUIRE))
+            __builtin_ia32_pause();
+    }
+    static inline void qf_unlock(int *p) { __atomic_store_n(p, 0, __ATOMIC_RELEASE); }
     #include <errno.h>
     static inline void qf_set_errno(int e) { errno = e; }
     """
@@ -147,6 +153,9 @@ cdef extern from *:
     int qf_load_int(const int *p) nogil
     int qf_add_int(int *p, int v) nogil
     uint64_t qf_add(uint64_t *p, uint64_t v) nogil
+    void qf_store(uint64_t *p, uint64_t v) nogil
+    void qf_lock(int *p) nogil
+    void qf_unlock(int *p) nogil
     void qf_set_errno(int e) nogil
 
 

@@ -119,6 +119,9 @@ cdef class FaultServer:
     cdef readonly uint64_t received_zero_pages
     cdef readonly uint64_t duplicate_pages
     cdef int receiving            # receive() is inside its GIL-free loop
+    cdef uint64_t upto[2]         # per channel: every page record before this stream
+                                  # offset is in place (what the source may release)
+    cdef int rp_lock              # one writer at a time on the return path
     cdef public bint exit_on_failure  # remote areas: a failure ends the process (see _die)
     cdef int format_error         # receive(): 1 bad record, 2 unknown block, 3 page past block
     cdef int64_t format_offset
@@ -504,18 +507,51 @@ cdef class FaultServer:
         else:
             _be16(msg, 4)               # REQ_PAGES: the same block as the last request
         _be16(msg + 2, <unsigned int>n)
-        if _write_all(self.request_fd, msg, 4 + n, self.request_timeout_ms) < 0:
+        if self._send(msg, 4 + n) < 0:
             self.error = errno
             return -1
         self.requests += 1
         self.requested_pages += j - page
         return 0
 
-    def receive(self, QEMUFile f not None):
-        """Place the pages of a postcopy stream as they arrive on ``f`` (GIL released):
-        PART/END sections of RAM page records, until EOF.  Returns when the stream
-        ends; raises on a broken stream or connection."""
+    cdef int _send(self, const unsigned char *msg, size_t n) noexcept nogil:
+        """Write one whole return path message; the fault thread and Python senders
+        share the fd, so messages never interleave."""
         cdef int rc
+        qf_lock(&self.rp_lock)
+        rc = _write_all(self.request_fd, msg, n, self.request_timeout_ms)
+        qf_unlock(&self.rp_lock)
+        return rc
+
+    def send_message(self, unsigned int msg_type, bytes payload=b""):
+        """Write a return path message (be16 type, be16 length, payload) between the
+        fault thread's requests, GIL released."""
+        cdef bytes msg = msg_type.to_bytes(2, "big") + len(payload).to_bytes(2, "big") + payload
+        cdef const unsigned char *p = <const unsigned char *>msg
+        cdef size_t n = len(msg)
+        cdef int rc
+        if self.request_fd < 0:
+            raise ValueError("no return path: set_remote() first")
+        with nogil:
+            rc = self._send(p, n)
+        if rc < 0:
+            raise OSError(errno, f"return path: {os.strerror(errno)}")
+
+    def placed_upto(self, int channel):
+        """The offset in ``channel``'s stream (0: main, 1: preempt) before which every
+        page record is in place."""
+        if not 0 <= channel < 2:
+            raise ValueError("channel is 0 or 1")
+        return qf_load(&self.upto[channel])
+
+    def receive(self, QEMUFile f not None, int channel=0):
+        """Place the pages of a postcopy stream as they arrive on ``f`` (GIL released):
+        PART/END sections of RAM page records, until EOF.  ``channel`` (0: main, 1:
+        preempt) names the stream for ``placed_upto``.  Returns when the stream ends;
+        raises on a broken stream or connection."""
+        cdef int rc
+        if not 0 <= channel < 2:
+            raise ValueError("channel is 0 or 1")
         if f.busy:
             raise RuntimeError("the QEMUFile is in use by another thread")
         if f.fd < 0:
@@ -525,7 +561,7 @@ cdef class FaultServer:
         try:
             with nogil:
                 qf_add_int(&self.receiving, 1)
-                rc = self._receive_loop(f)
+                rc = self._receive_loop(f, &self.upto[channel])
                 if rc < 0 and self.exit_on_failure:
                     self._die(f, b"receiving pages")
                 qf_add_int(&self.receiving, -1)
@@ -543,7 +579,7 @@ cdef class FaultServer:
             raise err
         raise OSError(self.error, f"postcopy receive: {os.strerror(self.error)}")
 
-    cdef int _receive_loop(self, QEMUFile f) noexcept nogil:
+    cdef int _receive_loop(self, QEMUFile f, uint64_t *upto) noexcept nogil:
         cdef unsigned char kind
         cdef uint64_t header, flags, offset
         cdef Area *a = NULL
@@ -570,6 +606,7 @@ cdef class FaultServer:
                 flags = header & (PAGE - 1)
                 offset = header & ~(PAGE - 1)
                 if flags == 0x10:                   # EOS
+                    qf_store(upto, <uint64_t>f._read_pos())
                     break
                 if flags == 0x200:                  # MULTIFD_FLUSH
                     continue

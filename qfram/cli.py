@@ -6,13 +6,14 @@ import argparse
 import json
 import mmap
 import os
+import stat
 import sys
 import time
 from typing import List, Optional, Tuple
 
 from qfram import channel, core, outputs, qemu, snapshot
 from qfram.demo import demo_ram, fill_demo
-from qfram.errors import QFramError
+from qfram.errors import QFramError, StreamEnded
 from qfram.ram import RAMBlock, RAMList
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -55,10 +56,54 @@ def map_source(path: str) -> mmap.mmap:
         os.close(fd)
 
 
-def open_output(path: str) -> int:
-    if path == "-":
-        return os.dup(sys.stdout.fileno())
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+STREAM_WINDOW_PAGES = (32 << 20) // 4096    # records made durable, then released
+
+
+def stream_records(out, region, idstr: str, release: bool,
+                   durable: bool) -> Tuple[int, int, int]:
+    """RAM page records of ``region`` then EOS.  ``release`` on a pipe or socket: each
+    page goes once written (the reader has it).  On a file (``durable``) a page goes
+    only once its bytes are fdatasync'd; should the stream fail later, every released
+    page is read back from the file first.  Returns (pages, zero pages, bytes released)."""
+    if not (release and durable):
+        pages, zeros, _ = out.save_pages(region, may_free=release, idstr=idstr)
+        out.put_be64(core.RAM_SAVE_FLAG_EOS)
+        out.flush()
+        return pages, zeros, out.released_bytes
+    fd = out.channel.fd
+    npages = len(region) // 4096
+    pages = zeros = released = 0
+    try:
+        for first in range(0, npages, STREAM_WINDOW_PAGES):
+            count = min(STREAM_WINDOW_PAGES, npages - first)
+            p, z, _ = out.save_pages(region, first, count, idstr=idstr if first == 0 else None,
+                                     flags=core.RAM_SAVE_FLAG_CONTINUE if first else 0)
+            pages, zeros = pages + p, zeros + z
+            out.flush()
+            os.fdatasync(fd)
+            released += core.impl.discard(region, first * 4096, count * 4096)
+        out.put_be64(core.RAM_SAVE_FLAG_EOS)
+        out.flush()
+        os.fdatasync(fd)
+    except BaseException:
+        if released:
+            _read_records_back(fd, region)
+        raise
+    return pages, zeros, released
+
+
+def _read_records_back(fd: int, region) -> None:
+    """Place every page record a failed stream left in the file ``fd`` back into
+    ``region`` (up to where the file ends)."""
+    back = channel.fdopen(fd, "rb", owned=False)
+    back.set_offset(0)
+    header = back.get_be64()
+    back.get_counted_string()
+    try:
+        back.load_pages(region, header)
+        back.close()
+    except StreamEnded:
+        pass                            # the records stop where the failure did
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
@@ -69,23 +114,32 @@ def cmd_stream(args: argparse.Namespace) -> int:
         region = map_source(args.source)
     params = core.SEED_PARAMS if args.seed_params else {}
     rss_before = rss()
-    out = channel.fdopen(open_output(args.output), "wb", **params)
+    target = None if args.output == "-" else outputs.new_file(args.output)
+    fd = os.dup(sys.stdout.fileno()) if target is None else target.fd
+    out = channel.fdopen(fd, "wb", owned=target is None, **params)
     t0 = time.perf_counter()
-    pages, zeros, _ = out.save_pages(region, may_free=args.release, idstr=args.block)
-    out.put_be64(core.RAM_SAVE_FLAG_EOS)
-    out.close()
+    try:
+        pages, zeros, released = stream_records(out, region, args.block, args.release,
+                                                durable=stat.S_ISREG(os.fstat(fd).st_mode))
+        out.close()
+        if target is not None:
+            target.commit()
+    except BaseException:
+        if target is not None:
+            target.abort()
+        raise
     seconds = time.perf_counter() - t0
     rss_after = rss()
     result = {
         "ram_bytes": len(region), "stream_bytes": out.tell(), "pages": pages,
         "zero_pages": zeros, "seconds": round(seconds, 4),
         "gbps": round(len(region) / seconds / 1e9, 3),
-        "released_bytes": out.released_bytes, "rss_before": rss_before,
+        "released_bytes": released, "rss_before": rss_before,
         "rss_after": rss_after,
     }
     text = (f"streamed {human(len(region))} of RAM ({pages} pages, {zeros} zero) as "
             f"{human(out.tell())} in {seconds:.3f} s: {result['gbps']} GB/s\n"
-            f"released {human(out.released_bytes)}; RSS {human(rss_before)} -> "
+            f"released {human(released)}; RSS {human(rss_before)} -> "
             f"{human(rss_after)}")
     # with the stream on stdout, the summary goes to stderr
     emit(args, result, text, sys.stderr if args.output == "-" else sys.stdout)

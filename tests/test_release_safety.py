@@ -176,3 +176,119 @@ def test_the_cli_reports_a_full_disk_and_leaves_the_memory_file_whole(small_fs, 
             assert xxhash.xxh3_64_hexdigest(f.read()) == before
     finally:
         os.unlink(mem)
+
+
+STREAM_SCRIPT = r"""
+import json, mmap, os, sys, xxhash
+from qfram.cli import main
+mem, out = sys.argv[1:3]
+with open(mem, "rb") as f:
+    before = xxhash.xxh3_64_hexdigest(f.read())
+code = main(["stream", mem, out, "--release", "--json"])
+with open(mem, "rb") as f:
+    after = xxhash.xxh3_64_hexdigest(f.read())
+print(json.dumps({"code": code, "before": before, "after": after}))
+"""
+
+
+@pytest.mark.parametrize("fault", [None, "write", "sync"])
+def test_stream_release_into_a_file_waits_for_durable_bytes(tmp_path, injector, fault):
+    import mmap
+    from qfram.demo import fill_demo
+    mem = f"/dev/shm/qfram-stream-{os.getpid()}"
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    try:
+        with open(mem, "wb") as f:
+            f.truncate(RAM)
+        with open(mem, "r+b") as f, mmap.mmap(f.fileno(), RAM) as m:
+            fill_demo(m, seed=5)
+        env = dict(os.environ)
+        if fault:
+            env.update(LD_PRELOAD=injector, QFRAM_FAULT=FAULTS[fault].format(dir=out_dir))
+        proc = subprocess.run([sys.executable, "-c", STREAM_SCRIPT, mem,
+                               str(out_dir / "records")], capture_output=True, text=True,
+                              timeout=300, env=env)
+        r = json.loads(proc.stdout.splitlines()[-1])
+        if fault is None:
+            assert r["code"] == 0 and r["after"] != r["before"]      # released: holes now
+            assert os.path.getsize(out_dir / "records") > RAM // 2
+        else:
+            assert r["code"] == 1 and "Input/output error" in proc.stderr
+            assert r["after"] == r["before"]
+            assert os.listdir(out_dir) == []
+    finally:
+        os.unlink(mem)
+
+
+# -- postcopy release-ram: only what the destination confirmed ------------------------------
+
+DESTINATION_SCRIPT = r"""
+import sys
+from qfram import postcopy
+from qfram.postcopy import Workload
+ram, stats = postcopy.receive(sys.argv[1], confirm=sys.argv[2] == "1", timeout=5,
+                              workload=lambda ram: Workload(ram, kinds=("read",)))
+print("received", stats["verified"])
+"""
+
+
+@pytest.mark.parametrize("confirming", [False, True])
+def test_postcopy_release_frees_only_confirmed_pages(tmp_path, confirming):
+    import signal
+    import threading
+    import time
+    import xxhash
+    from qfram import postcopy
+    from qfram.demo import fill_demo
+    from qfram.ram import RAMBlock, RAMList
+    block = RAMBlock.memfd("pc.ram", 256 << 20)
+    fill_demo(block.region, seed=6)
+    original = bytes(block.region)
+    before = xxhash.xxh3_64_hexdigest(original)
+    address = str(tmp_path / "m.sock")
+    dest = subprocess.Popen([sys.executable, "-c", DESTINATION_SCRIPT, address,
+                             "1" if confirming else "0"])
+    try:
+        while not os.path.exists(address):
+            time.sleep(0.01)
+        source = postcopy.Source(RAMList([block]), postcopy.connect(address),
+                                 preempt=postcopy.connect(address), release=True,
+                                 max_rounds=0, timeout=2)
+        outcome = {}
+
+        def run():
+            try:
+                outcome["stats"] = source.run()
+            except BaseException as exc:
+                outcome["error"] = exc
+
+        t = threading.Thread(target=run)
+        t.start()
+        while "downtime_source_ms" not in source.stats and t.is_alive():
+            time.sleep(0.0005)
+        deadline = time.time() + 10
+        while confirming and not source.releases.released_bytes and time.time() < deadline:
+            time.sleep(0.0005)                    # it confirmed pages: some are freed
+        dest.send_signal(signal.SIGSTOP)          # the destination stops mid-postcopy...
+        time.sleep(0.3)
+        dest.kill()                               # ...and dies
+        t.join(60)
+        assert "error" in outcome, "the migration finished before the destination died"
+        released = source.releases.released_bytes
+        if confirming:
+            # what it confirmed is freed (reads as zero now), everything else is intact
+            assert 0 < released < 256 << 20
+            region = memoryview(block.region)
+            gone = [i for i in range(0, len(original), 4096)
+                    if region[i:i + 4096] != original[i:i + 4096]]
+            assert all(region[i:i + 4096] == bytes(4096) for i in gone)
+            region.release()
+            assert len(gone) * 4096 <= released
+        else:
+            assert released == 0
+            assert xxhash.xxh3_64_hexdigest(block.region) == before
+    finally:
+        dest.kill()
+        dest.wait()
+        block.close()

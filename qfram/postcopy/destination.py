@@ -27,6 +27,7 @@ from qfram.postcopy import messages as msg
 from qfram.ram import TARGET_PAGE_SIZE, RAMBlock, RAMList, bitmap_bytes
 
 PAGE = TARGET_PAGE_SIZE
+CONFIRM_INTERVAL = 0.005       # seconds between QFRAM_RECEIVED messages
 
 
 class MigrationFailed(RuntimeError):
@@ -47,7 +48,8 @@ class Destination:
                  ram: Optional[RAMList] = None,
                  workload: Optional[Callable[[RAMList], object]] = None,
                  window_pages: int = 16, spin_us: float = 50.0, verify: bool = True,
-                 timeout: float = 30.0, on_failure: str = "exit") -> None:
+                 timeout: float = 30.0, on_failure: str = "exit",
+                 confirm: bool = True) -> None:
         if on_failure not in ("exit", "raise"):
             raise ValueError("on_failure is 'exit' or 'raise'")
         self.sock = sock
@@ -63,6 +65,8 @@ class Destination:
         self.on_failure = on_failure
         self.fresh: Dict[str, bytearray] = {}
         self.stats: Dict[str, object] = {"role": "destination"}
+        self.confirm = False           # the source releases only what we confirm
+        self.send_confirmations = confirm
 
     # -- the run ------------------------------------------------------------------------
 
@@ -157,6 +161,9 @@ class Destination:
                 if cmd == msg.CMD_POSTCOPY_LISTEN:
                     self.stats["precopy_s"] = round(time.perf_counter() - (t_first or 0), 3)
                     self._t_listen = time.perf_counter()
+                    if self.confirm:     # every precopy page is in place by now
+                        msg.put_return_message(rp, msg.MIG_RP_MSG_QFRAM_RECEIVED,
+                                               msg.received_payload(0, f.tell()))
                     return True
                 self._command(cmd, data, pos, rp)
             elif kind in (stream.SECTION_START, stream.SECTION_PART, stream.SECTION_END):
@@ -182,6 +189,9 @@ class Destination:
 
     def _command(self, cmd: int, data: bytes, pos: int, rp) -> None:
         if cmd == msg.CMD_OPEN_RETURN_PATH:
+            return
+        if cmd == msg.CMD_QFRAM_CONFIRM:
+            self.confirm = self.send_confirmations
             return
         if cmd == msg.CMD_PING:
             msg.put_return_message(rp, msg.MIG_RP_MSG_PONG, data[:4])
@@ -234,13 +244,19 @@ class Destination:
             if pf.get_buffer(len(PREEMPT_MAGIC)) != PREEMPT_MAGIC:
                 raise FormatError("the preempt channel does not start with its magic", 0)
             files.append(pf)
-        self._receivers = [threading.Thread(target=self._receive, args=(x, server, i == 0),
+        self._receivers = [threading.Thread(target=self._receive, args=(x, server, i),
                                             daemon=True, name="qfram-receive")
                            for i, x in enumerate(files)]
         for t in self._receivers:
             t.start()
         while server.receiving < len(files) and all(t.is_alive() for t in self._receivers):
             time.sleep(0.0002)
+        self._confirming = None
+        if self.confirm:
+            self._confirming = threading.Thread(target=self._confirm_loop,
+                                                args=(server, len(files)), daemon=True,
+                                                name="qfram-confirm")
+            self._confirming.start()
         self._t_run = time.perf_counter()
         if self.workload_factory is not None:
             self.workload = self.workload_factory(self.ram)
@@ -249,13 +265,13 @@ class Destination:
             (time.perf_counter() - self._t_listen) * 1000, 2)
         return server
 
-    def _receive(self, f, server, background: bool) -> None:
-        if background and self.preempt is not None:
+    def _receive(self, f, server, channel: int) -> None:
+        if channel == 0 and self.preempt is not None:
             sched.background()       # the bulk stream yields to the requested pages
         else:
             sched.short_slice()
         try:
-            server.receive(f)            # until EOF, in C
+            server.receive(f, channel)   # until EOF, in C
         except BaseException as exc:
             self._receive_error = exc
 
@@ -266,9 +282,30 @@ class Destination:
         except BaseException as exc:
             self._fail(exc, None, True)
 
+    def _confirm_loop(self, server, channels: int) -> None:
+        """Tell the source, every few ms, up to where each channel's pages are in
+        place (it frees them then).  Late is harmless: it only frees later."""
+        sent = [0] * channels
+        while True:
+            done = not any(t.is_alive() for t in self._receivers)
+            for ch in range(channels):
+                upto = server.placed_upto(ch)
+                if upto > sent[ch]:
+                    try:
+                        server.send_message(msg.MIG_RP_MSG_QFRAM_RECEIVED,
+                                            msg.received_payload(ch, upto))
+                    except OSError:
+                        return
+                    sent[ch] = upto
+            if done:
+                return
+            time.sleep(CONFIRM_INTERVAL)
+
     def _receive_postcopy(self, f, server) -> None:
         for t in self._receivers:
             t.join()
+        if self._confirming is not None:
+            self._confirming.join()
         if self._receive_error is not None:
             raise self._receive_error
         self.stats["postcopy_s"] = round(time.perf_counter() - self._t_run, 3)

@@ -29,6 +29,12 @@ MIG_RP_MSG_REQ_PAGES = 4
 MIG_RP_MSG_RECV_BITMAP = 5
 MIG_RP_MSG_RESUME_ACK = 6
 
+# qfram extensions (never sent to a QEMU): with release-ram, the source asks the
+# destination to confirm what it has placed, and frees pages only once confirmed
+CMD_QFRAM_CONFIRM = 0x7F01             # source -> destination, no payload
+MIG_RP_MSG_QFRAM_RECEIVED = 0x7F01     # u8 channel (0 main, 1 preempt), be64 offset:
+                                       # every page record before it is in place
+
 DISCARD_VERSION = 0
 # a command's length is a be16: at most this many (start, length) pairs per RAM_DISCARD
 MAX_DISCARD_PAIRS = 4000
@@ -77,6 +83,17 @@ def put_return_message(f, msg_type: int, payload: bytes = b"") -> None:
     if payload:
         f.put_buffer(payload)
     f.flush()
+
+
+def received_payload(channel: int, offset: int) -> bytes:
+    return struct.pack(">BQ", channel, offset)
+
+
+def parse_received(payload: bytes, pos: int = -1) -> Tuple[int, int]:
+    if len(payload) != 9 or payload[0] > 1:
+        raise FormatError("a broken QFRAM_RECEIVED message", pos)
+    channel, offset = struct.unpack(">BQ", payload)
+    return channel, offset
 
 
 def shut_payload(status: int) -> bytes:

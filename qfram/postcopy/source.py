@@ -20,10 +20,11 @@ from typing import Dict, List, Optional
 
 import xxhash
 
-from qfram import channel, sched, stream
+from qfram import channel, core, sched, stream
 from qfram.errors import FormatError
 from qfram.faults import percentiles
 from qfram.postcopy import messages as msg
+from qfram.postcopy.release import ConfirmedRelease
 from qfram.ram import TARGET_PAGE_SIZE, RAMBlock, RAMList, bitmap_bytes
 
 PAGE = TARGET_PAGE_SIZE
@@ -85,6 +86,10 @@ class Source:
         self._preempt_pages = 0
         self._serve_ns: List[int] = []          # request read -> its pages written
         self.stats: Dict[str, object] = {}
+        # release-ram: pages go once the destination confirms them (ConfirmedRelease);
+        # `claimed` per channel and block records exactly which pages a batch carried
+        self.releases: Optional[ConfirmedRelease] = None
+        self._claimed: List[Dict[str, bytearray]] = []
 
     def switch(self) -> None:
         """Switch to postcopy at the end of the current chunk (a command)."""
@@ -94,6 +99,10 @@ class Source:
 
     def run(self) -> Dict[str, object]:
         t0 = time.perf_counter()
+        if self.release:
+            self.releases = ConfirmedRelease()
+            self._claimed = [{b.name: bytearray(bitmap_bytes(b.npages)) for b in self.blocks}
+                             for _ in range(2)]
         self.sock.setblocking(False)
         f = channel.socket_file(self.sock, "wb", timeout=self.timeout)
         rp = f.get_return_path()
@@ -109,6 +118,8 @@ class Source:
         try:
             stream.put_header(f, self.machine)
             msg.put_command(f, msg.CMD_OPEN_RETURN_PATH)
+            if self.releases is not None:
+                msg.put_command(f, msg.CMD_QFRAM_CONFIRM)   # release only what it confirms
             if self.postcopy:
                 msg.put_command(f, msg.CMD_POSTCOPY_ADVISE,
                                 msg.advise_payload(PAGE, PAGE))
@@ -139,11 +150,14 @@ class Source:
                 hashes = self._chunk_hashes()
                 t_verify = time.perf_counter() - tv
             if self.postcopy:
-                postcopy_pages, requested_pages, released = self._postcopy(
-                    f, t_stop, t_verify)
+                postcopy_pages, requested_pages = self._postcopy(f, t_stop, t_verify)
             else:
                 precopy_pages += self._send_all_dirty(f)
-                postcopy_pages = requested_pages = released = 0
+                postcopy_pages = requested_pages = 0
+                if self.releases is not None:
+                    end = f.tell()       # every page went in precopy: free all on SHUT
+                    for block in self.blocks:
+                        self.releases.sent(0, end, block, [(0, block.npages)])
                 self.stats["downtime_source_ms"] = round(
                     (time.perf_counter() - t_stop - t_verify) * 1000, 2)
             stream.put_section_part(f, RAM_SECTION_ID, stream.SECTION_END)
@@ -165,6 +179,8 @@ class Source:
                 raise self.rp_error
             if self.shut_status:
                 raise RuntimeError(f"the destination failed (status {self.shut_status})")
+            if self.releases is not None:
+                self.releases.confirm_all()      # SHUT(0): it holds and verified everything
         except BaseException:
             for file in (f, self.pf):
                 try:
@@ -178,6 +194,7 @@ class Source:
                 if tracker is not None:
                     tracker.close()
             reader.join(5)
+            released = self.releases.stop() if self.releases is not None else 0
         sent_bytes = f.tell() + (self.pf.tell() if self.pf is not None else 0)
         for closer in (f.close, rp.close) + ((self.pf.close,) if self.pf else ()):
             try:
@@ -191,8 +208,8 @@ class Source:
             "postcopy_pages": postcopy_pages, "requested_pages": requested_pages,
             "requests": self.stats.get("requests", 0),
             "pages_sent": precopy_pages + postcopy_pages, "bytes_sent": sent_bytes,
-            "released_bytes": released + f.released_bytes
-            + (self.pf.released_bytes if self.pf is not None else 0),
+            "released_bytes": released,
+            "confirmations": self.releases.confirmations if self.releases else 0,
             "preempt_channel": self.pf is not None, "verify_s": round(t_verify, 3),
             "request_service": percentiles(self._serve_ns),
             "seconds": round(time.perf_counter() - t0, 3),
@@ -269,29 +286,29 @@ class Source:
     # -- postcopy -----------------------------------------------------------------------
 
     def _postcopy(self, f, t_stop: float, t_verify: float):
-        released = 0
-        self._clean_released = 0
-        self._clean_at_switch = [(b, bytes(x ^ 0xFF for x in self.dirty[b.name]))
-                                 for b in self.blocks]
+        clean_at_switch = [(b, bytes(x ^ 0xFF for x in self.dirty[b.name]))
+                           for b in self.blocks]
         for block in self.blocks:
             name = block.name
             for payload in msg.discard_payloads(
                     name, msg.bitmap_ranges(self.dirty[name], block.npages, PAGE)):
                 msg.put_command(f, msg.CMD_POSTCOPY_RAM_DISCARD, payload)
         msg.put_command(f, msg.CMD_POSTCOPY_LISTEN)
+        listen_end = f.tell_fast()
         msg.put_command(f, msg.CMD_POSTCOPY_RUN)
         f.flush()
+        if self.releases is not None:
+            # the pages that are not dirty went in precopy: the destination has them
+            # once it confirms the stream up to LISTEN
+            end = listen_end
+            for block, clean in clean_at_switch:
+                self.releases.sent(0, end, block, core.impl.bitmap_runs(clean, block.npages))
         # Either way the main connection's buffers are kept small: a page the background
         # stream has taken waits behind what they hold, even if it is requested.
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, POSTCOPY_SOCKET_BUFFER)
         self.stats["downtime_source_ms"] = round(
             (time.perf_counter() - t_stop - t_verify) * 1000, 2)
         t_post = time.perf_counter()
-        releaser = None
-        if self.release:
-            # the clean pages are at the destination: free them beside the sending
-            releaser = threading.Thread(target=self._release_clean, daemon=True)
-            releaser.start()
         counts = {"pushed": 0, "requested": 0}
         bytes_before = f.tell()
         error: List[BaseException] = []
@@ -302,16 +319,13 @@ class Source:
         if error:
             raise error[0]
         pushed, requested = counts["pushed"], counts["requested"]
-        if releaser is not None:
-            releaser.join()
-            released += self._clean_released
         requested += self._preempt_pages
         seconds = time.perf_counter() - t_post
         self.stats["postcopy_s"] = round(seconds, 3)
         self.stats["postcopy_gbps"] = round((pushed + requested) * PAGE / seconds / 1e9, 3) \
             if seconds else None
         self.stats["postcopy_bytes"] = f.tell() - bytes_before
-        return pushed + requested, requested, released
+        return pushed + requested, requested
 
     @staticmethod
     def _guard(target, *args) -> None:
@@ -356,15 +370,24 @@ class Source:
             counts["pushed"] += self._send_range(f, block, first, count)
             scan[block.name] = first + count
 
-    def _send_range(self, f, block: RAMBlock, first: int, count: int) -> int:
-        """The still-dirty pages of [first, first+count) in one PART, flushed."""
+    def _send_range(self, f, block: RAMBlock, first: int, count: int,
+                    channel: int = 0) -> int:
+        """The still-dirty pages of [first, first+count) in one PART, flushed.  With
+        release-ram the pages it carried wait for the destination's confirmation."""
         stream.put_section_part(f, RAM_SECTION_ID)
+        claimed = self._claimed[channel][block.name] if self.releases is not None else None
         p, z, _ = f.save_pages(block.region, first, count, 0, stream.FLAG_CONTINUE,
-                               self.release, idstr=block.name, dirty=self.dirty[block.name])
+                               idstr=block.name, dirty=self.dirty[block.name],
+                               claimed=claimed)
         f.put_be64(stream.FLAG_EOS)
         stream.put_footer(f, RAM_SECTION_ID)
         if p + z:
             f.flush()
+            if claimed is not None and self.releases is not None:
+                runs = core.impl.bitmap_runs(claimed, first + count, first)
+                claimed[first // 8:(first + count + 7) // 8] = bytes(
+                    (first + count + 7) // 8 - first // 8)
+                self.releases.sent(channel, f.tell(), block, runs)
         return p + z
 
     def _serve_preempt(self, block: RAMBlock, first: int, count: int) -> None:
@@ -373,20 +396,11 @@ class Source:
         with self._pf_lock:
             if getattr(self, "_pf_done", False):
                 return
-            self._preempt_pages += self._send_range(self.pf, block, first, count)
+            self._preempt_pages += self._send_range(self.pf, block, first, count, channel=1)
         self.requests.put((block.name, first, count))    # a hint for the scan
 
     def _block_dirty(self, block: RAMBlock) -> bool:
         return any(self.dirty[block.name])
-
-    def _release_clean(self) -> None:
-        """At the switch, the pages that are not dirty are at the destination already:
-        give them back (the dirty ones go as they are sent)."""
-        released = 0
-        for block, clean in self._clean_at_switch:
-            for start, length in msg.bitmap_ranges(clean, block.npages, PAGE):
-                released += block.discard(start, length)
-        self._clean_released = released
 
     # -- the return path ----------------------------------------------------------------
 
@@ -419,6 +433,8 @@ class Source:
                     return
                 elif kind == msg.MIG_RP_MSG_PONG:
                     continue
+                elif kind == msg.MIG_RP_MSG_QFRAM_RECEIVED and self.releases is not None:
+                    self.releases.confirm(*msg.parse_received(payload, pos))
                 else:
                     raise FormatError(f"unknown return path message {kind}", pos)
         except BaseException as exc:
