@@ -159,8 +159,15 @@ cdef extern from *:
     void qf_set_errno(int e) nogil
 
 
+# Where an area's pages come from: a local source (a snapshot mapping, placed by the
+# fault and fill loops) or a remote one (asked for on a return path, placed by receive).
+cdef enum AreaKind:
+    AREA_LOCAL = 1
+    AREA_REMOTE = 2
+
 # One registered range of guest RAM and where its pages come from.
 cdef struct Area:
+    AreaKind kind
     uint64_t base                 # start address (page aligned)
     uint64_t length
     uint64_t npages

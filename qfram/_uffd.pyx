@@ -27,7 +27,8 @@ protection + PAGEMAP_SCAN, Linux 6.7+), for precopy rounds.
 """
 
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
-from libc.errno cimport errno, EINTR, EAGAIN, EEXIST, ENOENT, EINVAL, EPIPE, ETIMEDOUT, EPROTO
+from libc.errno cimport (errno, EINTR, EAGAIN, EEXIST, ENOENT, EINVAL, EPIPE, ETIMEDOUT,
+                         EPROTO, EFAULT)
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memset, memcpy, memcmp
 from posix.fcntl cimport O_CLOEXEC, O_NONBLOCK, O_RDWR, O_RDONLY as O_RDONLY_, open as c_open
@@ -108,6 +109,7 @@ cdef class FaultServer:
     cdef readonly uint64_t zero_pages
     cdef readonly uint64_t eexist
     cdef int error                # errno of the first failure in a loop
+    cdef uint64_t fail_addr       # where a page could not be placed (0: not that)
     cdef readonly uint64_t features
     # remote source
     cdef int request_fd
@@ -218,6 +220,7 @@ cdef class FaultServer:
             raise ValueError("a userfaultfd area must be whole, aligned pages")
         a = &self.areas[self.nareas]
         memset(a, 0, sizeof(Area))
+        a.kind = AREA_LOCAL if source is not None else AREA_REMOTE
         a.base = <uint64_t>r.buf
         a.length = r.len
         a.npages = r.len // PAGE
@@ -375,6 +378,7 @@ cdef class FaultServer:
                 done += 1
             elif errno != EAGAIN:
                 self.error = errno
+                self.fail_addr = dst + done * PAGE
                 return -1
         return 0
 
@@ -398,6 +402,7 @@ cdef class FaultServer:
                 done += 1
             elif errno != EAGAIN:
                 self.error = errno
+                self.fail_addr = dst + done * PAGE
                 return -1
         return 0
 
@@ -552,6 +557,7 @@ cdef class FaultServer:
         cdef int rc
         if not 0 <= channel < 2:
             raise ValueError("channel is 0 or 1")
+        self._require(AREA_REMOTE, "receive")
         if f.busy:
             raise RuntimeError("the QEMUFile is in use by another thread")
         if f.fd < 0:
@@ -672,27 +678,53 @@ cdef class FaultServer:
                 self.lat[k] = now_ns() - a.fault_ns[page]
         return 0
 
+    cdef int _where(self, char *out, size_t size) noexcept nogil:
+        """The page that could not be placed, in words (empty when that was not it)."""
+        cdef Area *a = self._area_of(self.fail_addr) if self.fail_addr else NULL
+        out[0] = 0
+        if a == NULL:
+            return 0
+        return snprintf(out, size, " placing page %llu of block %.*s%s",
+                        <unsigned long long>((self.fail_addr - a.base) // PAGE), a.name_len,
+                        a.name,
+                        b" from the snapshot" if a.kind == AREA_LOCAL else b"")
+
     cdef void _die(self, QEMUFile f, const char *what) noexcept nogil:
-        """A postcopy destination that lost its pages cannot wake the threads waiting
-        for them (and one of them may hold the GIL): say why on stderr, without Python,
-        and end the process with status 1."""
-        cdef char line[512]
+        """Memory that lost its page source cannot wake the threads waiting for pages
+        (and one of them may hold the GIL): say why on stderr, without Python, and end
+        the process with status 1."""
+        cdef char line[768]
+        cdef char where[320]
         cdef int n
         cdef int err = self.error
         cdef const char *reason = b"the stream ended early"
+        cdef const char *hint = b""
+        cdef Area *a = self._area_of(self.fail_addr) if self.fail_addr else NULL
         if f is not None and err == 0 and f.last_error:
             err = -f.last_error
         if err:
             reason = strerror(err)
+        self._where(where, sizeof(where))
+        if a != NULL and a.kind == AREA_LOCAL and err == EFAULT:
+            hint = b" (the snapshot file no longer holds it: was it cut or replaced while " \
+                   b"in use?)"
         if self.format_error:
             n = snprintf(line, sizeof(line), "qfram: postcopy failed while %s: broken stream "
                          "(%d) at byte %lld\n", what, self.format_error,
                          <long long>self.format_offset)
         else:
-            n = snprintf(line, sizeof(line), "qfram: postcopy failed while %s: %s\n", what,
-                         reason)
+            n = snprintf(line, sizeof(line), "qfram: %s failed while %s%s: %s%s\n",
+                         b"lazy restore" if a != NULL and a.kind == AREA_LOCAL else
+                         b"postcopy", what, where, reason, hint)
         write(2, line, n)
         _exit(1)
+
+    def _failure(self):
+        """What went wrong in a loop, for an exception."""
+        cdef char where[320]
+        self._where(where, sizeof(where))
+        return f"{where.decode(errors='replace').strip()}: {os.strerror(self.error)}" \
+            if where[0] else os.strerror(self.error)
 
     cdef int _bad(self, QEMUFile f, int what) noexcept nogil:
         self.format_error = what
@@ -711,7 +743,7 @@ cdef class FaultServer:
             if rc < 0 and self.exit_on_failure:
                 self._die(None, b"serving faults")
         if rc < 0:
-            raise OSError(self.error, f"fault server: {os.strerror(self.error)}")
+            raise OSError(self.error, f"fault server: {self._failure()}")
 
     cdef int _fill_loop(self) noexcept nogil:
         cdef int i
@@ -730,14 +762,29 @@ cdef class FaultServer:
                 first += n
         return 0
 
+    cdef int _require(self, AreaKind kind, str what) except -1:
+        cdef int i
+        for i in range(self.nareas):
+            if self.areas[i].kind != kind:
+                raise ValueError(f"{what} needs areas with a "
+                                 f"{'local' if kind == AREA_LOCAL else 'remote'} source; "
+                                 f"area {i} has a "
+                                 f"{'remote' if kind == AREA_LOCAL else 'local'} one")
+        return 0
+
     def fill_background(self):
         """Place every page not placed yet, in order (GIL released); returns when all
-        are in place or stop() was called."""
+        are in place or stop() was called.  Local areas only (a remote area's pages
+        arrive through receive())."""
         cdef int rc
+        self._require(AREA_LOCAL, "fill_background")
         with nogil:
             rc = self._fill_loop()
+            # pages it claimed and could not place would be waited for forever
+            if rc < 0 and self.exit_on_failure:
+                self._die(None, b"filling in the background")
         if rc < 0:
-            raise OSError(self.error, f"background fill: {os.strerror(self.error)}")
+            raise OSError(self.error, f"background fill: {self._failure()}")
 
     def stop(self):
         """Make both loops return (safe from any thread)."""

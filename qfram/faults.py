@@ -55,21 +55,35 @@ class LazyRestore:
     ``window_pages``: pages placed per fault (16 = 64 KiB).  ``spin_us``: how long the
     fault thread busy-waits for the next fault before sleeping (latency for CPU).
     ``background``: fill the rest in the background (else only touched pages arrive).
+    ``on_failure``: what happens when a page cannot be placed (the snapshot file was cut
+    under us, say): "exit" says why on stderr and ends the process with status 1 — a
+    thread waiting for that page (perhaps holding the GIL) can never be woken with the
+    right bytes; "raise" hands the error to ``wait()``, which is only safe when no
+    other thread touches the memory.  The snapshot is held with a shared lock, so no
+    incremental save changes it meanwhile.
     """
 
     def __init__(self, path: str, *, window_pages: int = 16, spin_us: float = 50.0,
-                 background: bool = True) -> None:
+                 background: bool = True, on_failure: str = "exit") -> None:
         from qfram._uffd import FaultServer
-        info = snapshot.inspect(path)
+        if on_failure not in ("exit", "raise"):
+            raise ValueError("on_failure is 'exit' or 'raise'")
+        self._fd = snapshot.open_locked(path)
+        try:
+            info = snapshot.inspect_fd(path, self._fd)
+        except BaseException:
+            os.close(self._fd)
+            raise
         if info["layout"] != "mapped":
+            os.close(self._fd)
             raise FormatError(f"{path}: lazy restore needs the mapped layout (pages at "
                               f"fixed offsets); this is a {info['layout']} snapshot", 0)
         self.path = path
         self.info = info
-        self._fd = os.open(path, os.O_RDONLY)
         size = os.fstat(self._fd).st_size
         self._file = mmap.mmap(self._fd, size, prot=mmap.PROT_READ)
         self.server = FaultServer(window_pages, spin_us)
+        self.server.exit_on_failure = on_failure == "exit"
         self.ram = RAMList()
         for b in info["blocks"]:
             if b["pages_offset"] + b["used_length"] > size:
@@ -79,7 +93,7 @@ class LazyRestore:
             block = self.ram.add(RAMBlock.anonymous(b["name"], b["used_length"], huge=False))
             present = os.pread(self._fd, bitmap_bytes(block.npages), b["bitmap_offset"])
             source = memoryview(self._file)[b["pages_offset"]:b["pages_offset"] + b["used_length"]]
-            self.server.add_area(block.region, source, present)
+            self.server.add_area(block.region, source, present, name=block.name)
             del source
         self._errors: List[BaseException] = []
         self._t0 = time.perf_counter()

@@ -470,16 +470,27 @@ def devices_of(fd: int, info: dict) -> stream.DeviceState:
 # ---------------------------------------------------------------------------------------
 
 
-def _open_snapshot(path: str) -> Tuple[int, Optional[dict], int, int]:
-    """The snapshot's fd (holding a shared lock: no incremental save changes it while it
-    is read), its description (from the end of the file), the file size, and where the
-    description starts (-1: none).  An incremental save a crash interrupted is finished
-    or dropped first."""
+def open_locked(path: str) -> int:
+    """The snapshot open read-only with a shared lock (incremental saves wait while it
+    is held), after finishing or dropping an interrupted incremental save."""
     from qfram import journal
     journal.recover(path)
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_snapshot(path: str) -> Tuple[int, Optional[dict], int, int]:
+    """The snapshot's fd (holding a shared lock: no incremental save changes it while it
+    is read), its description (from the end of the file), the file size, and where the
+    description starts (-1: none).  An incremental save a crash interrupted is finished
+    or dropped first."""
+    fd = open_locked(path)
+    try:
         return (fd,) + _read_head(path, fd)     # type: ignore[return-value]
     except BaseException:
         os.close(fd)
