@@ -74,7 +74,9 @@ cdef struct LoadLoop:
     int64_t bad_pos
     uint64_t bad_value
     int reason           # format error: 1 page past the block, 2 non-zero ZERO fill byte
-    unsigned char *fresh # optional: bit i set = page i is still fresh (known zero) memory
+    unsigned char *touched   # optional: bit i set = page i's memory was written (clear:
+                             # still new zero memory, a ZERO record needs no write)
+    unsigned char *received  # optional: bit i set for every page a record placed
     int64_t short_pos    # status -1: where the short read started, what it wanted, got
     Py_ssize_t short_wanted
     Py_ssize_t short_got

@@ -1256,17 +1256,19 @@ cdef class QEMUFile:
     # -- read side: the page loop ---------------------------------------------------------
 
     def load_pages(self, region, header=None, *, Py_ssize_t page_size=4096,
-                   Py_ssize_t header_pos=-1, fresh=None):
+                   Py_ssize_t header_pos=-1, touched=None, received=None):
         """Place RAM page records into ``region`` (writable) without Python work per page.
 
         With ``header`` (already read, together with its block name; ``header_pos`` its
         byte offset, for messages) that record is placed first whatever its CONTINUE
         bit; then records are read while they are ``CONTINUE|PAGE`` or ``CONTINUE|ZERO``.
         A PAGE is read into its place.  A ZERO fills its page only where it is not zero
-        already; with ``fresh`` (a writable bitmap, bit i set = page i is untouched,
-        known-zero memory) a ZERO on a fresh page is not even read, so untouched memory
-        stays untouched; every placed page's bit is cleared.  Every offset is checked
-        against the region before a byte is written.
+        already.  ``touched`` (a writable bitmap) says the region is new zero memory
+        except where its bit is set: a ZERO on an untouched page is not even read (no
+        fault, no page), and every page written gets its bit set.  ``received`` (a
+        writable bitmap) gets the bit of every page a record placed, zero or not.  Both
+        start all clear, so they cost nothing until pages arrive.  Every offset is
+        checked against the region before a byte is written.
 
         Returns ``(next_header, pages, zero_pages)``: the first record header that is not
         such a page (consumed, its payload not), for the caller's format code.
@@ -1276,9 +1278,11 @@ cdef class QEMUFile:
         counted, their payloads skipped (``qfram info``).
         """
         cdef Py_buffer view
-        cdef Py_buffer fview
+        cdef Py_buffer tview
+        cdef Py_buffer gview
         cdef LoadLoop loop
-        cdef bint have_fresh = fresh is not None
+        cdef bint have_touched = touched is not None
+        cdef bint have_received = received is not None
         self._enter(0)
         try:
             if page_size < 512 or page_size & (page_size - 1):
@@ -1301,18 +1305,23 @@ cdef class QEMUFile:
                 try:
                     loop.base = <unsigned char *>view.buf
                     loop.length = view.len
-                    if have_fresh:
-                        PyObject_GetBuffer(fresh, &fview, PyBUF_WRITABLE)
-                        if fview.len * 8 < view.len // page_size:
-                            PyBuffer_Release(&fview)
-                            raise ValueError("the fresh bitmap is shorter than the region")
-                        loop.fresh = <unsigned char *>fview.buf
+                    if have_touched:
+                        PyObject_GetBuffer(touched, &tview, PyBUF_WRITABLE)
+                        loop.touched = <unsigned char *>tview.buf
+                    if have_received:
+                        PyObject_GetBuffer(received, &gview, PyBUF_WRITABLE)
+                        loop.received = <unsigned char *>gview.buf
                     try:
+                        if (have_touched and tview.len * 8 < view.len // page_size) or \
+                                (have_received and gview.len * 8 < view.len // page_size):
+                            raise ValueError("a page bitmap is shorter than the region")
                         with nogil:
                             _load_loop(self, &loop)
                     finally:
-                        if have_fresh:
-                            PyBuffer_Release(&fview)
+                        if have_touched:
+                            PyBuffer_Release(&tview)
+                        if have_received:
+                            PyBuffer_Release(&gview)
                 finally:
                     PyBuffer_Release(&view)
             if loop.status == -2:
@@ -1678,9 +1687,9 @@ cdef void _load_loop(QEMUFile f, LoadLoop *loop) noexcept nogil:
             return
         page = loop.base + offset
         index = offset // loop.page_size
-        fresh = loop.fresh != NULL and (loop.fresh[index >> 3] >> (index & 7)) & 1
-        if loop.fresh != NULL:
-            loop.fresh[index >> 3] &= ~(1 << (index & 7))
+        fresh = loop.touched != NULL and not (loop.touched[index >> 3] >> (index & 7)) & 1
+        if loop.received != NULL:
+            loop.received[index >> 3] |= <unsigned char>(1 << (index & 7))
         if flags == FLAG_PAGE and loop.base == NULL:
             pos = f._read_pos()
             got = f._skip(loop.page_size)
@@ -1689,6 +1698,8 @@ cdef void _load_loop(QEMUFile f, LoadLoop *loop) noexcept nogil:
                 return
             loop.pages += 1
         elif flags == FLAG_PAGE:
+            if loop.touched != NULL:
+                loop.touched[index >> 3] |= <unsigned char>(1 << (index & 7))
             if f.buf_fill - f.buf_index >= <Py_ssize_t>loop.page_size:
                 memcpy(page, f.buf + f.buf_index, loop.page_size)
                 f.buf_index += loop.page_size
@@ -1868,7 +1879,8 @@ cdef void _write_mapped(MappedIO *io) noexcept nogil:
 
 cdef void _read_mapped(MappedIO *io) noexcept nogil:
     """Read the present pages of [first, end) straight into the RAM, one pread per run;
-    absent pages are zero (left alone where `dirty` — here: fresh — says they are)."""
+    absent pages are zero (left alone where `dirty` — here: touched — has no bit: new
+    zero memory)."""
     cdef Py_ssize_t i = io.first
     cdef Py_ssize_t j
     cdef size_t ps = io.page_size
@@ -1898,13 +1910,11 @@ cdef void _read_mapped(MappedIO *io) noexcept nogil:
             io.written += j - i
             i = j
         else:
-            if io.dirty == NULL or not _bit(io.dirty, i):
+            if io.dirty == NULL or _bit(io.dirty, i):
                 p = io.base + <size_t>i * ps
                 if not _is_zero(p, ps):
                     memset(p, 0, ps)
             io.zeros += 1
-            if io.dirty != NULL:
-                _set_bit(io.dirty, i, False)
             i += 1
 
 
@@ -1997,34 +2007,34 @@ def write_pages_at(int fd, region, int64_t file_offset, present, Py_ssize_t firs
 
 
 def read_pages_at(int fd, region, int64_t file_offset, present, Py_ssize_t first_page=0,
-                  Py_ssize_t count=-1, *, Py_ssize_t page_size=4096, fresh=None):
+                  Py_ssize_t count=-1, *, Py_ssize_t page_size=4096, touched=None):
     """Read the pages whose ``present`` bit is set from ``fd`` at ``file_offset +
     i*page_size`` straight into ``region`` (one pread per run, GIL released); the other
-    pages are zero: cleared where they are not, left untouched where ``fresh`` (a
-    writable bitmap, bit i = page i is new zero memory) says so, and that bit cleared.
+    pages are zero: cleared where they are not, left alone where ``touched`` (a bitmap;
+    the region is new zero memory except where a bit is set) says they still are.
 
     Returns ``(pages_read, zero_pages)``.  A file shorter than its bitmap claims raises
     FormatError."""
-    cdef Py_buffer rview, pview, fview
+    cdef Py_buffer rview, pview, tview
     cdef MappedIO io
-    cdef bint have_fresh = fresh is not None
+    cdef bint have_touched = touched is not None
     PyObject_GetBuffer(region, &rview, PyBUF_WRITABLE)
     try:
         PyObject_GetBuffer(present, &pview, PyBUF_SIMPLE)
         try:
             _mapped_setup(&io, fd, &rview, &pview, file_offset, first_page, count, page_size)
-            if have_fresh:
-                PyObject_GetBuffer(fresh, &fview, PyBUF_WRITABLE)
+            if have_touched:
+                PyObject_GetBuffer(touched, &tview, PyBUF_SIMPLE)
             try:
-                if have_fresh:
-                    if fview.len * 8 < io.end:
-                        raise ValueError("the fresh bitmap is shorter than the page range")
-                    io.dirty = <unsigned char *>fview.buf
+                if have_touched:
+                    if tview.len * 8 < io.end:
+                        raise ValueError("the touched bitmap is shorter than the page range")
+                    io.dirty = <unsigned char *>tview.buf
                 with nogil:
                     _read_mapped(&io)
             finally:
-                if have_fresh:
-                    PyBuffer_Release(&fview)
+                if have_touched:
+                    PyBuffer_Release(&tview)
             _mapped_error(&io, "pread")
             return (io.written, io.zeros)
         finally:

@@ -885,7 +885,8 @@ class QEMUFile:
     # -- read side: the page loop ---------------------------------------------------------
 
     def load_pages(self, region: Any, header: Optional[int] = None, *, page_size: int = 4096,
-                   header_pos: int = -1, fresh: Any = None) -> Tuple[int, int, int]:
+                   header_pos: int = -1, touched: Any = None,
+                   received: Any = None) -> Tuple[int, int, int]:
         self._enter(False)
         try:
             if page_size < 512 or page_size & (page_size - 1):
@@ -900,13 +901,13 @@ class QEMUFile:
                 if target.readonly:
                     raise BufferError("load_pages needs a writable region")
                 length = len(target)
-            bits = None
-            if fresh is not None:
-                bits = memoryview(fresh).cast("B")
-                if bits.readonly:
-                    raise BufferError("the fresh bitmap must be writable")
-                if len(bits) * 8 < length // page_size:
-                    raise ValueError("the fresh bitmap is shorter than the region")
+            written = memoryview(touched).cast("B") if touched is not None else None
+            got_bits = memoryview(received).cast("B") if received is not None else None
+            for bits in (written, got_bits):
+                if bits is not None and bits.readonly:
+                    raise BufferError("a page bitmap must be writable")
+                if bits is not None and len(bits) * 8 < length // page_size:
+                    raise ValueError("a page bitmap is shorter than the region")
             mask = page_size - 1
             pages = zeros = 0
             have_header = header is not None
@@ -929,10 +930,11 @@ class QEMUFile:
                         f"bytes", header_pos))
                 page = target[offset:offset + page_size] if target is not None else None
                 index = offset // page_size
-                was_fresh = False
-                if bits is not None:
-                    was_fresh = bool((bits[index >> 3] >> (index & 7)) & 1)
-                    bits[index >> 3] &= ~(1 << (index & 7))
+                was_fresh = written is not None and not _bit(written, index)
+                if got_bits is not None:
+                    _set_bit(got_bits, index, True)
+                if flags == RAM_SAVE_FLAG_PAGE and written is not None:
+                    _set_bit(written, index, True)
                 if flags == RAM_SAVE_FLAG_PAGE and page is None:
                     start = self._read_pos()
                     got = self._skip(page_size)
@@ -1271,15 +1273,16 @@ def write_pages_at(fd: int, region: Any, file_offset: int, present: Any, first_p
 
 
 def read_pages_at(fd: int, region: Any, file_offset: int, present: Any, first_page: int = 0,
-                  count: int = -1, *, page_size: int = 4096, fresh: Any = None) -> Tuple[int, int]:
+                  count: int = -1, *, page_size: int = 4096,
+                  touched: Any = None) -> Tuple[int, int]:
     view = memoryview(region).cast("B")
     if view.readonly:
         raise BufferError("read_pages_at needs a writable region")
     bits = memoryview(present).cast("B")
     end = _mapped_range(len(view), bits, file_offset, first_page, count, page_size)
-    fresh_bits = memoryview(fresh).cast("B") if fresh is not None else None
-    if fresh_bits is not None and len(fresh_bits) * 8 < end:
-        raise ValueError("the fresh bitmap is shorter than the page range")
+    written = memoryview(touched).cast("B") if touched is not None else None
+    if written is not None and len(written) * 8 < end:
+        raise ValueError("the touched bitmap is shorter than the page range")
     pages = zeros = 0
     for i in range(first_page, end):
         page = view[i * page_size:(i + 1) * page_size]
@@ -1292,12 +1295,10 @@ def read_pages_at(fd: int, region: Any, file_offset: int, present: Any, first_pa
             page[:] = data
             pages += 1
         else:
-            if fresh_bits is None or not _bit(fresh_bits, i):
+            if written is None or _bit(written, i):
                 if not _all_zero(page):
                     page[:] = bytes(page_size)
             zeros += 1
-            if fresh_bits is not None:
-                _set_bit(fresh_bits, i, False)
     return (pages, zeros)
 
 

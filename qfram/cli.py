@@ -14,7 +14,8 @@ from typing import List, Optional, Tuple
 from qfram import channel, core, outputs, qemu, snapshot
 from qfram.demo import demo_ram, fill_demo
 from qfram.errors import QFramError, StreamEnded
-from qfram.ram import RAMBlock, RAMList
+from qfram.ram import RAMBlock, RAMList, disk_room
+from qfram.stream import TooLarge
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -223,13 +224,20 @@ def cmd_save(args: argparse.Namespace) -> int:
     return 0
 
 
-def target_blocks(info: dict, target: str) -> Tuple[RAMList, outputs.BlockFiles]:
+def target_blocks(info: dict, target: str,
+                  force: bool = False) -> Tuple[RAMList, outputs.BlockFiles]:
     """New memory files to restore into: TARGET itself for one block, else a directory
     with a file per block (names with '/' become folders, never outside it).  They
-    appear only on the files' commit(), once the restore is verified."""
+    appear only on the files' commit(), once the restore is verified.  More RAM than
+    the disk has free is refused unless ``force``."""
     files = outputs.BlockFiles(target, single=len(info["blocks"]) == 1)
     ram = RAMList()
     try:
+        room, where = disk_room(files.root.path)
+        if not force and info["ram_bytes"] > room:
+            raise TooLarge(f"{info['path']} declares {info['ram_bytes'] / 2**30:.2f} GiB of "
+                           f"RAM, more than {where} ({room / 2**30:.2f} GiB); --force to try "
+                           f"anyway", 0)
         for b in info["blocks"]:
             out = files.new(b["name"])
             ram.add(RAMBlock.map_fd(b["name"], out.fd, b["used_length"], path=out.path))
@@ -247,11 +255,12 @@ def cmd_load(args: argparse.Namespace) -> int:
     files = None
     ram = None
     if args.target:
-        ram, files = target_blocks(snapshot.inspect(args.snapshot), args.target)
+        ram, files = target_blocks(snapshot.inspect(args.snapshot), args.target, args.force)
     before = rss()
     try:
         ram, result = snapshot.load(args.snapshot, ram, verify=not args.no_verify,
-                                    threads=args.threads, zeroed=ram is not None)
+                                    threads=args.threads, zeroed=ram is not None,
+                                    force=args.force)
     except BaseException:
         if files is not None:
             ram.close()
@@ -273,11 +282,11 @@ def cmd_load(args: argparse.Namespace) -> int:
 def load_lazy(args: argparse.Namespace) -> int:
     from qfram import faults
     with faults.LazyRestore(args.snapshot, window_pages=args.window,
-                            spin_us=args.spin_us) as lazy:
+                            spin_us=args.spin_us, force=args.force) as lazy:
         touched = faults.touch_workload(lazy.ram, args.touches, threads=args.touch_threads)
         stats = lazy.wait(verify=not args.no_verify)
         if args.target:
-            out_ram, files = target_blocks(lazy.info, args.target)
+            out_ram, files = target_blocks(lazy.info, args.target, args.force)
             try:
                 for block in lazy.ram:
                     memoryview(out_ram[block.name].region)[:] = memoryview(block.region)
@@ -334,7 +343,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_extract(args: argparse.Namespace) -> int:
     """Write each RAM block of a QEMU stream as a raw file."""
     t0 = time.perf_counter()
-    result = qemu.extract(args.stream, args.outdir)
+    result = qemu.extract(args.stream, args.outdir, force=args.force)
     result["seconds"] = round(time.perf_counter() - t0, 4)
     lines = [f"extracted {len(result['blocks'])} RAM blocks from {args.stream} in "
              f"{result['seconds']:.3f} s:"]
@@ -492,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--lazy: fault thread busy-waits this long before sleeping")
     p.add_argument("--threads", type=int, default=2, help="reader threads (mapped layout)")
     p.add_argument("--no-verify", action="store_true", help="skip the checksum check")
+    p.add_argument("--force", action="store_true",
+                   help="restore even a snapshot that declares more RAM than there is room "
+                        "for")
     add_output_options(p)
     p.set_defaults(func=cmd_load)
 
@@ -556,6 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("extract", help="write each RAM block of a QEMU stream as a raw file")
     p.add_argument("stream", help="a QEMU migration stream or mapped-ram file")
     p.add_argument("outdir", help="where the files go ('/' in block names: folders)")
+    p.add_argument("--force", action="store_true",
+                   help="extract even a stream that declares more RAM than the disk has free")
     add_output_options(p)
     p.set_defaults(func=cmd_extract)
 

@@ -20,7 +20,8 @@ from typing import Dict, List, Optional
 
 from qfram import snapshot
 from qfram.errors import FormatError
-from qfram.ram import TARGET_PAGE_SIZE, RAMBlock, RAMList, bitmap_bytes
+from qfram.ram import TARGET_PAGE_SIZE, RAMBlock, RAMList, bitmap_bytes, memory_room
+from qfram.stream import TooLarge
 
 
 def percentiles(values_ns: List[int]) -> Dict[str, float]:
@@ -60,11 +61,13 @@ class LazyRestore:
     thread waiting for that page (perhaps holding the GIL) can never be woken with the
     right bytes; "raise" hands the error to ``wait()``, which is only safe when no
     other thread touches the memory.  The snapshot is held with a shared lock, so no
-    incremental save changes it meanwhile.
+    incremental save changes it meanwhile.  ``force``: restore even when the snapshot
+    declares more RAM than the machine has available.
     """
 
     def __init__(self, path: str, *, window_pages: int = 16, spin_us: float = 50.0,
-                 background: bool = True, on_failure: str = "exit") -> None:
+                 background: bool = True, on_failure: str = "exit",
+                 force: bool = False) -> None:
         from qfram._uffd import FaultServer
         if on_failure not in ("exit", "raise"):
             raise ValueError("on_failure is 'exit' or 'raise'")
@@ -78,6 +81,12 @@ class LazyRestore:
             os.close(self._fd)
             raise FormatError(f"{path}: lazy restore needs the mapped layout (pages at "
                               f"fixed offsets); this is a {info['layout']} snapshot", 0)
+        room, where = memory_room()
+        if not force and info["ram_bytes"] > room:
+            os.close(self._fd)
+            raise TooLarge(f"{path} declares {info['ram_bytes'] / 2**30:.2f} GiB of RAM, "
+                           f"more than {where} ({room / 2**30:.2f} GiB); --force to try "
+                           f"anyway", 0)
         self.path = path
         self.info = info
         size = os.fstat(self._fd).st_size

@@ -14,49 +14,50 @@ from typing import Dict
 
 from qfram import channel, core, outputs, snapshot, stream
 from qfram.errors import FormatError
-from qfram.ram import RAMBlock, RAMList, bitmap_bytes
+from qfram.description import find_tail as find_description
+from qfram.ram import RAMBlock, RAMList, bitmap_bytes, disk_room, memory_available, new_bitmap
 
-def _memory_available() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def extract(path: str, outdir: str) -> dict:
+def extract(path: str, outdir: str, *, force: bool = False) -> dict:
     """Write each RAM block of a stream as a raw (sparse) file under ``outdir`` (block
     names with '/' become folders, always inside ``outdir``: see qfram.outputs).  Only
     the RAM section is read (no VMDESCRIPTION needed); reading stops at the first device
     section after it.  The files appear together once the whole RAM section was read,
-    or not at all: earlier files of the same names stay as they were on failure.
+    or not at all: earlier files of the same names stay as they were on failure.  A
+    stream declaring more RAM than ``outdir``'s filesystem has free is refused unless
+    ``force`` (the files are sparse: only pages with data take space).
 
-    While RAM fits comfortably in free memory, pages are placed in anonymous huge-page
-    memory and each block is written out with one pwrite per run of non-zero pages
-    (zero pages become holes): faulting a 4 KiB page of a shared file mapping costs ~4 us,
-    a huge page ~0.5 us per 4 KiB.  Otherwise pages go straight into mapped files."""
+    While the RAM fits comfortably in free memory and the file holds enough data to
+    fill it, pages are placed in anonymous huge-page memory and each block is written
+    out with one pwrite per run of non-zero pages (zero pages become holes): faulting a
+    4 KiB page of a shared file mapping costs ~4 us, a huge page ~0.5 us per 4 KiB.
+    Otherwise pages go straight into mapped files."""
     fd = os.open(path, os.O_RDONLY)
     ram = RAMList()
-    fresh: Dict[str, bytearray] = {}
-    in_memory = os.fstat(fd).st_size < _memory_available() // 2
+    touched: Dict[str, object] = {}
+    size = os.fstat(fd).st_size
+    room = memory_available() // 2
     files = outputs.BlockFiles(outdir, single=False)
     try:
         def resolve(name: str, length: int, pos: int) -> RAMBlock:
+            nonlocal room
             out = files.new(name, pos)
-            fresh[name] = bytearray(b"\xff" * bitmap_bytes(length // 4096))
-            if in_memory and length < _memory_available() // 2:
+            touched[name] = new_bitmap(length // 4096)
+            if length <= room and length <= 2 * size:
+                room -= length
                 return ram.add(RAMBlock.anonymous(name, length, huge=True))
             return ram.add(RAMBlock.map_fd(name, out.fd, length, path=out.path))
 
         def mapped_block(block: stream.BlockInfo, pos: int) -> None:
-            present = os.pread(fd, bitmap_bytes(block.npages), block.bitmap_offset)
+            present = stream.read_present(fd, block, pos)
             block.pages, block.zero_pages = snapshot.read_blocks(
-                fd, ram[block.name], block.pages_offset, present, fresh.get(block.name), 2)
+                fd, ram[block.name], block.pages_offset, present, touched.get(block.name), 2)
 
         f = channel.fdopen(fd, "rb", owned=False)
         info = stream.StreamInfo()
         stream.StreamReader(f, info, on_section=lambda section, f: stream.STOP,
-                            resolve=resolve, fresh=fresh, mapped_block=mapped_block).read()
+                            resolve=resolve, touched=touched, mapped_block=mapped_block,
+                            file_size=size,
+                            max_ram=None if force else disk_room(files.root.path)).read()
         f.close()
         if not info.blocks:
             raise FormatError(f"{path}: no RAM section", 0)
@@ -83,13 +84,12 @@ def _write_sparse(block: RAMBlock, out: int) -> None:
 
 def device_state(path: str) -> stream.DeviceState:
     """The device sections of a QEMU stream, to carry into a stream qfram writes."""
-    info = snapshot.inspect(path)
-    fd = os.open(path, os.O_RDONLY)
+    fd = snapshot.open_locked(path)
     try:
+        info = snapshot.inspect_fd(path, fd)
         state = snapshot.devices_of(fd, info)
-        description, _ = stream.read_vmdescription_tail(fd, info["file_bytes"])
+        description, _ = find_description(fd, info["file_bytes"])
     finally:
         os.close(fd)
-    state.description = [d for d in (description or {}).get("devices", [])
-                         if isinstance(d, dict)]
+    state.description = description.devices if description else []
     return state

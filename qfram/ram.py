@@ -11,26 +11,82 @@ size of its backing, and the memory itself, which is one of
 * any writable buffer the caller already has (``RAMBlock.from_buffer``).
 
 Each block discards pages the way its backing needs (the core picks ``MADV_REMOVE`` for
-shared/file memory, ``MADV_DONTNEED`` for private) and carries a dirty bitmap, one bit per
-target page (4 KiB), least significant bit first — the layout of QEMU's bitmaps on x86.
+shared/file memory, ``MADV_DONTNEED`` for private).  Page bitmaps — one bit per target page
+(4 KiB), least significant bit first, the layout of QEMU's bitmaps on x86 — are made by
+:func:`new_bitmap`.
 """
 from __future__ import annotations
 
 import mmap
 import os
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 from qfram import core
 
 TARGET_PAGE_SIZE = 4096        # x86's page: the unit of RAM records and bitmaps
 HOST_PAGE_SIZE = mmap.PAGESIZE
 MFD_HUGETLB = 0x0004
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 HUGETLBFS_MAGIC = 0x958458F6
 
 
 def bitmap_bytes(npages: int) -> int:
     """Bytes of a page bitmap, rounded up to whole 64-bit words as QEMU's are."""
     return (npages + 63) // 64 * 8
+
+
+def new_bitmap(npages: int):
+    """A writable page bitmap, all clear.  A large one is a private anonymous mapping:
+    the kernel gives it memory only where a bit is set, so a bitmap for RAM that a file
+    merely declares costs nothing until pages arrive."""
+    size = bitmap_bytes(npages)
+    if size < (64 << 10):
+        return bytearray(size)
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
+
+
+def set_bits(bitmap, first: int, count: int, value: bool) -> None:
+    """Set (or clear) bits first .. first+count-1 of a page bitmap, whole bytes at once."""
+    end = first + count
+    while first < end and first & 7:
+        _set_bit(bitmap, first, value)
+        first += 1
+    whole = (end - first) // 8
+    if whole:
+        bitmap[first // 8:first // 8 + whole] = (b"\xff" if value else b"\x00") * whole
+        first += whole * 8
+    while first < end:
+        _set_bit(bitmap, first, value)
+        first += 1
+
+
+def _set_bit(bitmap, i: int, value: bool) -> None:
+    if value:
+        bitmap[i >> 3] |= 1 << (i & 7)
+    else:
+        bitmap[i >> 3] &= ~(1 << (i & 7)) & 0xFF
+
+
+def memory_available() -> int:
+    """The kernel's estimate of memory available for new allocations (MemAvailable)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def memory_room() -> Tuple[int, str]:
+    """How much RAM a file may declare for new memory: what is available, less a
+    margin for everything else, and how to say so."""
+    room = memory_available() * 9 // 10
+    return room, "this machine has available"
+
+
+def disk_room(path: str) -> Tuple[int, str]:
+    """How much RAM a file may declare for files under ``path``: the free space there."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize, f"the free space on {path}"
 
 
 def fs_block_size(path: str) -> int:
@@ -61,7 +117,6 @@ class RAMBlock:
         self.fd = fd
         self.path = path
         self._owns_region = owns_region
-        self.dirty = bytearray(bitmap_bytes(self.npages))
 
     # -- construction ---------------------------------------------------------------------
 
@@ -132,24 +187,6 @@ class RAMBlock:
         """Give the whole pages of [offset, offset+length) back to the kernel; they
         read as zero afterwards.  Returns the bytes released."""
         return core.impl.discard(self.region, offset, length)
-
-    # -- dirty bitmap ---------------------------------------------------------------------
-
-    def mark_dirty(self, first: int = 0, count: int = -1) -> None:
-        """Mark pages first .. first+count-1 dirty (all from ``first`` when -1)."""
-        end = self.npages if count < 0 else first + count
-        if not 0 <= first <= end <= self.npages:
-            raise ValueError(f"pages {first}..{end} are outside block {self.name!r}")
-        for i in range(first, end):
-            self.dirty[i >> 3] |= 1 << (i & 7)
-
-    def mark_all_dirty(self) -> None:
-        self.dirty[:] = b"\xff" * len(self.dirty)
-        for i in range(self.npages, len(self.dirty) * 8):     # no bits past the end
-            self.dirty[i >> 3] &= ~(1 << (i & 7))
-
-    def dirty_pages(self) -> int:
-        return sum(bin(b).count("1") for b in self.dirty)
 
     def close(self) -> None:
         """Unmap (if the block made the mapping) and close its memfd."""

@@ -31,7 +31,9 @@ import xxhash
 
 from qfram import channel, core, outputs, stream
 from qfram.errors import FormatError, QFramError
-from qfram.ram import TARGET_PAGE_SIZE, RAMBlock, RAMList, bitmap_bytes
+from qfram.description import Description
+from qfram.description import find_tail as find_description
+from qfram.ram import TARGET_PAGE_SIZE, RAMBlock, RAMList, bitmap_bytes, memory_room, new_bitmap
 
 DEFAULT_MACHINE = "pc-i440fx-7.2"
 RAM_SECTION_ID = 2
@@ -497,12 +499,12 @@ def _open_snapshot(path: str) -> Tuple[int, Optional[dict], int, int]:
         raise
 
 
-def _read_head(path: str, fd: int) -> Tuple[Optional[dict], int, int]:
+def _read_head(path: str, fd: int) -> Tuple[Optional[Description], int, int]:
     if os.pread(fd, 4, 0) == LEGACY_INCOMPLETE_MAGIC:
         raise FormatError(f"{path}: an incremental save of qfram 0.1 into this snapshot "
                           f"was interrupted; it is incomplete", 0)
     size = os.fstat(fd).st_size
-    description, where = stream.read_vmdescription_tail(fd, size)
+    description, where = find_description(fd, size)
     return description, size, where
 
 
@@ -513,11 +515,6 @@ def _check_tail(info: stream.StreamInfo, size: int, where: int) -> None:
     if size > after_eof and where != after_eof:
         raise FormatError("the bytes after EOF are not a complete VMDESCRIPTION (the file "
                           "is cut or damaged)", after_eof)
-
-
-def _qfram_blocks(description: Optional[dict]) -> Dict[str, dict]:
-    q = (description or {}).get("qfram") or {}
-    return {b["name"]: b for b in q.get("blocks", []) if isinstance(b, dict) and "name" in b}
 
 
 def inspect(path: str) -> dict:
@@ -539,26 +536,24 @@ def inspect_fd(path: str, fd: int) -> dict:
     info = stream.StreamInfo()
 
     def mapped_block(block: stream.BlockInfo, pos: int) -> None:
-        present = os.pread(fd, bitmap_bytes(block.npages), block.bitmap_offset)
-        block.pages = sum(bin(b).count("1") for b in present)
+        block.pages = stream.count_bits(stream.read_present(fd, block, pos))
         block.zero_pages = block.npages - block.pages
 
     scanner = stream.FooterScanner(fd, size, description)
-    stream.StreamReader(f, info, on_section=scanner, mapped_block=mapped_block).read()
+    stream.StreamReader(f, info, on_section=scanner, mapped_block=mapped_block,
+                        file_size=size).read()
     f.close()
     _check_tail(info, size, where)
-    qblocks = _qfram_blocks(description)
-    q = (description or {}).get("qfram") or {}
+    facts = description.blocks if description else {}
+    q = description.qfram if description else {}
     blocks = []
     for b in info.blocks.values():
         d = b.as_dict()
-        if b.name in qblocks:
-            d["xxh3_64"] = qblocks[b.name].get("xxh3_64")
+        if b.name in facts:
+            d["xxh3_64"] = facts[b.name].xxh3_64
         blocks.append(d)
-    vmsd = {(d.get("name"), d.get("instance_id")): d.get("vmsd_name")
-            for d in (description or {}).get("devices", []) if isinstance(d, dict)}
-    devices = [dict(r, vmsd_name=vmsd.get((r["name"], r["instance"])))
-               for r in scanner.ranges]
+    devices = [dict(r, vmsd_name=description.vmsd_name(r["name"], r["instance"])
+                    if description else None) for r in scanner.ranges]
     return {
         "path": path, "file_bytes": size, "format": "qemu-migration-stream",
         "layout": "mapped" if info.mapped else "stream", "machine": info.machine,
@@ -577,19 +572,25 @@ def inspect_fd(path: str, fd: int) -> dict:
 
 
 def load(path: str, ram: Optional[RAMList] = None, *, verify: bool = True,
-         threads: int = 2, huge: bool = True,
-         zeroed: bool = False) -> Tuple[RAMList, LoadResult]:
+         threads: int = 2, huge: bool = True, zeroed: bool = False,
+         force: bool = False) -> Tuple[RAMList, LoadResult]:
     """Restore a snapshot (either layout) into ``ram`` — blocks matched by name and
-    length — or into new private anonymous blocks (transparent huge pages when
-    ``huge``).  ``zeroed``: the caller's blocks are known to be all zero (new memory), so
-    zero pages are not even read.  With ``verify`` every block's checksum is checked
-    when the snapshot has one.  Any error raises; memory it was writing must then be
-    considered garbage."""
+    length — or into new private anonymous blocks.  ``zeroed``: the caller's blocks are
+    known to be all zero (new memory), so zero pages are not even read.  With ``verify``
+    every block's checksum is checked when the snapshot has one.  Any error raises;
+    memory it was writing must then be considered garbage.
+
+    What the file declares costs nothing until real bytes back it: new memory is
+    refused when the snapshot declares more RAM than the machine has available (unless
+    ``force``), page bitmaps take memory only where pages arrive, and new blocks get
+    transparent huge pages (``huge``: 2-3x faster to fill) only while the file holds
+    enough data to fill them — else a few scattered pages would each take 2 MiB."""
     t0 = time.perf_counter()
     fd, description, size, where = _open_snapshot(path)
     created = ram is None
     target = RAMList() if ram is None else ram
-    fresh: Dict[str, bytearray] = {}
+    touched: Dict[str, object] = {}
+    huge_budget = [2 * size]          # bytes of huge-page blocks the file can justify
     try:
         def resolve(name: str, length: int, pos: int) -> RAMBlock:
             block = target.get(name)
@@ -597,29 +598,29 @@ def load(path: str, ram: Optional[RAMList] = None, *, verify: bool = True,
                 if not created:
                     raise FormatError(f"the snapshot has block {name!r}, the target RAM "
                                       f"has no such block", pos)
-                block = target.add(RAMBlock.anonymous(name, length, huge=huge))
-                fresh[name] = bytearray(b"\xff" * bitmap_bytes(length // TARGET_PAGE_SIZE))
+                thp = huge and length <= huge_budget[0]
+                huge_budget[0] -= length if thp else 0
+                block = target.add(RAMBlock.anonymous(name, length, huge=thp))
+                touched[name] = new_bitmap(length // TARGET_PAGE_SIZE)
             elif block.used_length != length:
                 raise FormatError(f"block {name!r} is {length:#x} bytes in the snapshot, "
                                   f"{block.used_length:#x} in the target", pos)
             elif zeroed:
-                fresh[name] = bytearray(b"\xff" * bitmap_bytes(length // TARGET_PAGE_SIZE))
+                touched[name] = new_bitmap(length // TARGET_PAGE_SIZE)
             return block
 
         def mapped_block(binfo: stream.BlockInfo, pos: int) -> None:
-            if binfo.pages_offset + binfo.used_length > size:
-                raise FormatError(f"block {binfo.name!r}: its pages run past the end of "
-                                  f"the file", pos)
-            present = os.pread(fd, bitmap_bytes(binfo.npages), binfo.bitmap_offset)
-            block = target[binfo.name]
-            pages, zeros = read_blocks(fd, block, binfo.pages_offset, present,
-                                        fresh.get(binfo.name), threads)
+            present = stream.read_present(fd, binfo, pos)
+            pages, zeros = read_blocks(fd, target[binfo.name], binfo.pages_offset, present,
+                                       touched.get(binfo.name), threads)
             binfo.pages, binfo.zero_pages = pages, zeros
 
         f = channel.fdopen(fd, "rb", owned=False)
         info = stream.StreamReader(f, on_section=stream.FooterScanner(fd, size, description),
-                                   resolve=resolve, fresh=fresh,
-                                   mapped_block=mapped_block).read()
+                                   resolve=resolve, touched=touched,
+                                   mapped_block=mapped_block, file_size=size,
+                                   max_ram=None if force or not created
+                                   else memory_room()).read()
         f.close()
         _check_tail(info, size, where)
         if not info.blocks:
@@ -641,7 +642,7 @@ def load(path: str, ram: Optional[RAMList] = None, *, verify: bool = True,
 
 
 def read_blocks(fd: int, block: RAMBlock, pages_offset: int, present: bytes,
-                 fresh: Optional[bytearray], threads: int) -> Tuple[int, int]:
+                touched, threads: int) -> Tuple[int, int]:
     """Read a mapped block's present pages on worker threads, 64-page aligned ranges."""
     npages = block.npages
     per = max(64, (npages // max(1, threads) + 63) // 64 * 64)
@@ -652,7 +653,7 @@ def read_blocks(fd: int, block: RAMBlock, pages_offset: int, present: bytes,
     def run(first: int, count: int) -> None:
         try:
             results.append(core.impl.read_pages_at(fd, block.region, pages_offset, present,
-                                                   first, count, fresh=fresh))
+                                                   first, count, touched=touched))
         except BaseException as exc:
             errors.append(exc)
 
@@ -667,18 +668,18 @@ def read_blocks(fd: int, block: RAMBlock, pages_offset: int, present: bytes,
     return sum(r[0] for r in results), sum(r[1] for r in results)
 
 
-def _verify(ram: RAMList, info: stream.StreamInfo, description: Optional[dict]) -> bool:
+def _verify(ram: RAMList, info: stream.StreamInfo, description: Optional[Description]) -> bool:
     """Check each block against the checksum saved with it.  False: nothing to check."""
-    saved = _qfram_blocks(description)
+    saved = description.blocks if description else {}
     if not saved:
         return False
     for name, binfo in info.blocks.items():
         entry = saved.get(name)
-        if entry is None or entry.get("used_length") != binfo.used_length:
+        if entry is None or entry.used_length != binfo.used_length:
             raise ChecksumError(f"block {name!r} is not described by the snapshot's "
                                 f"checksums")
         got = checksum(ram[name].region, binfo.used_length)
-        if got != entry.get("xxh3_64"):
+        if got != entry.xxh3_64:
             raise ChecksumError(f"block {name!r}: restored contents hash to {got}, the "
-                                f"snapshot recorded {entry.get('xxh3_64')}")
+                                f"snapshot recorded {entry.xxh3_64}")
     return True

@@ -25,7 +25,6 @@ len, data.
 """
 from __future__ import annotations
 
-import json
 import os
 import struct
 import zlib
@@ -33,8 +32,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 from qfram import core
+from qfram.description import Description
+from qfram.description import encode as encode_description
 from qfram.errors import FormatError
-from qfram.ram import TARGET_PAGE_SIZE, RAMBlock, bitmap_bytes
+from qfram.ram import TARGET_PAGE_SIZE, RAMBlock, bitmap_bytes, set_bits
 
 QEVM_MAGIC = 0x5145564D
 QEVM_VERSION = 3
@@ -161,10 +162,7 @@ def put_mem_size(f, blocks: List[RAMBlock]) -> None:
 
 
 def put_vmdescription(f, description: dict) -> None:
-    data = json.dumps(description, separators=(",", ":")).encode()
-    f.put_byte(SECTION_VMDESCRIPTION)
-    f.put_be32(len(data))
-    f.put_buffer(data)
+    f.put_buffer(encode_description(description))
 
 
 def save_pages_compressed(f, block: RAMBlock, first: int, count: int, codec: str,
@@ -267,8 +265,6 @@ class StreamInfo:
     commands: List[Tuple[int, int, int]] = field(default_factory=list)  # (cmd, len, offset)
     mapped: bool = False
     eof_offset: int = -1
-    vmdesc: Optional[dict] = None
-    vmdesc_offset: int = -1
 
 
 def get_header(f, info: StreamInfo) -> None:
@@ -320,23 +316,53 @@ def get_counted_name(f, what: str) -> str:
         raise FormatError(f"{what} is not UTF-8: {raw!r}", pos) from None
 
 
+class TooLarge(FormatError):
+    """A stream declares more RAM than there is room for (``force`` lifts the limit)."""
+
+
+def read_present(fd: int, block: "BlockInfo", pos: int) -> bytes:
+    """A mapped block's bitmap of present pages; bits past its last page are refused
+    (they would count pages the block does not have)."""
+    present = os.pread(fd, bitmap_bytes(block.npages), block.bitmap_offset)
+    if len(present) != bitmap_bytes(block.npages):
+        raise FormatError(f"block {block.name!r}: its bitmap is cut short", block.bitmap_offset)
+    if int.from_bytes(present, "little") >> block.npages:
+        raise FormatError(f"block {block.name!r}: its bitmap marks pages past the block's "
+                          f"last page", block.bitmap_offset)
+    return present
+
+
+def count_bits(bits: bytes) -> int:
+    return bin(int.from_bytes(bits, "little")).count("1")
+
+
 class RAMSectionReader:
     """Reads the payload of "ram" sections (QEMU's ram_load_precopy) into RAM blocks.
 
     ``resolve(name, used_length, offset)`` returns the RAMBlock for a block the stream
     announces (matching or creating it) or raises FormatError; ``mapped_block(info)`` is
     called for each block of a mapped-layout stream once its header is read.  Without a
-    resolver the reader only counts (``qfram info``)."""
+    resolver the reader only counts (``qfram info``).  ``touched`` and ``received`` map
+    block names to the page bitmaps of ``load_pages``.  ``max_ram``: RAM the stream may
+    declare at most (refused with :class:`TooLarge` before anything is made for it).
+    ``file_size``: the size of the file read (mapped-ram offsets are checked against it;
+    None: not a file, so not a mapped-ram stream)."""
 
     def __init__(self, f, info: StreamInfo,
                  resolve: Optional[Callable[[str, int, int], RAMBlock]] = None,
-                 fresh: Optional[Dict[str, bytearray]] = None,
-                 mapped_block: Optional[Callable[[BlockInfo, int], None]] = None) -> None:
+                 touched: Optional[Dict[str, object]] = None,
+                 received: Optional[Dict[str, object]] = None,
+                 mapped_block: Optional[Callable[[BlockInfo, int], None]] = None,
+                 max_ram: Optional[Tuple[int, str]] = None,
+                 file_size: Optional[int] = None) -> None:
         self.f = f
         self.info = info
         self.resolve = resolve
-        self.fresh = fresh if fresh is not None else {}
+        self.touched = touched if touched is not None else {}
+        self.received = received if received is not None else {}
         self.mapped_block = mapped_block
+        self.max_ram = max_ram
+        self.file_size = file_size
         self.targets: Dict[str, RAMBlock] = {}
         self.last: Optional[BlockInfo] = None
         self.setup_done = False
@@ -398,6 +424,10 @@ class RAMSectionReader:
         if self.setup_done:
             raise FormatError("a second MEM_SIZE record", pos)
         self.setup_done = True
+        if self.max_ram is not None and total > self.max_ram[0]:
+            raise TooLarge(f"the stream declares {total / 2**30:.2f} GiB of RAM, more than "
+                           f"{self.max_ram[1]} ({self.max_ram[0] / 2**30:.2f} GiB); "
+                           f"--force to try anyway", pos)
         mapped = "mapped-ram" in self.info.capabilities
         seen = 0
         while seen < total:
@@ -442,11 +472,17 @@ class RAMSectionReader:
                               pos)
         if page_size != TARGET_PAGE_SIZE:
             raise FormatError(f"block {block.name!r}: page size {page_size}", pos)
+        if self.file_size is None:
+            raise FormatError("a mapped-ram stream can only be read from a file", pos)
         bitmap_end = bitmap_offset + bitmap_bytes(block.npages)
         if bitmap_offset != pos + MAPPED_RAM_HEADER.size or pages_offset < bitmap_end or \
                 pages_offset % MAPPED_RAM_ALIGN:
             raise FormatError(f"block {block.name!r}: bitmap at {bitmap_offset:#x} and "
                               f"pages at {pages_offset:#x} do not fit the layout", pos)
+        if pages_offset + block.used_length > self.file_size:
+            raise FormatError(f"block {block.name!r}: its pages ({pages_offset:#x} + "
+                              f"{block.used_length:#x}) run past the end of the file "
+                              f"({self.file_size:#x} bytes)", pos)
         block.bitmap_offset = bitmap_offset
         block.pages_offset = pages_offset
 
@@ -471,7 +507,8 @@ class RAMSectionReader:
         target = self.targets.get(block.name)
         region = target.region if target is not None else block.used_length
         nxt, pages, zeros = self.f.load_pages(region, header, header_pos=pos,
-                                              fresh=self.fresh.get(block.name))
+                                              touched=self.touched.get(block.name),
+                                              received=self.received.get(block.name))
         block.pages += pages
         block.zero_pages += zeros
         return nxt
@@ -507,10 +544,9 @@ class RAMSectionReader:
         target = self.targets.get(block.name)
         if target is not None:
             memoryview(target.region)[addr:addr + TARGET_PAGE_SIZE] = page
-            fresh = self.fresh.get(block.name)
-            if fresh is not None:
-                i = addr // TARGET_PAGE_SIZE
-                fresh[i >> 3] &= ~(1 << (i & 7))
+            for bits in (self.touched.get(block.name), self.received.get(block.name)):
+                if bits is not None:
+                    set_bits(bits, addr // TARGET_PAGE_SIZE, 1, True)
         block.pages += 1
         block.compressed_pages += 1
 
@@ -598,30 +634,6 @@ class StreamReader:
         return None
 
 
-def read_vmdescription_tail(fd: int, size: int) -> Tuple[Optional[dict], int]:
-    """Find the VMDESCRIPTION at the end of a seekable stream without parsing what is
-    before it (as QEMU's analyze-migration does): 0x06, be32 length, then JSON to the
-    very end.  Returns (description, offset of its 0x06 byte), or (None, -1)."""
-    import os
-    for window in (1 << 20, 16 << 20):
-        window = min(window, size)
-        data = os.pread(fd, window, size - window)
-        brace = len(data)
-        while True:
-            brace = data.rfind(b"{", 0, brace)
-            if brace < 5:
-                break
-            if data[brace - 5] == SECTION_VMDESCRIPTION and \
-                    struct.unpack(">I", data[brace - 4:brace])[0] == len(data) - brace:
-                try:
-                    return json.loads(data[brace:]), size - window + brace - 5
-                except ValueError:
-                    pass
-        if window == size:
-            break
-    return None, -1
-
-
 SCAN_CHUNK = 1 << 16
 
 
@@ -633,11 +645,10 @@ class FooterScanner:
     StreamReader ``on_section``; the sections are skipped, never interpreted, and their
     byte ranges kept in ``ranges``."""
 
-    def __init__(self, fd: int, size: int, description: Optional[dict]) -> None:
+    def __init__(self, fd: int, size: int, description: Optional[Description]) -> None:
         self.fd = fd
         self.size = size
-        devices = (description or {}).get("devices") or []
-        self.expected = [d.get("name") for d in devices if isinstance(d, dict)]
+        self.expected = description.device_names if description else []
         self.seen = 0                      # devices found so far (index into expected)
         self.known_ids: Dict[int, str] = {}
         self.ranges: List[dict] = []

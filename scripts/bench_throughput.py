@@ -119,12 +119,12 @@ def child_read(stream: str, size: int, huge: bool) -> dict:
     region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if huge:
         region.madvise(mmap.MADV_HUGEPAGE)
-    fresh = bytearray(b"\xff" * ((size // PAGE + 7) // 8))
+    touched = bytearray((size // PAGE + 7) // 8)
     f = channel.fdopen(os.open(stream, os.O_RDONLY), "rb")
     t0 = time.perf_counter()
     header = f.get_be64()
     f.get_counted_string()
-    header, pages, zeros = f.load_pages(region, header, fresh=fresh)
+    header, pages, zeros = f.load_pages(region, header, touched=touched)
     seconds = time.perf_counter() - t0
     assert header == core.RAM_SAVE_FLAG_EOS, hex(header)
     f.close()

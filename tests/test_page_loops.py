@@ -77,13 +77,15 @@ def test_zero_records_leave_untouched_memory_untouched(core):
     f.flush()
     r = core.buffer_file(f.channel.getvalue())
     dst = private_anon(64 * PAGE)
-    fresh = bytearray(b"\xff" * 8)                # all 64 pages are new, zero memory
+    touched = bytearray(8)                          # all 64 pages are new, zero memory
+    received = bytearray(8)
     header = r.get_be64()
     r.get_counted_string()
-    assert r.load_pages(dst, header, fresh=fresh) == (EOS, 1, 63)
+    assert r.load_pages(dst, header, touched=touched, received=received) == (EOS, 1, 63)
     resident = resident_pages(dst)
     assert resident[10] and sum(resident) == 1     # zero pages never even read
-    assert fresh == bytes(8)                        # every page is placed now
+    assert touched == (1 << 10).to_bytes(8, "little")   # only the data page was written
+    assert received == b"\xff" * 8                  # every page is placed now
 
 
 def test_zero_records_clear_a_dirty_target(core):

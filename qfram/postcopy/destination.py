@@ -1,6 +1,6 @@
 """The receiving side of a postcopy migration.
 
-Precopy pages are placed straight into fresh memory.  At LISTEN the pages the source
+Precopy pages are placed straight into new memory.  At LISTEN the pages the source
 still calls dirty are discarded, every block is registered with userfaultfd (missing
 mode) and, at RUN, the program's workload starts at once: its first touch of a missing
 page becomes a page request on the return path (the core's fault server), and the page
@@ -24,9 +24,12 @@ from qfram import channel, sched, stream
 from qfram.errors import FormatError
 from qfram.faults import percentiles
 from qfram.postcopy import messages as msg
-from qfram.ram import TARGET_PAGE_SIZE, RAMBlock, RAMList, bitmap_bytes
+from qfram.description import Description
+from qfram.description import parse as parse_description
+from qfram.ram import TARGET_PAGE_SIZE, RAMBlock, RAMList, new_bitmap, set_bits
 
 PAGE = TARGET_PAGE_SIZE
+MAX_TRAILER = 1 << 20          # a postcopy VMDESCRIPTION: this, plus a byte per page
 CONFIRM_INTERVAL = 0.005       # seconds between QFRAM_RECEIVED messages
 
 
@@ -63,7 +66,10 @@ class Destination:
         self.verify = verify
         self.timeout = timeout
         self.on_failure = on_failure
-        self.fresh: Dict[str, bytearray] = {}
+        # per block: pages whose memory was written (the rest is new zero memory), and
+        # pages that arrived (zero or not); both cost nothing until pages arrive
+        self.touched: Dict[str, object] = {}
+        self.received: Dict[str, object] = {}
         self.stats: Dict[str, object] = {"role": "destination"}
         self.confirm = False           # the source releases only what we confirm
         self.send_confirmations = confirm
@@ -79,7 +85,8 @@ class Destination:
         try:
             info = stream.StreamInfo()
             ram_reader = stream.RAMSectionReader(f, info, resolve=self._resolve,
-                                                 fresh=self.fresh)
+                                                 touched=self.touched,
+                                                 received=self.received)
             stream.get_header(f, info)
             switched = self._precopy(f, info, ram_reader, rp)
             if switched:
@@ -140,10 +147,8 @@ class Destination:
         elif block.used_length != length:
             raise FormatError(f"block {name!r} is {length:#x} bytes at the source, "
                               f"{block.used_length:#x} here", pos)
-        fresh = bytearray(bitmap_bytes(length // PAGE))
-        for i in range(length // PAGE):
-            fresh[i >> 3] |= 1 << (i & 7)
-        self.fresh[name] = fresh
+        self.touched[name] = new_bitmap(length // PAGE)
+        self.received[name] = new_bitmap(length // PAGE)
         return block
 
     def _precopy(self, f, info: stream.StreamInfo, ram_reader, rp) -> bool:
@@ -203,14 +208,14 @@ class Destination:
             block = self.ram.get(name)
             if block is None:
                 raise FormatError(f"RAM_DISCARD for unknown block {name!r}", pos)
-            fresh = self.fresh[name]
             for start, length in ranges:
                 if start % PAGE or length % PAGE or start + length > block.used_length:
                     raise FormatError(f"RAM_DISCARD range {start:#x}+{length:#x} outside "
                                       f"{name!r}", pos)
+                # new zero memory again, and not here: its page comes after the switch
                 block.discard(start, length)
-                for i in range(start // PAGE, (start + length) // PAGE):
-                    fresh[i >> 3] |= 1 << (i & 7)
+                set_bits(self.touched[name], start // PAGE, length // PAGE, False)
+                set_bits(self.received[name], start // PAGE, length // PAGE, False)
         else:
             raise FormatError(f"unexpected command {cmd}", pos)
 
@@ -221,8 +226,7 @@ class Destination:
         server = FaultServer(self.window_pages, self.spin_us)
         server.exit_on_failure = self.on_failure == "exit"
         for block in self.ram:
-            received = bytes(b ^ 0xFF for b in self.fresh[block.name])
-            server.add_area(block.region, name=block.name, present=received)
+            server.add_area(block.region, name=block.name, present=self.received[block.name])
         server.set_remote(rp.channel.fd, self.timeout)
         from qfram.postcopy.source import POSTCOPY_SOCKET_BUFFER, PREEMPT_MAGIC
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, POSTCOPY_SOCKET_BUFFER)
@@ -310,15 +314,25 @@ class Destination:
             raise self._receive_error
         self.stats["postcopy_s"] = round(time.perf_counter() - self._t_run, 3)
 
-    def _trailer(self, f) -> Optional[dict]:
-        """The VMDESCRIPTION after EOF: the source's verification hashes."""
-        import json
+    def _trailer(self, f) -> Optional[Description]:
+        """The VMDESCRIPTION after EOF: the source's verification hashes.  Its length is
+        bounded by what the RAM could need (8 bytes per chunk, base64), and it is read
+        as it arrives, so a lying length costs nothing."""
         try:
             if f.get_byte() != stream.SECTION_VMDESCRIPTION:
                 return None
         except EOFError:
             return None
-        return json.loads(f.get_buffer(f.get_be32()))
+        pos = f.tell()
+        length = f.get_be32()
+        limit = MAX_TRAILER + sum(b.used_length for b in self.ram) // PAGE
+        if length > limit:
+            raise FormatError(f"a VMDESCRIPTION of {length} bytes (at most {limit} for this "
+                              f"RAM)", pos)
+        raw = bytearray()
+        while len(raw) < length:
+            raw += f.get_buffer(min(length - len(raw), 1 << 20))
+        return parse_description(bytes(raw), pos - 1)
 
     def _collect(self, server) -> None:
         self.stats.update({
@@ -333,20 +347,26 @@ class Destination:
 
     # -- verification -------------------------------------------------------------------
 
-    def _verify(self, description: Optional[dict]) -> bool:
+    def _verify(self, description: Optional[Description]) -> bool:
         """Every HASH_CHUNK of pages must hash as at the source's switch, once the pages
         the workload wrote here are taken as they were before it wrote them; and those
         pages must hold what it wrote."""
-        q = (description or {}).get("qfram") or {}
-        hashes = q.get("chunk_hashes")
-        if not hashes:
+        if description is None or description.chunk_hashes is None:
             return False
-        chunk = q.get("hash_chunk_pages", 64)
+        hashes = description.chunk_hashes
+        chunk = description.hash_chunk_pages
         written = getattr(self.workload, "written", {}) or {}
         originals = getattr(self.workload, "originals", {}) or {}
         for block in self.ram:
             expected = array("Q")
-            expected.frombytes(base64.b64decode(hashes[block.name]))
+            if block.name not in hashes:
+                raise FormatError(f"VMDESCRIPTION: no hashes for block {block.name!r}",
+                                  description.offset)
+            raw = base64.b64decode(hashes[block.name])
+            if len(raw) != 8 * -(-block.npages // chunk):
+                raise FormatError(f"VMDESCRIPTION: the hashes of block {block.name!r} do "
+                                  f"not cover it", description.offset)
+            expected.frombytes(raw)
             view = memoryview(block.region)
             step = chunk * PAGE
             for c, want in enumerate(expected):
