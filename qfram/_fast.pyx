@@ -29,7 +29,7 @@ from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE,
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.memoryview cimport PyMemoryView_FromMemory
-from libc.errno cimport (errno, EINTR, EAGAIN, EINVAL, EIO, EACCES, EOPNOTSUPP,
+from libc.errno cimport (errno, EINTR, EAGAIN, EINVAL, EIO, EACCES, EOPNOTSUPP, ESPIPE,
                          ETIMEDOUT, ENOMEM)
 from libc.stdint cimport uint8_t, uint64_t, int64_t, uintptr_t
 from libc.stdlib cimport malloc, realloc, free
@@ -2108,6 +2108,26 @@ def diff_pages(region, old, present, changed, nonzero, *, Py_ssize_t page_size=4
             PyBuffer_Release(&oview)
     finally:
         PyBuffer_Release(&rview)
+
+
+cdef extern from "<fcntl.h>" nogil:
+    int sync_file_range(int fd, off_t offset, off_t nbytes, unsigned int flags)
+    enum:
+        SYNC_FILE_RANGE_WRITE
+
+
+def start_writeback(int fd, int64_t offset, int64_t length):
+    """Start writing ``length`` bytes of ``fd`` at ``offset`` to the disk, without
+    waiting (sync_file_range WRITE): a later fdatasync then finds them done or on their
+    way.  A filesystem that cannot is not an error."""
+    cdef int rc
+    cdef int err = 0
+    with nogil:
+        rc = sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)
+        if rc != 0:
+            err = errno
+    if rc != 0 and err not in (EINVAL, ESPIPE, EOPNOTSUPP):
+        raise OSError(err, f"sync_file_range at file offset {offset}: {os.strerror(err)}")
 
 
 def punch_hole(int fd, int64_t offset, int64_t length):

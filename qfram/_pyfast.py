@@ -1326,6 +1326,18 @@ def diff_pages(region: Any, old: Any, present: Any, changed: Any, nonzero: Any, 
     return n
 
 
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+                                  ctypes.c_uint]
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    if _libc.sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ESPIPE, errno.EOPNOTSUPP):
+            raise OSError(err, f"sync_file_range at file offset {offset}: {os.strerror(err)}")
+
+
 def punch_hole(fd: int, offset: int, length: int) -> None:
     if offset < 0 or length < 0:
         raise ValueError("offset and length cannot be negative")

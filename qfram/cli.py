@@ -3,6 +3,7 @@ notes to stderr."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import mmap
 import os
@@ -13,6 +14,7 @@ from typing import List, Optional, Tuple
 
 from qfram import channel, core, outputs, qemu, snapshot
 from qfram.demo import demo_ram, fill_demo
+from qfram.durable import DurableRelease
 from qfram.errors import QFramError, StreamEnded
 from qfram.ram import RAMBlock, RAMList, disk_room
 from qfram.stream import TooLarge
@@ -64,42 +66,46 @@ def stream_records(out, region, idstr: str, release: bool,
                    durable: bool) -> Tuple[int, int, int]:
     """RAM page records of ``region`` then EOS.  ``release`` on a pipe or socket: each
     page goes once written (the reader has it).  On a file (``durable``) a page goes
-    only once its bytes are fdatasync'd; should the stream fail later, every released
-    page is read back from the file first.  Returns (pages, zero pages, bytes released)."""
+    only once its bytes are fdatasync'd (qfram.durable); should the stream fail later,
+    every released page is read back from the file first.  Returns (pages, zero pages,
+    bytes released)."""
     if not (release and durable):
         pages, zeros, _ = out.save_pages(region, may_free=release, idstr=idstr)
         out.put_be64(core.RAM_SAVE_FLAG_EOS)
         out.flush()
         return pages, zeros, out.released_bytes
     fd = out.channel.fd
-    npages = len(region) // 4096
-    pages = zeros = released = 0
+    block = RAMBlock.from_buffer(idstr, region)
+    releaser = DurableRelease(True)
+    pages = zeros = 0
     try:
-        for first in range(0, npages, STREAM_WINDOW_PAGES):
-            count = min(STREAM_WINDOW_PAGES, npages - first)
+        for first in range(0, block.npages, STREAM_WINDOW_PAGES):
+            count = min(STREAM_WINDOW_PAGES, block.npages - first)
+            start = out.tell_fast()
             p, z, _ = out.save_pages(region, first, count, idstr=idstr if first == 0 else None,
                                      flags=core.RAM_SAVE_FLAG_CONTINUE if first else 0)
             pages, zeros = pages + p, zeros + z
             out.flush()
-            os.fdatasync(fd)
-            released += core.impl.discard(region, first * 4096, count * 4096)
+            releaser.written(fd, block, first, count,
+                             functools.partial(_read_records_back, region=region,
+                                               offset=start), start, out.tell() - start)
         out.put_be64(core.RAM_SAVE_FLAG_EOS)
         out.flush()
-        os.fdatasync(fd)
-    except BaseException:
-        if released:
-            _read_records_back(fd, region)
+        releaser.finish(fd)
+    except BaseException as exc:
+        releaser.undo(fd, exc)
         raise
-    return pages, zeros, released
+    return pages, zeros, releaser.bytes
 
 
-def _read_records_back(fd: int, region) -> None:
-    """Place every page record a failed stream left in the file ``fd`` back into
-    ``region`` (up to where the file ends)."""
+def _read_records_back(fd: int, region, offset: int) -> None:
+    """Place the page records a failed stream left in the file ``fd`` from ``offset`` on
+    back into ``region`` (up to where the file ends)."""
     back = channel.fdopen(fd, "rb", owned=False)
-    back.set_offset(0)
+    back.set_offset(offset)
     header = back.get_be64()
-    back.get_counted_string()
+    if not header & core.RAM_SAVE_FLAG_CONTINUE:
+        back.get_counted_string()
     try:
         back.load_pages(region, header)
         back.close()

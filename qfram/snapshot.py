@@ -16,12 +16,10 @@ memory it was writing is not reported good.
 """
 from __future__ import annotations
 
-import errno
 import fcntl
 import functools
 import os
 import queue
-import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,6 +30,7 @@ import xxhash
 from qfram import channel, core, outputs, stream
 from qfram.errors import FormatError, QFramError
 from qfram.description import Description
+from qfram.durable import DurableRelease, ReleaseRollbackError  # noqa: F401 (re-exported)
 from qfram.description import find_tail as find_description
 from qfram.ram import TARGET_PAGE_SIZE, RAMBlock, RAMList, bitmap_bytes, memory_room, new_bitmap
 
@@ -44,7 +43,6 @@ CHUNK_PAGES = 512                 # 2 MiB: hashed, then sent while still in cach
 # falling as the save goes
 PART_BYTES = 32 << 20
 WINDOW_PAGES = PART_BYTES // 4096  # the same window for the mapped layout
-RESCUE_MARK = ".qfram-rescue-"     # a failed save's file kept for the pages in it
 LEGACY_INCOMPLETE_MAGIC = b"QINC"  # qfram 0.1 marked a file it was updating in place
 
 Progress = Optional[Callable[[int, int], None]]
@@ -116,61 +114,6 @@ def make_description(layout: str, blocks: List[RAMBlock], sums: Dict[str, str],
 
 
 # ---------------------------------------------------------------------------------------
-# releasing safely
-# ---------------------------------------------------------------------------------------
-
-
-class ReleaseRollbackError(QFramError, OSError):
-    """A save failed after it had released pages, and they could not be put back: the
-    file that holds them was kept, under the name this error gives."""
-
-
-@dataclass
-class _Released:
-    """Pages a save gave back once they were durable in its file, and how to read them
-    back from that file (``restore(fd)``) should the save fail before it commits."""
-
-    block: RAMBlock
-    first: int
-    count: int
-    restore: Callable[[int], None]
-
-
-class _Releaser:
-    """Releases what is durable, remembers it, and puts it back if the save fails."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.done: List[_Released] = []
-        self.bytes = 0
-
-    def release(self, fd: int, block: RAMBlock, first: int, count: int,
-                restore: Callable[[int], None]) -> None:
-        """The pages' bytes are written to ``fd``: make them durable, then release."""
-        if not self.enabled or count == 0:
-            return
-        os.fdatasync(fd)
-        self.done.append(_Released(block, first, count, restore))
-        self.bytes += block.discard(first * TARGET_PAGE_SIZE, count * TARGET_PAGE_SIZE)
-
-    def undo(self, out: outputs.NewFile, failure: BaseException) -> None:
-        """Put every released page back from the unfinished file; if that fails, keep
-        the file under a name of its own and say where."""
-        if not self.done:
-            return
-        try:
-            for entry in self.done:
-                entry.restore(out.fd)
-        except BaseException as exc:
-            kept = out.keep_as(f"{RESCUE_MARK}{secrets.token_hex(6)}")
-            pages = sum(e.count for e in self.done)
-            raise ReleaseRollbackError(
-                errno.EIO, f"{failure}; then {pages} released pages could not be put back "
-                           f"({exc}): their bytes are in {kept}") from failure
-        self.done.clear()
-
-
-# ---------------------------------------------------------------------------------------
 # saving
 # ---------------------------------------------------------------------------------------
 
@@ -212,7 +155,7 @@ def save(ram: RAMList, path: str, *, layout: str = "stream", machine: Optional[s
         result = journal.save_incremental(blocks, path, release, progress)
     else:
         out = outputs.new_file(path)
-        releaser = _Releaser(release)
+        releaser = DurableRelease(release)
         try:
             if layout == "stream":
                 result = _save_stream(blocks, out.fd, machine, compress, progress, devices,
@@ -223,7 +166,7 @@ def save(ram: RAMList, path: str, *, layout: str = "stream", machine: Optional[s
             out.commit()
         except BaseException as exc:
             try:
-                releaser.undo(out, exc)
+                releaser.undo(out.fd, exc, out)
             finally:
                 out.abort()
             raise
@@ -235,7 +178,7 @@ def save(ram: RAMList, path: str, *, layout: str = "stream", machine: Optional[s
 
 def _save_stream(blocks: List[RAMBlock], fd: int, machine: str, compress: Optional[str],
                  progress: Progress, devices: Optional[stream.DeviceState],
-                 releaser: _Releaser) -> SaveResult:
+                 releaser: DurableRelease) -> SaveResult:
     f = channel.fdopen(fd, "wb", owned=False)
     sid = devices.ram_section_id if devices else RAM_SECTION_ID
     sums: Dict[str, str] = {}
@@ -279,13 +222,16 @@ def _save_stream(blocks: List[RAMBlock], fd: int, machine: str, compress: Option
             if releaser.enabled:
                 # every PART is a release window: written, made durable, then released
                 f.flush()
-                releaser.release(fd, block, part, end - part,
+                releaser.written(fd, block, part, end - part,
                                  functools.partial(_reread_part, block=block,
-                                                   offset=part_offset))
+                                                   offset=part_offset),
+                                 part_offset, f.tell() - part_offset)
         sums[block.name] = hasher.hexdigest()
         counts[block.name] = (pages, zeros)
     put_tail(f, sid, devices, make_description("stream", blocks, sums, counts, compress,
                                             devices))
+    f.flush()
+    releaser.finish(fd)
     f.close()
     return SaveResult("", "stream", total, 0, sum(c[0] for c in counts.values()),
                       sum(c[1] for c in counts.values()), 0, 0.0, releaser.bytes, sums,
@@ -359,7 +305,7 @@ def _put_mapped_end(f, layout: List[_MappedBlock], sums, counts, sid: int,
 
 
 def _write_blocks(layout: List[_MappedBlock], fd: int, threads: int, progress: Progress,
-                  releaser: _Releaser) -> Tuple[Dict[str, str], Dict[str, Tuple[int, int]]]:
+                  releaser: DurableRelease) -> Tuple[Dict[str, str], Dict[str, Tuple[int, int]]]:
     """Hash each chunk in order here, write it on worker threads (GIL released in the
     core), each chunk at its fixed offset.  Chunks are 64-page aligned, so the workers
     never share a byte of the bitmaps.  With release, the workers are waited for every
@@ -415,9 +361,11 @@ def _write_blocks(layout: List[_MappedBlock], fd: int, threads: int, progress: P
                     work.join()
                     if errors:
                         break
-                    releaser.release(fd, mb.block, window, window_end - window,
+                    releaser.written(fd, mb.block, window, window_end - window,
                                      functools.partial(_reread_window, mb=mb, first=window,
-                                                       count=window_end - window))
+                                                       count=window_end - window),
+                                     mb.pages_offset + window * TARGET_PAGE_SIZE,
+                                     (window_end - window) * TARGET_PAGE_SIZE)
             sums[mb.block.name] = hasher.hexdigest()
             if errors:
                 break
@@ -439,7 +387,7 @@ def _reread_window(fd: int, mb: _MappedBlock, first: int, count: int) -> None:
 
 def _save_mapped(blocks: List[RAMBlock], fd: int, machine: str, direct: bool,
                  threads: int, progress: Progress, devices: Optional[stream.DeviceState],
-                 releaser: _Releaser) -> SaveResult:
+                 releaser: DurableRelease) -> SaveResult:
     f = channel.fdopen(fd, "wb", owned=False)
     sid = devices.ram_section_id if devices else RAM_SECTION_ID
     layout = _put_mapped_setup(f, blocks, machine, sid)
@@ -453,6 +401,7 @@ def _save_mapped(blocks: List[RAMBlock], fd: int, machine: str, direct: bool,
         if page_fd != fd:
             os.close(page_fd)
     _put_mapped_end(f, layout, sums, counts, sid, devices)
+    releaser.finish(fd)
     f.close()
     total = sum(b.used_length for b in blocks)
     return SaveResult("", "mapped", total, 0, sum(c[0] for c in counts.values()),

@@ -19,7 +19,13 @@ RAM = 96 << 20
 
 SAVE_SCRIPT = r"""
 import json, sys, xxhash
-from qfram import snapshot
+from qfram import durable, snapshot
+put_back = []                      # pages the failed save read back into the RAM
+real_undo = durable.DurableRelease.undo
+def counting_undo(self, *args, **kwargs):
+    put_back.append(sum(e.count for e in self.done))
+    return real_undo(self, *args, **kwargs)
+durable.DurableRelease.undo = counting_undo
 from qfram.demo import fill_demo
 from qfram.ram import RAMBlock, RAMList
 kind, layout, path, direct, memfile, size = sys.argv[1:7]
@@ -39,7 +45,7 @@ try:
 except Exception as exc:
     error, released = f"{type(exc).__name__}: {exc}", None
 print(json.dumps({"before": before, "after": xxhash.xxh3_64_hexdigest(block.region),
-                  "error": error, "released": released}))
+                  "error": error, "released": released, "put_back": sum(put_back)}))
 """
 
 
@@ -55,10 +61,11 @@ def injector(tmp_path_factory):
 
 @pytest.fixture
 def small_fs(tmp_path):
-    """A real filesystem that fills up: a 24 MiB tmpfs (root only)."""
+    """A real filesystem that fills up: a 48 MiB tmpfs (root only), full in the third
+    32 MiB window of the demo RAM."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)],
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mnt)],
                          capture_output=True, text=True)
     if out.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs (needs root): {out.stderr.strip()}")
@@ -99,14 +106,19 @@ def test_a_full_filesystem_costs_no_ram(small_fs, kind, layout):
     old = old_snapshot(small_fs)
     r = save_in_child(kind, layout, small_fs)
     assert r["error"] and "No space left" in r["error"], r
+    assert r["put_back"] > 0, r            # pages were released, then put back
     assert r["after"] == r["before"]
     assert (small_fs / "snap").read_bytes() == old
     assert sorted(os.listdir(small_fs)) == ["snap"]
 
 
 FAULTS = {
-    "write": "write:{dir}:41943040",      # EIO at write after 40 MiB (a window released)
-    "sync": "sync:{dir}:2",               # the third sync fails: two windows released
+    # EIO at write after 60 MiB, in the third window: the first was released when the
+    # second was written
+    "write": "write:{dir}:62914560",
+    # syncs: writeback of windows 0 and 1, fdatasync of 0 (released), writeback of 2,
+    # then the fdatasync of window 1 fails
+    "sync": "sync:{dir}:4",
     "rename": "rename:{dir}:0",           # everything written and synced, then EIO
 }
 
@@ -121,6 +133,7 @@ def test_an_io_error_costs_no_ram(tmp_path, injector, kind, layout, fault):
     env = {"LD_PRELOAD": injector, "QFRAM_FAULT": FAULTS[fault].format(dir=out_dir)}
     r = save_in_child(kind, layout, out_dir, env)
     assert r["error"] and "Input/output error" in r["error"], r
+    assert r["put_back"] > 0, r            # pages were released, then put back
     assert r["after"] == r["before"], r
     assert (out_dir / "snap").read_bytes() == old
     assert sorted(os.listdir(out_dir)) == ["snap"]
@@ -144,7 +157,7 @@ def test_when_pages_cannot_be_put_back_the_temporary_file_is_kept_and_named(tmp_
                                                                             injector):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    env = {"LD_PRELOAD": injector, "QFRAM_FAULT": f"writeread:{out_dir}:41943040"}
+    env = {"LD_PRELOAD": injector, "QFRAM_FAULT": f"writeread:{out_dir}:62914560"}
     r = save_in_child("file", "mapped", out_dir, env)
     kept = [n for n in os.listdir(out_dir) if n != "snap"]
     assert len(kept) == 1 and kept[0] in r["error"], r
