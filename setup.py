@@ -1,4 +1,5 @@
-"""Build qfram's Cython core.  Everything else lives in pyproject.toml."""
+"""Build qfram's Cython modules; every compiler directive is here, once.  Everything else
+lives in pyproject.toml."""
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
@@ -11,6 +12,8 @@ setup(
     ext_modules=cythonize(
         extensions,
         language_level=3,
-        compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True},
+        compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True,
+                             "embedsignature": True, "auto_pickle": False,
+                             "autotestdict": False},
     )
 )

@@ -4,22 +4,7 @@
 with ``QFRAM_PURE_PYTHON=1``) and the entry points that open one over an fd, a socket,
 memory, or any Python object.
 """
-from qfram.core import (
-    DEFAULT_PARAMS,
-    PURE_PYTHON,
-    RAM_SAVE_FLAG_COMPRESS_PAGE,
-    RAM_SAVE_FLAG_CONTINUE,
-    RAM_SAVE_FLAG_EOS,
-    RAM_SAVE_FLAG_HOOK,
-    RAM_SAVE_FLAG_MEM_SIZE,
-    RAM_SAVE_FLAG_MULTIFD_FLUSH,
-    RAM_SAVE_FLAG_PAGE,
-    RAM_SAVE_FLAG_XBZRLE,
-    RAM_SAVE_FLAG_ZERO,
-    SEED_PARAMS,
-    QEMUFile,
-    is_zero,
-)
+from qfram.core import DEFAULT_PARAMS, PURE_PYTHON, SEED_PARAMS, QEMUFile, is_zero
 from qfram.channel import (
     BufferChannel,
     FdChannel,
@@ -31,6 +16,17 @@ from qfram.channel import (
     socket_file,
 )
 from qfram.errors import FormatError, QFramError, StreamEnded
+from qfram.wire import (
+    RAM_SAVE_FLAG_COMPRESS_PAGE,
+    RAM_SAVE_FLAG_CONTINUE,
+    RAM_SAVE_FLAG_EOS,
+    RAM_SAVE_FLAG_HOOK,
+    RAM_SAVE_FLAG_MEM_SIZE,
+    RAM_SAVE_FLAG_MULTIFD_FLUSH,
+    RAM_SAVE_FLAG_PAGE,
+    RAM_SAVE_FLAG_XBZRLE,
+    RAM_SAVE_FLAG_ZERO,
+)
 
 __version__ = "0.1.0"
 

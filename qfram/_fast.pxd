@@ -1,38 +1,8 @@
-# C declarations of qfram's core (see _fast.pyx for what each part does).
+# The core's C face: QEMUFile's state, the page loops' parameters, and the GIL-free entry
+# points other Cython modules use to read a stream (see _fast.pyx for what each does).
 
-from libc.stdint cimport uint8_t, uint64_t, int64_t
+from libc.stdint cimport uint64_t, int64_t
 from posix.uio cimport iovec
-
-cdef extern from "<poll.h>" nogil:
-    struct pollfd:
-        int fd
-        short events
-        short revents
-    enum:
-        POLLIN
-        POLLOUT
-        POLLERR
-        POLLHUP
-        POLLNVAL
-    int poll(pollfd *fds, unsigned long nfds, int timeout)
-
-cdef extern from "<limits.h>":
-    enum:
-        IOV_MAX
-
-cdef extern from "<string.h>" nogil:
-    char *strerror(int errnum)
-
-cdef extern from *:
-    """
-    /* Take page i out of a bitmap; true if this caller cleared it (several threads may
-       save pages from one dirty bitmap: each page goes out exactly once). */
-    static inline int qf_claim_bit(unsigned char *bits, Py_ssize_t i) {
-        unsigned char mask = (unsigned char)(1u << (i & 7));
-        return (__atomic_fetch_and(&bits[i >> 3], (unsigned char)~mask, __ATOMIC_ACQ_REL) & mask) != 0;
-    }
-    """
-    bint qf_claim_bit(unsigned char *bits, Py_ssize_t i) nogil
 
 
 # A run of bytes [base, base + length) that may be handed back to the kernel.
@@ -40,7 +10,24 @@ cdef struct Run:
     char *base
     size_t length
 
-# What a page loop emits (save) and where it stopped.
+
+# The batch being built: the gather list (iovecs into the staging buffer and into the
+# caller's memory), the may_free runs to release once it is written, and the buffer
+# exports held until their bytes are written and released.
+cdef struct Batch:
+    iovec *iov
+    unsigned char *may_free     # per iovec
+    int count
+    int cap                     # flush at this many iovecs
+    Run *runs
+    Py_ssize_t nruns
+    Py_ssize_t runs_cap
+    Py_buffer *pins
+    Py_ssize_t npins
+    Py_ssize_t pins_cap
+
+
+# What a save loop emits and where it stopped.
 cdef struct PageLoop:
     const unsigned char *base
     size_t page_size
@@ -60,17 +47,24 @@ cdef struct PageLoop:
     uint64_t zeros
 
 
+# Where a load loop's pages go: with no sink they are copied into `base`; a sink gets
+# each page (`page` NULL: a zero page) and returns 0, or -1 to stop the loop.
+ctypedef int (*PageSink)(void *ctx, uint64_t offset, const unsigned char *page) noexcept nogil
+
 # Where a load loop places pages, and how it ended.
 cdef struct LoadLoop:
     unsigned char *base
     size_t length
     size_t page_size
+    PageSink sink
+    void *sink_ctx
     bint have_header
     uint64_t header
     int64_t header_pos
     uint64_t pages
     uint64_t zeros
-    int status           # 0: stopped at `header`; -1: I/O error or end; -2: format error
+    int status           # 0: stopped at `header`; -1: I/O error or end; -2: format error;
+                         # -3: the sink stopped it
     int64_t bad_pos
     uint64_t bad_value
     int reason           # format error: 1 page past the block, 2 non-zero ZERO fill byte
@@ -101,21 +95,8 @@ cdef class QEMUFile:
     cdef Py_ssize_t buf_index
     cdef Py_ssize_t buf_fill         # reading: bytes valid in buf
 
-    # --- gather list of the current batch ---
-    cdef iovec *iov
-    cdef unsigned char *iov_may_free
-    cdef int iovcnt
-    cdef int max_iov
-
-    # --- buffer exports held until their bytes are written (and released) ---
-    cdef Py_buffer *pins
-    cdef Py_ssize_t npins
-    cdef Py_ssize_t pins_cap
-
-    # --- page release ---
-    cdef Run *batch_runs             # may_free runs of the batch being built
-    cdef Py_ssize_t nbatch_runs
-    cdef Py_ssize_t batch_runs_cap
+    # --- the batch being built, and page release ---
+    cdef Batch batch
     cdef Run open_run                # written, not yet released (coalesces across batches)
     cdef size_t min_release
 
@@ -184,3 +165,22 @@ cdef class QEMUFile:
     cdef Py_ssize_t _peek(self, Py_ssize_t size, Py_ssize_t offset) noexcept nogil
     cdef Py_ssize_t _get_into(self, unsigned char *dst, Py_ssize_t size) noexcept nogil
     cdef Py_ssize_t _skip(self, Py_ssize_t size) noexcept nogil
+
+
+# -- entry points for other Cython modules: read a stream without the GIL -----------------
+
+# Make `f` usable from a GIL-free loop (fd channels only; the caller holds the GIL).
+cdef int qf_begin_gil_free(QEMUFile f) except -1
+cdef void qf_end_gil_free(QEMUFile f) noexcept
+# Exactly n bytes into dst: 0, or -1 at the end of the stream or on an error (sticky).
+cdef int qf_read(QEMUFile f, unsigned char *dst, Py_ssize_t n) noexcept nogil
+cdef int qf_read_be64(QEMUFile f, uint64_t *out) noexcept nogil
+cdef int qf_skip(QEMUFile f, Py_ssize_t n) noexcept nogil
+# The next byte without consuming it, or -1 at the end.
+cdef int qf_peek_byte(QEMUFile f) noexcept nogil
+# Bytes consumed so far.
+cdef int64_t qf_position(QEMUFile f) noexcept nogil
+# The stream's first error as a positive errno (EIO at its end), 0 when there is none.
+cdef int qf_errno(QEMUFile f) noexcept nogil
+# RAM page records of one block, CONTINUE after the first: see LoadLoop.
+cdef void qf_load_records(QEMUFile f, LoadLoop *loop) noexcept nogil

@@ -3,31 +3,10 @@ from typing import Any, Callable, Optional, Tuple
 
 from typing_extensions import Buffer, disjoint_base
 
-RAM_SAVE_FLAG_ZERO: int
-RAM_SAVE_FLAG_MEM_SIZE: int
-RAM_SAVE_FLAG_PAGE: int
-RAM_SAVE_FLAG_EOS: int
-RAM_SAVE_FLAG_CONTINUE: int
-RAM_SAVE_FLAG_XBZRLE: int
-RAM_SAVE_FLAG_HOOK: int
-RAM_SAVE_FLAG_COMPRESS_PAGE: int
-RAM_SAVE_FLAG_MULTIFD_FLUSH: int
+__pyx_capi__: dict[str, Any]   # the C entry points other Cython modules cimport
 
-RAM_CONTROL_SETUP: int
-RAM_CONTROL_ROUND: int
-RAM_CONTROL_HOOK: int
-RAM_CONTROL_FINISH: int
-RAM_CONTROL_BLOCK_REG: int
-RAM_SAVE_CONTROL_NOT_SUPP: int
-RAM_SAVE_CONTROL_DELAYED: int
 
-SEED_IOV_MAX: int
-SEED_BUF_SIZE: int
-SEED_RELEASE_MIN: int
-DEFAULT_IOV_MAX: int
-DEFAULT_BUF_SIZE: int
-DEFAULT_RELEASE_MIN: int
-
+def _c_wire() -> dict[str, int]: ...
 def is_zero(buf: Buffer, offset: int = ..., length: int = ...) -> bool: ...
 def discard(buf: Buffer, offset: int = ..., length: int = ...) -> int: ...
 def bitmap_runs(bitmap: Buffer, npages: int, first: int = ...) -> list[Tuple[int, int]]: ...

@@ -1,4 +1,3 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, embedsignature=True, auto_pickle=False, autotestdict=False
 """qfram's core: QEMU's ``migration/qemu-file.c`` in Cython.
 
 A :class:`QEMUFile` stages small puts (headers, counters, strings) in a fixed buffer and
@@ -39,56 +38,25 @@ from posix.uio cimport iovec, writev
 from posix.types cimport off_t
 from posix.unistd cimport read, pread, pwrite, sysconf, _SC_PAGESIZE
 
+from qfram.includes.bits cimport qf_bit, qf_set_bit, qf_take_bit
+from qfram.includes.system cimport (pollfd, poll, POLLIN, POLLOUT, IOV_MAX, strerror,
+                                    fallocate, sync_file_range, FALLOC_FL_KEEP_SIZE,
+                                    FALLOC_FL_PUNCH_HOLE, SYNC_FILE_RANGE_WRITE)
+from qfram.includes cimport wire as cwire
+from qfram.includes.wire cimport (RAM_SAVE_FLAG_ZERO, RAM_SAVE_FLAG_PAGE,
+                                  RAM_SAVE_FLAG_CONTINUE)
+
 import io
 import os
 import zlib
 
+from qfram import wire
 from qfram.errors import FormatError, StreamEnded, raised_in
 
 cdef extern from "Python.h":
     enum:
         PyBUF_READ
         PyBUF_WRITE
-
-# ---------------------------------------------------------------------------------------
-# Constants
-# ---------------------------------------------------------------------------------------
-
-# RAM page record flags (migration/ram.c); the page loops emit and parse these.
-cdef enum:
-    FLAG_ZERO = 0x02
-    FLAG_PAGE = 0x08
-    FLAG_CONTINUE = 0x20
-
-RAM_SAVE_FLAG_ZERO = 0x02
-RAM_SAVE_FLAG_MEM_SIZE = 0x04
-RAM_SAVE_FLAG_PAGE = 0x08
-RAM_SAVE_FLAG_EOS = 0x10
-RAM_SAVE_FLAG_CONTINUE = 0x20
-RAM_SAVE_FLAG_XBZRLE = 0x40
-RAM_SAVE_FLAG_HOOK = 0x80
-RAM_SAVE_FLAG_COMPRESS_PAGE = 0x100
-RAM_SAVE_FLAG_MULTIFD_FLUSH = 0x200
-
-# ram_control_* flags and save_page hook results (migration/qemu-file.h).
-RAM_CONTROL_SETUP = 0
-RAM_CONTROL_ROUND = 1
-RAM_CONTROL_HOOK = 2
-RAM_CONTROL_FINISH = 3
-RAM_CONTROL_BLOCK_REG = 4
-RAM_SAVE_CONTROL_NOT_SUPP = -1000
-RAM_SAVE_CONTROL_DELAYED = -2000
-
-# The seed's parameters reproduce QEMU's flush points and release cadence exactly.
-SEED_IOV_MAX = 64
-SEED_BUF_SIZE = 32768
-SEED_RELEASE_MIN = 0
-# qfram's defaults: the byte stream is identical, only flush points move.  1024 iovecs
-# per writev nearly double loopback TCP and cut wake-ups on pipes; madvise costs ~2 us
-# per call however small, so release is batched into runs of at least 2 MiB.
-DEFAULT_IOV_MAX = 1024
-DEFAULT_BUF_SIZE = 32768
-DEFAULT_RELEASE_MIN = 2 * 1024 * 1024
 
 # How many buffer exports a file may hold while a release run is still open before it
 # releases early: bounds memory when many tiny may_free puts coalesce.
@@ -128,6 +96,38 @@ def is_zero(buf, Py_ssize_t offset=0, Py_ssize_t length=-1) -> bool:
         return zero
     finally:
         PyBuffer_Release(&view)
+
+
+def _c_wire():
+    """The wire-format values the C loops were compiled with (qfram/includes/wire.pxd),
+    by name: a test checks them against qfram/wire.py."""
+    return {"RAM_SAVE_FLAG_ZERO": cwire.RAM_SAVE_FLAG_ZERO,
+            "RAM_SAVE_FLAG_MEM_SIZE": cwire.RAM_SAVE_FLAG_MEM_SIZE,
+            "RAM_SAVE_FLAG_PAGE": cwire.RAM_SAVE_FLAG_PAGE,
+            "RAM_SAVE_FLAG_EOS": cwire.RAM_SAVE_FLAG_EOS,
+            "RAM_SAVE_FLAG_CONTINUE": cwire.RAM_SAVE_FLAG_CONTINUE,
+            "RAM_SAVE_FLAG_XBZRLE": cwire.RAM_SAVE_FLAG_XBZRLE,
+            "RAM_SAVE_FLAG_HOOK": cwire.RAM_SAVE_FLAG_HOOK,
+            "RAM_SAVE_FLAG_COMPRESS_PAGE": cwire.RAM_SAVE_FLAG_COMPRESS_PAGE,
+            "RAM_SAVE_FLAG_MULTIFD_FLUSH": cwire.RAM_SAVE_FLAG_MULTIFD_FLUSH,
+            "SECTION_EOF": cwire.SECTION_EOF, "SECTION_PART": cwire.SECTION_PART,
+            "SECTION_END": cwire.SECTION_END, "SECTION_COMMAND": cwire.SECTION_COMMAND,
+            "SECTION_FOOTER": cwire.SECTION_FOOTER,
+            "MIG_RP_MSG_REQ_PAGES_ID": cwire.MIG_RP_MSG_REQ_PAGES_ID,
+            "MIG_RP_MSG_REQ_PAGES": cwire.MIG_RP_MSG_REQ_PAGES,
+            "TARGET_PAGE_SIZE": cwire.TARGET_PAGE_SIZE}
+
+
+cdef inline void _advance(iovec **v, int *cnt, size_t sent) noexcept nogil:
+    """Step a gather list over `sent` bytes written: past the whole iovecs, then into
+    the next one (a short write goes on from there)."""
+    while cnt[0] > 0 and sent >= v[0][0].iov_len:
+        sent -= v[0][0].iov_len
+        v[0] += 1
+        cnt[0] -= 1
+    if cnt[0] > 0 and sent > 0:
+        v[0][0].iov_base = <char *>v[0][0].iov_base + sent
+        v[0][0].iov_len -= sent
 
 
 cdef Py_ssize_t _check_range(Py_ssize_t size, Py_ssize_t offset, Py_ssize_t length) except -1:
@@ -246,13 +246,14 @@ cdef class QEMUFile:
         self.fd = -1
         self.timeout_ms = -1
         self.buf = NULL
-        self.iov = NULL
-        self.iov_may_free = NULL
-        self.pins = NULL
-        self.batch_runs = NULL
+        self.batch.iov = NULL
+        self.batch.may_free = NULL
+        self.batch.pins = NULL
+        self.batch.runs = NULL
 
-    def __init__(self, channel, mode, *, int iov_max=DEFAULT_IOV_MAX,
-                 Py_ssize_t buf_size=DEFAULT_BUF_SIZE, release_min=DEFAULT_RELEASE_MIN,
+    def __init__(self, channel, mode, *, int iov_max=wire.DEFAULT_IOV_MAX,
+                 Py_ssize_t buf_size=wire.DEFAULT_BUF_SIZE,
+                 release_min=wire.DEFAULT_RELEASE_MIN,
                  timeout=None):
         if self.buf != NULL:
             raise RuntimeError("QEMUFile is already initialised")
@@ -274,25 +275,25 @@ cdef class QEMUFile:
         elif not self.writable and not callable(getattr(channel, "readinto", None)):
             raise TypeError("a reading channel needs an `fd` or a readinto(view) method")
         self.channel = channel
-        self.max_iov = iov_max
+        self.batch.cap = iov_max
         self.buf_cap = buf_size
         self.min_release = release_min
         self.buf = <unsigned char *>malloc(buf_size)
-        self.iov = <iovec *>malloc(iov_max * sizeof(iovec))
-        self.iov_may_free = <unsigned char *>malloc(iov_max)
-        if self.buf == NULL or self.iov == NULL or self.iov_may_free == NULL:
+        self.batch.iov = <iovec *>malloc(iov_max * sizeof(iovec))
+        self.batch.may_free = <unsigned char *>malloc(iov_max)
+        if self.buf == NULL or self.batch.iov == NULL or self.batch.may_free == NULL:
             raise MemoryError()
         self.set_timeout(timeout)
 
     def __dealloc__(self):
         cdef Py_ssize_t i
-        for i in range(self.npins):
-            PyBuffer_Release(&self.pins[i])
-        free(self.pins)
-        free(self.batch_runs)
+        for i in range(self.batch.npins):
+            PyBuffer_Release(&self.batch.pins[i])
+        free(self.batch.pins)
+        free(self.batch.runs)
         free(self.buf)
-        free(self.iov)
-        free(self.iov_may_free)
+        free(self.batch.iov)
+        free(self.batch.may_free)
 
     def __repr__(self):
         state = "closed" if self.is_closed else ("writing" if self.writable else "reading")
@@ -439,22 +440,22 @@ cdef class QEMUFile:
         """QEMU's add_to_iovec: coalesce with the last iovec when adjacent and the
         may_free bits agree; flush when the list is full.  1 if it flushed."""
         cdef iovec *last
-        if self.iovcnt > 0:
-            last = &self.iov[self.iovcnt - 1]
+        if self.batch.count > 0:
+            last = &self.batch.iov[self.batch.count - 1]
             if (<const char *>last.iov_base + last.iov_len == p
-                    and may_free == self.iov_may_free[self.iovcnt - 1]):
+                    and may_free == self.batch.may_free[self.batch.count - 1]):
                 last.iov_len += size
-                if self.iovcnt >= self.max_iov:
+                if self.batch.count >= self.batch.cap:
                     self._flush_batch()
                     return 1
                 return 0
-        if self.iovcnt >= self.max_iov:
+        if self.batch.count >= self.batch.cap:
             return 1            # only after a failed flush
-        self.iov_may_free[self.iovcnt] = may_free
-        self.iov[self.iovcnt].iov_base = <void *>p
-        self.iov[self.iovcnt].iov_len = size
-        self.iovcnt += 1
-        if self.iovcnt >= self.max_iov:
+        self.batch.may_free[self.batch.count] = may_free
+        self.batch.iov[self.batch.count].iov_base = <void *>p
+        self.batch.iov[self.batch.count].iov_len = size
+        self.batch.count += 1
+        if self.batch.count >= self.batch.cap:
             self._flush_batch()
             return 1
         return 0
@@ -493,7 +494,7 @@ cdef class QEMUFile:
     cdef bint _may_flush(self, size_t buffered, int iovecs) noexcept:
         """Whether a put of `buffered` staged bytes and up to `iovecs` new iovecs could
         flush, i.e. make a syscall: only then is it worth releasing the GIL."""
-        return (self.iovcnt + iovecs >= self.max_iov
+        return (self.batch.count + iovecs >= self.batch.cap
                 or <size_t>self.buf_index + buffered >= <size_t>self.buf_cap)
 
     cdef int _adopt(self, Py_buffer *view) except -1:
@@ -501,16 +502,16 @@ cdef class QEMUFile:
         released), then _drop_pins_if_idle gives it back."""
         cdef Py_buffer *grown
         cdef Py_ssize_t cap
-        if self.npins == self.pins_cap:
-            cap = self.pins_cap * 2 if self.pins_cap else 16
-            grown = <Py_buffer *>realloc(self.pins, cap * sizeof(Py_buffer))
+        if self.batch.npins == self.batch.pins_cap:
+            cap = self.batch.pins_cap * 2 if self.batch.pins_cap else 16
+            grown = <Py_buffer *>realloc(self.batch.pins, cap * sizeof(Py_buffer))
             if grown == NULL:
                 PyBuffer_Release(view)
                 raise MemoryError()
-            self.pins = grown
-            self.pins_cap = cap
-        self.pins[self.npins] = view[0]
-        self.npins += 1
+            self.batch.pins = grown
+            self.batch.pins_cap = cap
+        self.batch.pins[self.batch.npins] = view[0]
+        self.batch.npins += 1
         return 0
 
     cdef int _note_release(self, char *p, size_t n) noexcept nogil:
@@ -518,21 +519,21 @@ cdef class QEMUFile:
         cdef Run *last
         cdef Run *grown
         cdef Py_ssize_t cap
-        if self.nbatch_runs > 0:
-            last = &self.batch_runs[self.nbatch_runs - 1]
+        if self.batch.nruns > 0:
+            last = &self.batch.runs[self.batch.nruns - 1]
             if last.base + last.length == p:
                 last.length += n
                 return 0
-        if self.nbatch_runs == self.batch_runs_cap:
-            cap = self.batch_runs_cap * 2 if self.batch_runs_cap else 64
-            grown = <Run *>realloc(self.batch_runs, cap * sizeof(Run))
+        if self.batch.nruns == self.batch.runs_cap:
+            cap = self.batch.runs_cap * 2 if self.batch.runs_cap else 64
+            grown = <Run *>realloc(self.batch.runs, cap * sizeof(Run))
             if grown == NULL:
                 return -1       # not released: wasteful, never unsafe
-            self.batch_runs = grown
-            self.batch_runs_cap = cap
-        self.batch_runs[self.nbatch_runs].base = p
-        self.batch_runs[self.nbatch_runs].length = n
-        self.nbatch_runs += 1
+            self.batch.runs = grown
+            self.batch.runs_cap = cap
+        self.batch.runs[self.batch.nruns].base = p
+        self.batch.runs[self.batch.nruns].length = n
+        self.batch.nruns += 1
         return 0
 
     # -- write side: flushing -------------------------------------------------------------
@@ -545,9 +546,9 @@ cdef class QEMUFile:
         cdef int i
         if not self.writable:
             return 0
-        if self.last_error == 0 and self.iovcnt > 0:
-            for i in range(self.iovcnt):
-                total += self.iov[i].iov_len
+        if self.last_error == 0 and self.batch.count > 0:
+            for i in range(self.batch.count):
+                total += self.batch.iov[i].iov_len
             if self.fd >= 0:
                 rc = self._write_iov()
             else:
@@ -555,17 +556,17 @@ cdef class QEMUFile:
             if rc == 0:
                 self.total_transferred += total
                 self._commit_release()
-        self.nbatch_runs = 0    # a failed batch releases nothing
+        self.batch.nruns = 0    # a failed batch releases nothing
         self.buf_index = 0
-        self.iovcnt = 0
+        self.batch.count = 0
         if self.last_error:
             self._release_open_run()   # those bytes were written before the failure
         self._drop_pins_if_idle()
         return -1 if self.last_error else 0
 
     cdef int _write_iov(self) noexcept nogil:
-        cdef iovec *v = self.iov
-        cdef int cnt = self.iovcnt
+        cdef iovec *v = self.batch.iov
+        cdef int cnt = self.batch.count
         cdef ssize_t n
         while cnt > 0:
             n = writev(self.fd, v, cnt if cnt < IOV_MAX else IOV_MAX)
@@ -582,44 +583,31 @@ cdef class QEMUFile:
             self.writev_calls += 1
             if n == 0:
                 return self._fail_errno(EIO, "writev (no progress)")
-            # a short write: step over what went out and go on from there
-            while cnt > 0 and <size_t>n >= v[0].iov_len:
-                n -= v[0].iov_len
-                v += 1
-                cnt -= 1
-            if cnt > 0:
-                if n > 0:
-                    v[0].iov_base = <char *>v[0].iov_base + n
-                    v[0].iov_len -= n
-                # On a blocking fd a short write means a signal arrived: its Python
-                # handler must run now, or the next writev could block forever.
-                if self._check_signals() < 0:
-                    return -1
+            _advance(&v, &cnt, <size_t>n)
+            # On a blocking fd a short write means a signal arrived: its Python handler
+            # must run now, or the next writev could block forever.
+            if cnt > 0 and self._check_signals() < 0:
+                return -1
         return 0
 
     cdef int _write_iov_python(self) noexcept nogil:
-        cdef int first = 0
-        cdef Py_ssize_t n, skip
+        cdef iovec *v = self.batch.iov
+        cdef int cnt = self.batch.count
+        cdef int i
         with gil:
-            views = [PyMemoryView_FromMemory(<char *>self.iov[i].iov_base,
-                                             self.iov[i].iov_len, PyBUF_READ)
-                     for i in range(self.iovcnt)]
             try:
-                try:
-                    while first < len(views):
-                        result = self.channel.writev(views[first:])
-                        self.writev_calls += 1
-                        if result is None or result <= 0:
-                            raise OSError(EIO, f"{self.channel!r}.writev made no progress")
-                        n = result
-                        while first < len(views) and n >= len(views[first]):
-                            n -= len(views[first])
-                            first += 1
-                        if n > 0:
-                            views[first] = views[first][n:]
-                finally:
-                    for v in views:
-                        v.release()
+                while cnt > 0:
+                    views = [PyMemoryView_FromMemory(<char *>v[i].iov_base, v[i].iov_len,
+                                                     PyBUF_READ) for i in range(cnt)]
+                    try:
+                        result = self.channel.writev(views)
+                    finally:
+                        for view in views:
+                            view.release()
+                    self.writev_calls += 1
+                    if result is None or result <= 0:
+                        raise OSError(EIO, f"{self.channel!r}.writev made no progress")
+                    _advance(&v, &cnt, <size_t>result)
             except OSError as exc:
                 self._record(exc.errno or EIO, exc)
                 return -1
@@ -635,14 +623,14 @@ cdef class QEMUFile:
         """The batch is written: merge its runs into the open run, release what is done."""
         cdef Py_ssize_t i
         cdef Run r
-        for i in range(self.nbatch_runs):
-            r = self.batch_runs[i]
+        for i in range(self.batch.nruns):
+            r = self.batch.runs[i]
             if self.open_run.length and self.open_run.base + self.open_run.length == r.base:
                 self.open_run.length += r.length
             else:
                 self._release_open_run()
                 self.open_run = r
-        self.nbatch_runs = 0
+        self.batch.nruns = 0
         if self.open_run.length and self.open_run.length >= self.min_release:
             self._release_open_run()
 
@@ -663,15 +651,15 @@ cdef class QEMUFile:
     cdef void _drop_pins_if_idle(self) noexcept nogil:
         """Give the buffer exports back once nothing refers to their memory."""
         cdef Py_ssize_t i
-        if self.npins == 0 or self.iovcnt > 0:
+        if self.batch.npins == 0 or self.batch.count > 0:
             return
-        if self.open_run.length and self.npins < PIN_LIMIT:
+        if self.open_run.length and self.batch.npins < PIN_LIMIT:
             return
         self._release_open_run()
         with gil:
-            for i in range(self.npins):
-                PyBuffer_Release(&self.pins[i])
-            self.npins = 0
+            for i in range(self.batch.npins):
+                PyBuffer_Release(&self.batch.pins[i])
+            self.batch.npins = 0
 
     # -- write side: public puts ---------------------------------------------------------
 
@@ -743,7 +731,7 @@ cdef class QEMUFile:
             self._enter(1)                  # raises the reason
         if self.last_error:
             return
-        last = &self.pins[self.npins - 1] if self.npins else NULL
+        last = &self.batch.pins[self.batch.npins - 1] if self.batch.npins else NULL
         if last != NULL and last.obj is buf:
             length = _check_range(last.len, offset, length)
             p = <const char *>last.buf + offset
@@ -808,13 +796,13 @@ cdef class QEMUFile:
             if not src.writable:
                 raise io.UnsupportedOperation("put_qemu_file needs a writing source")
             with nogil:
-                for i in range(src.iovcnt):
-                    self._put_bytes(<const unsigned char *>src.iov[i].iov_base,
-                                    src.iov[i].iov_len)
-                    moved += src.iov[i].iov_len
-                src.iovcnt = 0
+                for i in range(src.batch.count):
+                    self._put_bytes(<const unsigned char *>src.batch.iov[i].iov_base,
+                                    src.batch.iov[i].iov_len)
+                    moved += src.batch.iov[i].iov_len
+                src.batch.count = 0
                 src.buf_index = 0
-                src.nbatch_runs = 0
+                src.batch.nruns = 0
                 src._drop_pins_if_idle()
             return moved
         finally:
@@ -944,7 +932,7 @@ cdef class QEMUFile:
                 # The loop's own export kept the region alive while it ran (flushes in
                 # the loop give pins back); if bytes or releases are still pending, the
                 # region stays exported until they are written.
-                if self.iovcnt or self.nbatch_runs or self.open_run.length:
+                if self.batch.count or self.batch.nruns or self.open_run.length:
                     self._adopt(&rview)
                 else:
                     PyBuffer_Release(&rview)
@@ -961,11 +949,11 @@ cdef class QEMUFile:
             if self.last_error or (loop.stop_when_rate_limited and self._rate_limited()):
                 loop.next_page = i
                 return 0
-            if loop.dirty != NULL and not qf_claim_bit(loop.dirty, i):
+            if loop.dirty != NULL and not qf_take_bit(loop.dirty, i):
                 continue                # another thread took it
             offset = loop.header_base + <uint64_t>i * loop.page_size
             ret, _ = self._control_save_page(block_offset, offset, loop.page_size)
-            if ret == RAM_SAVE_CONTROL_NOT_SUPP:
+            if ret == wire.RAM_SAVE_CONTROL_NOT_SUPP:
                 with nogil:
                     _save_one(self, loop, i)
         loop.next_page = loop.end
@@ -1384,8 +1372,8 @@ cdef class QEMUFile:
         cdef int i
         if not self.writable:
             return self._read_pos()
-        for i in range(self.iovcnt):
-            total += self.iov[i].iov_len
+        for i in range(self.batch.count):
+            total += self.batch.iov[i].iov_len
         return total
 
     def update_position(self, int64_t size):
@@ -1395,16 +1383,16 @@ cdef class QEMUFile:
     @property
     def pending_iovecs(self):
         """Entries in the gather list of the batch being built."""
-        return self.iovcnt
+        return self.batch.count
 
     @property
     def pending_pins(self):
         """Buffer exports held for queued or not yet released bytes."""
-        return self.npins
+        return self.batch.npins
 
     @property
     def iov_max(self):
-        return self.max_iov
+        return self.batch.cap
 
     @property
     def buf_size(self):
@@ -1467,7 +1455,7 @@ cdef class QEMUFile:
         back = make() if make is not None else None
         if back is None:
             return None
-        return QEMUFile(back, "rb" if self.writable else "wb", iov_max=self.max_iov,
+        return QEMUFile(back, "rb" if self.writable else "wb", iov_max=self.batch.cap,
                         buf_size=self.buf_cap, release_min=self.min_release,
                         timeout=None if self.timeout_ms < 0 else self.timeout_ms / 1000.0)
 
@@ -1493,7 +1481,7 @@ cdef class QEMUFile:
                     self._flush_batch()
                     self._release_open_run()
             with nogil:
-                self.iovcnt = 0
+                self.batch.count = 0
                 self.open_run.length = 0
                 self._drop_pins_if_idle()
             closer = getattr(self.channel, "close", None)
@@ -1522,7 +1510,7 @@ cdef class QEMUFile:
         """Register Python hooks (qemu_file_set_hooks).  The iterate/load hooks are
         called ``hook(file, flags, data)`` and return an int (negative = error);
         ``save_page(file, block_offset, offset, size)`` returns ``(ret, bytes_sent)``
-        with ``ret`` RAM_SAVE_CONTROL_NOT_SUPP to let the file send the page itself."""
+        with ``ret`` wire.RAM_SAVE_CONTROL_NOT_SUPP to let the file send the page itself."""
         self.hook_before_ram_iterate = before_ram_iterate
         self.hook_after_ram_iterate = after_ram_iterate
         self.hook_ram_load = hook_ram_load
@@ -1552,7 +1540,7 @@ cdef class QEMUFile:
             ret = self._call_hook(self.hook_ram_load, (flags, data))
             if ret is not None and ret < 0:
                 self.set_error(ret)
-        elif flags == RAM_CONTROL_HOOK:
+        elif flags == wire.RAM_CONTROL_HOOK:
             # the source sent a hook record this side cannot serve
             self.set_error(-EINVAL, "the stream asks for a RAM load hook; none is set")
 
@@ -1562,11 +1550,11 @@ cdef class QEMUFile:
 
     cdef tuple _control_save_page(self, uint64_t block_offset, uint64_t offset, size_t size):
         if self.hook_save_page is None:
-            return (RAM_SAVE_CONTROL_NOT_SUPP, 0)
+            return (wire.RAM_SAVE_CONTROL_NOT_SUPP, 0)
         ret, sent = self._call_hook(self.hook_save_page, (block_offset, offset, size))
-        if ret != RAM_SAVE_CONTROL_NOT_SUPP:
+        if ret != wire.RAM_SAVE_CONTROL_NOT_SUPP:
             self.rate_used += size
-        if ret != RAM_SAVE_CONTROL_DELAYED and ret != RAM_SAVE_CONTROL_NOT_SUPP:
+        if ret != wire.RAM_SAVE_CONTROL_DELAYED and ret != wire.RAM_SAVE_CONTROL_NOT_SUPP:
             if sent and sent > 0:
                 self.total_transferred += sent
             elif ret < 0:
@@ -1583,15 +1571,15 @@ cdef inline int _save_one(QEMUFile f, PageLoop *loop, Py_ssize_t i) noexcept nog
     cdef unsigned char *page = <unsigned char *>loop.base + <size_t>i * loop.page_size
     cdef bint zero = loop.detect_zero and _is_zero(page, loop.page_size)
     cdef uint64_t header = (loop.header_base + <uint64_t>i * loop.page_size) | loop.flags
-    header |= FLAG_ZERO if zero else FLAG_PAGE
+    header |= RAM_SAVE_FLAG_ZERO if zero else RAM_SAVE_FLAG_PAGE
     if loop.claimed != NULL:
         loop.claimed[i >> 3] |= <unsigned char>(1 << (i & 7))
     if loop.idstr_len >= 0:
-        f._put_be64(header & ~(<uint64_t>FLAG_CONTINUE))
+        f._put_be64(header & ~(<uint64_t>RAM_SAVE_FLAG_CONTINUE))
         f._put_byte(<unsigned char>loop.idstr_len)
         f._put_bytes(loop.idstr, loop.idstr_len)
         loop.idstr_len = -1
-        loop.flags |= FLAG_CONTINUE
+        loop.flags |= RAM_SAVE_FLAG_CONTINUE
     else:
         f._put_be64(header)
     if zero:
@@ -1625,7 +1613,7 @@ cdef void _save_loop(QEMUFile f, PageLoop *loop) noexcept nogil:
         if f.last_error or (loop.stop_when_rate_limited and f._rate_limited()):
             loop.next_page = i
             return
-        if loop.dirty != NULL and not qf_claim_bit(loop.dirty, i):
+        if loop.dirty != NULL and not qf_take_bit(loop.dirty, i):
             i += 1                      # another thread took it
             continue
         _save_one(f, loop, i)
@@ -1659,10 +1647,21 @@ cdef inline int _load_header(QEMUFile f, LoadLoop *loop) noexcept nogil:
     return 0
 
 
+cdef enum:
+    # The most a sink's page may be (a page not whole in the staging buffer is read
+    # into a scratch page on the stack first).
+    MAX_SINK_PAGE = 65536
+
+
 cdef void _load_loop(QEMUFile f, LoadLoop *loop) noexcept nogil:
+    """The one parser of RAM page records: places CONTINUE|PAGE and CONTINUE|ZERO records
+    (the first whatever its CONTINUE bit when `have_header`) into `base`, or hands each
+    page to the sink, every offset checked first; stops at the first other header."""
     cdef uint64_t mask = loop.page_size - 1
     cdef uint64_t flags, offset
     cdef unsigned char *page
+    cdef const unsigned char *src
+    cdef unsigned char scratch[MAX_SINK_PAGE]
     cdef int64_t pos
     cdef Py_ssize_t got
     cdef size_t index
@@ -1673,10 +1672,10 @@ cdef void _load_loop(QEMUFile f, LoadLoop *loop) noexcept nogil:
     while True:
         flags = loop.header & mask
         offset = loop.header & ~mask
-        if not loop.have_header and not (flags & FLAG_CONTINUE):
+        if not loop.have_header and not (flags & RAM_SAVE_FLAG_CONTINUE):
             break
-        flags &= ~(<uint64_t>FLAG_CONTINUE)
-        if flags != FLAG_PAGE and flags != FLAG_ZERO:
+        flags &= ~(<uint64_t>RAM_SAVE_FLAG_CONTINUE)
+        if flags != RAM_SAVE_FLAG_PAGE and flags != RAM_SAVE_FLAG_ZERO:
             break
         loop.have_header = False
         if offset > loop.length or loop.length - offset < loop.page_size:
@@ -1687,19 +1686,34 @@ cdef void _load_loop(QEMUFile f, LoadLoop *loop) noexcept nogil:
             return
         page = loop.base + offset
         index = offset // loop.page_size
-        fresh = loop.touched != NULL and not (loop.touched[index >> 3] >> (index & 7)) & 1
+        fresh = loop.touched != NULL and not qf_bit(loop.touched, index)
         if loop.received != NULL:
-            loop.received[index >> 3] |= <unsigned char>(1 << (index & 7))
-        if flags == FLAG_PAGE and loop.base == NULL:
+            qf_set_bit(loop.received, index, True)
+        if flags == RAM_SAVE_FLAG_PAGE and loop.sink != NULL:
+            if f.buf_fill - f.buf_index >= <Py_ssize_t>loop.page_size:
+                src = f.buf + f.buf_index             # straight from the staging buffer
+                f.buf_index += loop.page_size
+            else:
+                pos = f._read_pos()
+                got = f._get_into(scratch, loop.page_size)
+                if got < <Py_ssize_t>loop.page_size:
+                    _load_short(f, loop, pos, loop.page_size, got)
+                    return
+                src = scratch
+            if loop.sink(loop.sink_ctx, offset, src) < 0:
+                loop.status = -3
+                return
+            loop.pages += 1
+        elif flags == RAM_SAVE_FLAG_PAGE and loop.base == NULL:
             pos = f._read_pos()
             got = f._skip(loop.page_size)
             if got < <Py_ssize_t>loop.page_size:
                 _load_short(f, loop, pos, loop.page_size, got)
                 return
             loop.pages += 1
-        elif flags == FLAG_PAGE:
+        elif flags == RAM_SAVE_FLAG_PAGE:
             if loop.touched != NULL:
-                loop.touched[index >> 3] |= <unsigned char>(1 << (index & 7))
+                qf_set_bit(loop.touched, index, True)
             if f.buf_fill - f.buf_index >= <Py_ssize_t>loop.page_size:
                 memcpy(page, f.buf + f.buf_index, loop.page_size)
                 f.buf_index += loop.page_size
@@ -1722,8 +1736,12 @@ cdef void _load_loop(QEMUFile f, LoadLoop *loop) noexcept nogil:
                 loop.bad_value = ch
                 loop.bad_pos = f._read_pos() - 1
                 return
+            if loop.sink != NULL:
+                if loop.sink(loop.sink_ctx, offset, NULL) < 0:
+                    loop.status = -3
+                    return
             # fresh memory is zero already: do not even read it (no fault, no page)
-            if loop.base != NULL and not fresh and not _is_zero(page, loop.page_size):
+            elif loop.base != NULL and not fresh and not _is_zero(page, loop.page_size):
                 memset(page, 0, loop.page_size)
             loop.zeros += 1
         if _load_header(f, loop) < 0:
@@ -1732,458 +1750,71 @@ cdef void _load_loop(QEMUFile f, LoadLoop *loop) noexcept nogil:
 
 
 # ---------------------------------------------------------------------------------------
-# Pages at fixed file offsets (the mapped layout): pwrite/pread straight from/to RAM
+# Entry points for other Cython modules (declared in _fast.pxd)
 # ---------------------------------------------------------------------------------------
 
-cdef extern from "<fcntl.h>" nogil:
-    int fallocate(int fd, int mode, off_t offset, off_t length)
-    enum:
-        FALLOC_FL_KEEP_SIZE
-        FALLOC_FL_PUNCH_HOLE
-
-# A run written with one pwrite is capped so that release keeps pace with the writes.
-cdef size_t MAX_RUN = 8 << 20
-
-
-cdef inline bint _bit(const unsigned char *bits, Py_ssize_t i) noexcept nogil:
-    return (bits[i >> 3] >> (i & 7)) & 1
-
-
-cdef inline void _set_bit(unsigned char *bits, Py_ssize_t i, bint value) noexcept nogil:
-    if value:
-        bits[i >> 3] |= 1 << (i & 7)
-    else:
-        bits[i >> 3] &= ~(1 << (i & 7))
-
-
-cdef struct MappedIO:
-    int fd
-    unsigned char *base           # the RAM
-    const unsigned char *old      # the file's current pages (mapped), or NULL
-    unsigned char *present        # file bitmap: bit set = the page's bytes are in the file
-    unsigned char *dirty          # only these pages (NULL: all)
-    int64_t file_offset           # where page 0 lives in the file
-    size_t page_size
-    Py_ssize_t first
-    Py_ssize_t end
-    bint release
-    # results
-    uint64_t written
-    uint64_t zeros
-    uint64_t unchanged
-    uint64_t released
-    int err                       # errno of the first failure
-    int64_t err_offset
-
-
-cdef int _pwrite_all(MappedIO *io, const unsigned char *p, size_t n, int64_t off) noexcept nogil:
-    cdef ssize_t k
-    while n > 0:
-        k = pwrite(io.fd, p, n, off)
-        if k < 0:
-            if errno == EINTR:
-                continue
-            io.err = errno
-            io.err_offset = off
-            return -1
-        p += k
-        n -= k
-        off += k
+cdef int qf_begin_gil_free(QEMUFile f) except -1:
+    if f.fd < 0:
+        raise ValueError("a GIL-free reader needs a QEMUFile over an fd")
+    f._enter(0)
+    f.gil_free = True
     return 0
 
 
-cdef void _write_mapped(MappedIO *io) noexcept nogil:
-    """Write the non-zero pages of [first, end) at file_offset + i*page_size, one pwrite
-    per run of adjacent pages; zero pages become holes (punched if the file had data
-    there).  With `old`, pages equal to the file's are skipped (incremental).  With
-    `release`, pages are released once written (zero pages at once), in runs."""
-    cdef Py_ssize_t i
-    cdef size_t ps = io.page_size
-    cdef unsigned char *page
-    cdef Py_ssize_t run_start = -1     # pending write run [run_start, run_end)
-    cdef Py_ssize_t run_end = -1
-    cdef Py_ssize_t hole_start = -1    # pending hole punch
-    cdef Py_ssize_t hole_end = -1
-    cdef char *rel_base = NULL         # pending release
-    cdef size_t rel_len = 0
-    cdef size_t released
-    for i in range(io.first, io.end + 1):
-        page = io.base + <size_t>i * ps
-        if i < io.end:
-            if io.dirty != NULL and not _bit(io.dirty, i):
-                page = NULL
-            elif _is_zero(page, ps):
-                io.zeros += 1
-                if _bit(io.present, i):
-                    if hole_end != i:
-                        if hole_start >= 0 and fallocate(
-                                io.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                                io.file_offset + <int64_t>hole_start * ps,
-                                <int64_t>(hole_end - hole_start) * ps) != 0:
-                            io.err = errno
-                            io.err_offset = io.file_offset + <int64_t>hole_start * ps
-                            return
-                        hole_start = i
-                    hole_end = i + 1
-                    _set_bit(io.present, i, False)
-                page = NULL
-            elif (io.old != NULL and _bit(io.present, i)
-                    and memcmp(page, io.old + <size_t>i * ps, ps) == 0):
-                io.unchanged += 1
-                page = NULL
-        else:
-            page = NULL
-        # a run ends at a page that is not written, at the end, or at MAX_RUN
-        if run_start >= 0 and (page == NULL or <size_t>(run_end - run_start) * ps >= MAX_RUN):
-            if _pwrite_all(io, io.base + <size_t>run_start * ps, <size_t>(run_end - run_start) * ps,
-                           io.file_offset + <int64_t>run_start * ps) < 0:
-                return
-            if io.release:
-                if rel_base + rel_len != <char *>io.base + <size_t>run_start * ps:
-                    if rel_len and _advise_free(rel_base, rel_len, &released) == 0:
-                        io.released += released
-                    rel_base = <char *>io.base + <size_t>run_start * ps
-                    rel_len = 0
-                rel_len += <size_t>(run_end - run_start) * ps
-            run_start = -1
-        if page != NULL:
-            if run_start < 0:
-                run_start = i
-            run_end = i + 1
-            _set_bit(io.present, i, True)
-            io.written += 1
-        elif io.release and i < io.end and (io.dirty == NULL or _bit(io.dirty, i)):
-            # a zero or unchanged page: nothing of it is pending, release it now
-            if rel_base + rel_len != <char *>io.base + <size_t>i * ps:
-                if rel_len and _advise_free(rel_base, rel_len, &released) == 0:
-                    io.released += released
-                rel_base = <char *>io.base + <size_t>i * ps
-                rel_len = 0
-            rel_len += ps
-        if io.release and rel_len >= 2 << 20:
-            if _advise_free(rel_base, rel_len, &released) == 0:
-                io.released += released
-            rel_base += rel_len
-            rel_len = 0
-        if io.dirty != NULL and i < io.end:
-            _set_bit(io.dirty, i, False)
-    if hole_start >= 0 and fallocate(io.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                                     io.file_offset + <int64_t>hole_start * ps,
-                                     <int64_t>(hole_end - hole_start) * ps) != 0:
-        io.err = errno
-        io.err_offset = io.file_offset + <int64_t>hole_start * ps
+cdef void qf_end_gil_free(QEMUFile f) noexcept:
+    f.gil_free = False
+    f.busy = False
+
+
+cdef int qf_read(QEMUFile f, unsigned char *dst, Py_ssize_t n) noexcept nogil:
+    if n == 0:
+        return 0
+    if f.buf_fill - f.buf_index >= n:
+        memcpy(dst, f.buf + f.buf_index, n)
+        f.buf_index += n
+        return 0
+    return 0 if f._get_into(dst, n) == n else -1
+
+
+cdef int qf_read_be64(QEMUFile f, uint64_t *out) noexcept nogil:
+    cdef unsigned char b[8]
+    cdef int i
+    if qf_read(f, b, 8) < 0:
+        return -1
+    out[0] = 0
+    for i in range(8):
+        out[0] = (out[0] << 8) | b[i]
+    return 0
+
+
+cdef int qf_skip(QEMUFile f, Py_ssize_t n) noexcept nogil:
+    return 0 if f._skip(n) == n else -1
+
+
+cdef int qf_peek_byte(QEMUFile f) noexcept nogil:
+    if f.buf_fill - f.buf_index < 1 and f._peek(1, 0) < 1:
+        return -1
+    return f.buf[f.buf_index]
+
+
+cdef int64_t qf_position(QEMUFile f) noexcept nogil:
+    return f._read_pos()
+
+
+cdef int qf_errno(QEMUFile f) noexcept nogil:
+    return -f.last_error
+
+
+cdef void qf_load_records(QEMUFile f, LoadLoop *loop) noexcept nogil:
+    if loop.sink != NULL and loop.page_size > MAX_SINK_PAGE:
+        loop.status = -2
+        loop.reason = 1
         return
-    if io.release and rel_len and _advise_free(rel_base, rel_len, &released) == 0:
-        io.released += released
+    _load_loop(f, loop)
 
 
-cdef void _read_mapped(MappedIO *io) noexcept nogil:
-    """Read the present pages of [first, end) straight into the RAM, one pread per run;
-    absent pages are zero (left alone where `dirty` — here: touched — has no bit: new
-    zero memory)."""
-    cdef Py_ssize_t i = io.first
-    cdef Py_ssize_t j
-    cdef size_t ps = io.page_size
-    cdef unsigned char *p
-    cdef size_t n
-    cdef int64_t off
-    cdef ssize_t k
-    while i < io.end:
-        if _bit(io.present, i):
-            j = i
-            while j < io.end and _bit(io.present, j) and <size_t>(j - i) * ps < MAX_RUN:
-                j += 1
-            p = io.base + <size_t>i * ps
-            n = <size_t>(j - i) * ps
-            off = io.file_offset + <int64_t>i * ps
-            while n > 0:
-                k = pread(io.fd, p, n, off)
-                if k < 0 and errno == EINTR:
-                    continue
-                if k <= 0:
-                    io.err = errno if k < 0 else -1     # -1: the file ends early
-                    io.err_offset = off
-                    return
-                p += k
-                n -= k
-                off += k
-            io.written += j - i
-            i = j
-        else:
-            if io.dirty == NULL or _bit(io.dirty, i):
-                p = io.base + <size_t>i * ps
-                if not _is_zero(p, ps):
-                    memset(p, 0, ps)
-            io.zeros += 1
-            i += 1
+# ---------------------------------------------------------------------------------------
+# Pages at fixed file offsets (the mapped layout), bitmaps
+# ---------------------------------------------------------------------------------------
 
-
-cdef int _mapped_setup(MappedIO *io, int fd, Py_buffer *region, Py_buffer *present,
-                       int64_t file_offset, Py_ssize_t first, Py_ssize_t count,
-                       Py_ssize_t page_size) except -1:
-    cdef Py_ssize_t npages
-    if page_size < 512 or page_size & (page_size - 1):
-        raise ValueError(f"page_size must be a power of two >= 512, not {page_size}")
-    if file_offset < 0 or file_offset & (page_size - 1):
-        raise ValueError("file_offset must be page aligned")
-    npages = region.len // page_size
-    if count < 0:
-        count = npages - first
-    if first < 0 or count < 0 or first + count > npages:
-        raise ValueError(f"pages {first}..{first + count} are outside a region of "
-                         f"{npages} pages")
-    if present.len * 8 < npages:
-        raise ValueError("the present bitmap is shorter than the region")
-    memset(io, 0, sizeof(MappedIO))
-    io.fd = fd
-    io.base = <unsigned char *>region.buf
-    io.present = <unsigned char *>present.buf
-    io.file_offset = file_offset
-    io.page_size = page_size
-    io.first = first
-    io.end = first + count
-    return 0
-
-
-cdef int _mapped_error(MappedIO *io, str what) except -1:
-    if io.err == -1:
-        raise FormatError(f"the file ends inside the pages it claims to hold",
-                          io.err_offset)
-    if io.err:
-        raise OSError(io.err, f"{what} at file offset {io.err_offset}: "
-                              f"{os.strerror(io.err)}")
-    return 0
-
-
-def write_pages_at(int fd, region, int64_t file_offset, present, Py_ssize_t first_page=0,
-                   Py_ssize_t count=-1, *, Py_ssize_t page_size=4096, old=None, dirty=None,
-                   bint release=False):
-    """Write pages ``first_page .. first_page+count-1`` of ``region`` to ``fd`` at
-    ``file_offset + i*page_size`` (the mapped layout), GIL released, one pwrite per run
-    of adjacent non-zero pages.  Zero pages are holes: their ``present`` bit (a writable
-    bitmap, bit i = page i is in the file) is cleared, and punched out if it was set;
-    written pages get their bit set.  ``old`` (the file's pages, e.g. a read-only mmap at
-    ``file_offset``) skips pages that did not change; ``dirty`` limits the work to its
-    set bits and clears them.  ``release`` gives pages back once they are written.
-    Threads may write disjoint ranges at once if the ranges start at multiples of 64.
-
-    Returns ``(written, zero, unchanged, released_bytes)``."""
-    cdef Py_buffer rview, pview, oview, dview
-    cdef MappedIO io
-    cdef bint have_old = old is not None
-    cdef bint have_dirty = dirty is not None
-    PyObject_GetBuffer(region, &rview, PyBUF_SIMPLE)
-    try:
-        PyObject_GetBuffer(present, &pview, PyBUF_WRITABLE)
-        try:
-            _mapped_setup(&io, fd, &rview, &pview, file_offset, first_page, count, page_size)
-            io.release = release
-            if have_old:
-                PyObject_GetBuffer(old, &oview, PyBUF_SIMPLE)
-            if have_dirty:
-                PyObject_GetBuffer(dirty, &dview, PyBUF_WRITABLE)
-            try:
-                if have_old:
-                    if oview.len < rview.len // page_size * page_size:
-                        raise ValueError("`old` is shorter than the region")
-                    io.old = <const unsigned char *>oview.buf
-                if have_dirty:
-                    if dview.len * 8 < io.end:
-                        raise ValueError("the dirty bitmap is shorter than the page range")
-                    io.dirty = <unsigned char *>dview.buf
-                with nogil:
-                    _write_mapped(&io)
-            finally:
-                if have_old:
-                    PyBuffer_Release(&oview)
-                if have_dirty:
-                    PyBuffer_Release(&dview)
-            _mapped_error(&io, "pwrite")
-            return (io.written, io.zeros, io.unchanged, io.released)
-        finally:
-            PyBuffer_Release(&pview)
-    finally:
-        PyBuffer_Release(&rview)
-
-
-def read_pages_at(int fd, region, int64_t file_offset, present, Py_ssize_t first_page=0,
-                  Py_ssize_t count=-1, *, Py_ssize_t page_size=4096, touched=None):
-    """Read the pages whose ``present`` bit is set from ``fd`` at ``file_offset +
-    i*page_size`` straight into ``region`` (one pread per run, GIL released); the other
-    pages are zero: cleared where they are not, left alone where ``touched`` (a bitmap;
-    the region is new zero memory except where a bit is set) says they still are.
-
-    Returns ``(pages_read, zero_pages)``.  A file shorter than its bitmap claims raises
-    FormatError."""
-    cdef Py_buffer rview, pview, tview
-    cdef MappedIO io
-    cdef bint have_touched = touched is not None
-    PyObject_GetBuffer(region, &rview, PyBUF_WRITABLE)
-    try:
-        PyObject_GetBuffer(present, &pview, PyBUF_SIMPLE)
-        try:
-            _mapped_setup(&io, fd, &rview, &pview, file_offset, first_page, count, page_size)
-            if have_touched:
-                PyObject_GetBuffer(touched, &tview, PyBUF_SIMPLE)
-            try:
-                if have_touched:
-                    if tview.len * 8 < io.end:
-                        raise ValueError("the touched bitmap is shorter than the page range")
-                    io.dirty = <unsigned char *>tview.buf
-                with nogil:
-                    _read_mapped(&io)
-            finally:
-                if have_touched:
-                    PyBuffer_Release(&tview)
-            _mapped_error(&io, "pread")
-            return (io.written, io.zeros)
-        finally:
-            PyBuffer_Release(&pview)
-    finally:
-        PyBuffer_Release(&rview)
-
-
-cdef int _diff_pages(const unsigned char *base, const unsigned char *old,
-                     const unsigned char *present, unsigned char *changed,
-                     unsigned char *nonzero, Py_ssize_t npages, size_t ps) noexcept nogil:
-    cdef Py_ssize_t i
-    cdef int n = 0
-    cdef const unsigned char *page
-    cdef bint zero, held
-    for i in range(npages):
-        page = base + <size_t>i * ps
-        zero = _is_zero(page, ps)
-        held = _bit(present, i)
-        if zero:
-            if held:
-                _set_bit(changed, i, True)
-                n += 1
-        elif not held or memcmp(page, old + <size_t>i * ps, ps) != 0:
-            _set_bit(changed, i, True)
-            _set_bit(nonzero, i, True)
-            n += 1
-    return n
-
-
-def diff_pages(region, old, present, changed, nonzero, *, Py_ssize_t page_size=4096):
-    """Which pages of ``region`` differ from a mapped file's: ``old`` holds the file's
-    pages, ``present`` its bitmap.  A page changed when it holds data the file has not
-    (absent there, or other bytes), or is zero where the file holds data.  Sets the
-    changed pages' bits in ``changed`` and, for those that hold data, in ``nonzero``
-    (both writable bitmaps); GIL released.  Returns how many pages changed."""
-    cdef Py_buffer rview, oview, pview, cview, nview
-    cdef Py_ssize_t npages
-    cdef int n
-    if page_size < 512 or page_size & (page_size - 1):
-        raise ValueError(f"page_size must be a power of two >= 512, not {page_size}")
-    PyObject_GetBuffer(region, &rview, PyBUF_SIMPLE)
-    try:
-        npages = rview.len // page_size
-        PyObject_GetBuffer(old, &oview, PyBUF_SIMPLE)
-        try:
-            PyObject_GetBuffer(present, &pview, PyBUF_SIMPLE)
-            try:
-                PyObject_GetBuffer(changed, &cview, PyBUF_WRITABLE)
-                try:
-                    PyObject_GetBuffer(nonzero, &nview, PyBUF_WRITABLE)
-                    try:
-                        if oview.len < npages * page_size:
-                            raise ValueError("`old` is shorter than the region")
-                        if min(pview.len, cview.len, nview.len) * 8 < npages:
-                            raise ValueError("a bitmap is shorter than the region")
-                        with nogil:
-                            n = _diff_pages(<const unsigned char *>rview.buf,
-                                            <const unsigned char *>oview.buf,
-                                            <const unsigned char *>pview.buf,
-                                            <unsigned char *>cview.buf,
-                                            <unsigned char *>nview.buf, npages, page_size)
-                        return n
-                    finally:
-                        PyBuffer_Release(&nview)
-                finally:
-                    PyBuffer_Release(&cview)
-            finally:
-                PyBuffer_Release(&pview)
-        finally:
-            PyBuffer_Release(&oview)
-    finally:
-        PyBuffer_Release(&rview)
-
-
-cdef extern from "<fcntl.h>" nogil:
-    int sync_file_range(int fd, off_t offset, off_t nbytes, unsigned int flags)
-    enum:
-        SYNC_FILE_RANGE_WRITE
-
-
-def start_writeback(int fd, int64_t offset, int64_t length):
-    """Start writing ``length`` bytes of ``fd`` at ``offset`` to the disk, without
-    waiting (sync_file_range WRITE): a later fdatasync then finds them done or on their
-    way.  A filesystem that cannot is not an error."""
-    cdef int rc
-    cdef int err = 0
-    with nogil:
-        rc = sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)
-        if rc != 0:
-            err = errno
-    if rc != 0 and err not in (EINVAL, ESPIPE, EOPNOTSUPP):
-        raise OSError(err, f"sync_file_range at file offset {offset}: {os.strerror(err)}")
-
-
-def punch_hole(int fd, int64_t offset, int64_t length):
-    """Make ``length`` bytes of ``fd`` at ``offset`` a hole (they read as zero and hold
-    no space); the file's size stays.  Where the filesystem cannot punch holes, zeros
-    are written instead."""
-    cdef int rc
-    cdef int err = 0
-    if offset < 0 or length < 0:
-        raise ValueError("offset and length cannot be negative")
-    with nogil:
-        rc = fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
-        if rc != 0:
-            err = errno
-    if rc == 0:
-        return
-    if err != EOPNOTSUPP:
-        raise OSError(err, f"fallocate (punch hole) at file offset {offset}: "
-                           f"{os.strerror(err)}")
-    zeros = bytes(min(length, 1 << 20))
-    while length > 0:
-        n = os.pwrite(fd, zeros[:length], offset)
-        offset += n
-        length -= n
-
-
-def bitmap_runs(bitmap, Py_ssize_t npages, Py_ssize_t first=0):
-    """The runs of set bits of a page bitmap (bit i = page i, LSB first) among bits
-    ``first .. npages-1``, as ``(first_page, count)`` pairs: fast on sparse and dense
-    maps."""
-    cdef Py_buffer view
-    cdef const unsigned char *bits
-    cdef Py_ssize_t i = max(first, 0), j
-    runs = []
-    PyObject_GetBuffer(bitmap, &view, PyBUF_SIMPLE)
-    try:
-        if view.len * 8 < npages:
-            raise ValueError("the bitmap is shorter than npages")
-        bits = <const unsigned char *>view.buf
-        while i < npages:
-            if (i & 7) == 0 and bits[i >> 3] == 0:
-                i += 8
-                continue
-            if not (bits[i >> 3] >> (i & 7)) & 1:
-                i += 1
-                continue
-            j = i + 1
-            while j < npages:
-                if (j & 7) == 0 and bits[j >> 3] == 0xFF and j + 8 <= npages:
-                    j += 8
-                elif (bits[j >> 3] >> (j & 7)) & 1:
-                    j += 1
-                else:
-                    break
-            runs.append((i, j - i))
-            i = j
-    finally:
-        PyBuffer_Release(&view)
-    return runs
+include "_mapped.pxi"

@@ -16,31 +16,7 @@ import zlib
 from typing import Any, List, Optional, Tuple
 
 from qfram.errors import FormatError, StreamEnded, raised_in
-
-RAM_SAVE_FLAG_ZERO = 0x02
-RAM_SAVE_FLAG_MEM_SIZE = 0x04
-RAM_SAVE_FLAG_PAGE = 0x08
-RAM_SAVE_FLAG_EOS = 0x10
-RAM_SAVE_FLAG_CONTINUE = 0x20
-RAM_SAVE_FLAG_XBZRLE = 0x40
-RAM_SAVE_FLAG_HOOK = 0x80
-RAM_SAVE_FLAG_COMPRESS_PAGE = 0x100
-RAM_SAVE_FLAG_MULTIFD_FLUSH = 0x200
-
-RAM_CONTROL_SETUP = 0
-RAM_CONTROL_ROUND = 1
-RAM_CONTROL_HOOK = 2
-RAM_CONTROL_FINISH = 3
-RAM_CONTROL_BLOCK_REG = 4
-RAM_SAVE_CONTROL_NOT_SUPP = -1000
-RAM_SAVE_CONTROL_DELAYED = -2000
-
-SEED_IOV_MAX = 64
-SEED_BUF_SIZE = 32768
-SEED_RELEASE_MIN = 0
-DEFAULT_IOV_MAX = 1024
-DEFAULT_BUF_SIZE = 32768
-DEFAULT_RELEASE_MIN = 2 * 1024 * 1024
+from qfram.wire import (RAM_SAVE_FLAG_ZERO, RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_CONTINUE, RAM_CONTROL_HOOK, RAM_SAVE_CONTROL_NOT_SUPP, RAM_SAVE_CONTROL_DELAYED, DEFAULT_IOV_MAX, DEFAULT_BUF_SIZE, DEFAULT_RELEASE_MIN)
 
 IOV_MAX = os.sysconf("SC_IOV_MAX")
 PIN_LIMIT = 4096
@@ -109,6 +85,17 @@ def _all_zero(view: memoryview) -> bool:
             return False
         pos += chunk
     return True
+
+
+def _advance(views: List[memoryview], first: int, sent: int) -> int:
+    """Step a gather list over ``sent`` bytes written: past the whole views, then into the
+    next one.  Returns the index of the first view still to write."""
+    while first < len(views) and sent >= len(views[first]):
+        sent -= len(views[first])
+        first += 1
+    if sent > 0:
+        views[first] = views[first][sent:]
+    return first
 
 
 def _check_range(size: int, offset: int, length: int) -> int:
@@ -379,11 +366,7 @@ class QEMUFile:
             self.writev_calls += 1
             if n == 0:
                 return self._fail_errno(errno.EIO, "writev (no progress)")
-            while first < len(views) and n >= len(views[first]):
-                n -= len(views[first])
-                first += 1
-            if n > 0:
-                views[first] = views[first][n:]
+            first = _advance(views, first, n)
         return 0
 
     def _write_iov_python(self) -> int:
@@ -396,12 +379,7 @@ class QEMUFile:
                     self.writev_calls += 1
                     if result is None or result <= 0:
                         raise OSError(errno.EIO, f"{self.channel!r}.writev made no progress")
-                    n = result
-                    while first < len(views) and n >= len(views[first]):
-                        n -= len(views[first])
-                        first += 1
-                    if n > 0:
-                        views[first] = views[first][n:]
+                    first = _advance(views, first, result)
             finally:
                 for view in views:
                     view.release()

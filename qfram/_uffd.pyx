@@ -1,9 +1,10 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, auto_pickle=False, autotestdict=False
-"""userfaultfd, and the fault server that places guest pages on first touch.
+"""userfaultfd: the fault server that places guest pages on first touch, and the dirty
+tracker that finds the pages a program writes.
 
 The :class:`FaultServer` owns one userfaultfd with guest RAM registered in MISSING mode.
-Two loops run on their own threads and never need the GIL (a Python thread that touches
-missing memory faults *holding* the GIL, so a handler that needed it would deadlock):
+Its loops run on their own threads and never need the GIL (a Python thread that touches
+missing memory faults *holding* the GIL, so a handler that needed it would deadlock); all
+they touch is one C struct, :c:type:`Server`:
 
 * ``serve_faults``: reads fault events and places the faulting page together with the
   neighbours in its window that are not placed yet (``window_pages``, 16 = 64 KiB per
@@ -11,52 +12,135 @@ missing memory faults *holding* the GIL, so a handler that needed it would deadl
   pages).  It optionally spins a little before sleeping in poll: a wake-up on the other
   core costs ~110-140 us here, a spinning handler ~25 us.
 * ``fill_background``: places everything else, in order, in 1 MiB windows.
+* ``receive``: places the pages of a postcopy stream as they arrive; the records are read
+  by the core's one record parser (``qf_load_records``), which hands each page to this
+  module's placing sink.
 
 Each page is claimed with an atomic bit before it is placed, so no page is placed twice;
 EEXIST is tolerated anyway.  Pages come from a *source*, the one seam between lazy restore
-and postcopy:
-
-* local: a mapping of a snapshot file plus its bitmap of present pages (mapped layout);
-  the fault thread places pages itself;
-* remote (postcopy): the fault thread asks for the faulting page and its missing
-  neighbours on a return path (QEMU's REQ_PAGES_ID / REQ_PAGES messages) and ``receive``,
-  on its own thread, places the pages as they arrive on the main stream.
+and postcopy: a *local* one (a mapping of a snapshot file plus its bitmap of present
+pages; the loops place pages themselves) or a *remote* one (the fault thread asks for the
+faulting page and its missing neighbours on a return path, QEMU's REQ_PAGES_ID /
+REQ_PAGES, and ``receive`` places them).
 
 :class:`DirtyTracker` finds the pages a program writes (userfaultfd asynchronous write
 protection + PAGEMAP_SCAN, Linux 6.7+), for precopy rounds.
 """
 
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
-from libc.errno cimport (errno, EINTR, EAGAIN, EEXIST, ENOENT, EINVAL, EPIPE, ETIMEDOUT,
-                         EPROTO, EFAULT)
+from libc.errno cimport errno, EINTR, EAGAIN, EEXIST, EINVAL, EPIPE, ETIMEDOUT, EFAULT
+from libc.stdint cimport uint32_t, uint64_t, int64_t
+from libc.stdio cimport snprintf
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memset, memcpy, memcmp
-from posix.fcntl cimport O_CLOEXEC, O_NONBLOCK, O_RDWR, O_RDONLY as O_RDONLY_, open as c_open
-from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
-from posix.unistd cimport read, write, close, _exit, pread
-from libc.stdio cimport snprintf
-from libc.string cimport strerror
-from posix.mman cimport madvise
+from posix.fcntl cimport O_CLOEXEC, O_NONBLOCK, O_RDWR, O_RDONLY, open as c_open
+from posix.unistd cimport read, write, close, _exit, pread, sysconf, _SC_PAGESIZE
 
-cdef extern from "<sys/mman.h>":
-    enum:
-        MADV_POPULATE_READ
+from qfram.includes.atomics cimport (qf_load, qf_store, qf_add, qf_load_int, qf_store_int,
+                                     qf_add_int, qf_lock, qf_unlock)
+from qfram.includes.bits cimport qf_bit, qf_set_bit, qf_claim_bit, qf_bit_atomic
+from qfram.includes.system cimport (pollfd, poll, POLLIN, POLLOUT, strerror, ioctl, syscall,
+                                    SYS_userfaultfd, eventfd, EFD_CLOEXEC, EFD_NONBLOCK,
+                                    qf_set_errno, qf_now_ns)
+from qfram.includes.uffd cimport *
+from qfram.includes.wire cimport (RAM_SAVE_FLAG_ZERO, RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_EOS,
+                                  RAM_SAVE_FLAG_CONTINUE, RAM_SAVE_FLAG_MULTIFD_FLUSH,
+                                  SECTION_EOF, SECTION_PART, SECTION_END, SECTION_COMMAND,
+                                  SECTION_FOOTER, MIG_RP_MSG_REQ_PAGES_ID,
+                                  MIG_RP_MSG_REQ_PAGES, TARGET_PAGE_SIZE)
+from qfram._fast cimport (QEMUFile, LoadLoop, qf_begin_gil_free, qf_end_gil_free, qf_read,
+                          qf_read_be64, qf_skip, qf_peek_byte, qf_position, qf_errno,
+                          qf_load_records)
 
 import os
 
 from qfram.errors import FormatError
 
-from qfram._fast cimport pollfd, poll, POLLIN, POLLOUT, QEMUFile
+# userfaultfd places host pages; qfram's areas index target pages: one per host page
+cdef uint64_t PAGE = TARGET_PAGE_SIZE
 
-cdef uint64_t PAGE = 4096
-cdef int MAX_AREAS = 64
-cdef int MAX_LATENCIES = 1 << 20
+cdef enum:
+    MAX_AREAS = 64
+    MAX_LATENCIES = 1 << 20
+
+# Where an area's pages come from: a local source (a snapshot mapping, placed by the
+# fault and fill loops) or a remote one (asked for on a return path, placed by receive).
+cdef enum AreaKind:
+    AREA_LOCAL = 1
+    AREA_REMOTE = 2
+
+# What a broken postcopy stream did (Server.format_error).
+cdef enum StreamFault:
+    BAD_RECORD = 1
+    UNKNOWN_BLOCK = 2
+    PAGE_PAST_BLOCK = 3
 
 
-cdef inline uint64_t now_ns() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return <uint64_t>ts.tv_sec * 1000000000 + <uint64_t>ts.tv_nsec
+# One registered range of guest RAM and where its pages come from.
+cdef struct Area:
+    AreaKind kind
+    uint64_t base                 # start address (page aligned)
+    uint64_t length
+    uint64_t npages
+    unsigned char *claimed        # bit set = a thread has taken this page to place it
+    const unsigned char *present  # local source: bit set = data, clear = zero page
+    const unsigned char *src      # local source: bytes of page 0 (a snapshot mapping)
+    uint64_t placed               # pages placed so far
+    # remote source (postcopy): pages are asked for and arrive on a stream
+    unsigned char *requested      # bit set = already asked for
+    unsigned char *zero_known     # bit set = arrived as zero and never touched: a fault
+                                  # there gets the zero page here, nothing is asked for
+    uint64_t *fault_ns            # when the page's fault was read (0: not faulted)
+    unsigned char name[256]
+    int name_len
+
+
+cdef struct Counters:
+    uint64_t faults
+    uint64_t fault_pages
+    uint64_t background_pages
+    uint64_t zero_pages
+    uint64_t eexist
+    uint64_t requests
+    uint64_t requested_pages
+    uint64_t received_pages
+    uint64_t received_zero_pages
+    uint64_t duplicate_pages
+
+
+# Everything the GIL-free loops touch.
+cdef struct Server:
+    int uffd
+    int stop_fd
+    Area areas[MAX_AREAS]
+    int nareas
+    uint64_t window_pages
+    uint64_t spin_ns
+    int stopping
+    uint64_t total_pages
+    uint64_t placed_pages
+    uint64_t *lat                 # time from a fault being read to its page in place
+    uint64_t nlat
+    Counters n
+    int error                     # errno of the first failure in a loop
+    uint64_t fail_addr            # where a page could not be placed (0: not that)
+    # remote source
+    int request_fd
+    int last_request_area
+    int request_timeout_ms
+    int rp_lock                   # one writer at a time on the return path
+    int receiving                 # receive() calls inside their GIL-free loop
+    uint64_t upto[2]              # per channel: every page record before this stream
+                                  # offset is in place (what the source may release)
+    bint exit_on_failure          # a failure ends the process (see _die)
+    int format_error              # a StreamFault
+    int64_t format_offset
+
+
+# The placing sink's context: which server, which area the records are for.
+cdef struct Receiving:
+    Server *s
+    Area *a
 
 
 def open_userfaultfd():
@@ -79,751 +163,175 @@ def open_userfaultfd():
                        f"vm.unprivileged_userfaultfd=1 or access to /dev/userfaultfd)")
 
 
-cdef class FaultServer:
-    """Guest RAM that fills itself on first touch from a page source.
+# ---------------------------------------------------------------------------------------
+# placing pages (no GIL)
+# ---------------------------------------------------------------------------------------
 
-    ``add_area(region, source, present)``: register a writable, page-aligned buffer
-    (e.g. a fresh anonymous mmap); ``source`` is a readable buffer holding the pages
-    (e.g. a mapping of the snapshot file at pages_offset), ``present`` its bitmap.
-    Then run ``serve_faults()`` and ``fill_background()`` on threads; ``stop()`` ends
-    them.  Statistics: ``faults``, ``fault_pages``, ``background_pages``,
-    ``zero_pages``, ``eexist``, ``latencies_ns()``.
-    """
-    cdef int uffd
-    cdef int stop_fd
-    cdef Area *areas
-    cdef int nareas
-    cdef list exports            # Py_buffer holders keeping regions/sources alive
-    cdef Py_buffer *views
-    cdef int nviews
-    cdef readonly uint64_t window_pages
-    cdef readonly uint64_t spin_ns
-    cdef int stopping
-    cdef uint64_t total_pages
-    cdef uint64_t placed_pages
-    cdef uint64_t *lat
-    cdef uint64_t nlat
-    cdef readonly uint64_t faults
-    cdef readonly uint64_t fault_pages
-    cdef readonly uint64_t background_pages
-    cdef readonly uint64_t zero_pages
-    cdef readonly uint64_t eexist
-    cdef int error                # errno of the first failure in a loop
-    cdef uint64_t fail_addr       # where a page could not be placed (0: not that)
-    cdef readonly uint64_t features
-    # remote source
-    cdef int request_fd
-    cdef int last_request_area
-    cdef int request_timeout_ms
-    cdef readonly uint64_t requests
-    cdef readonly uint64_t requested_pages
-    cdef readonly uint64_t received_pages
-    cdef readonly uint64_t received_zero_pages
-    cdef readonly uint64_t duplicate_pages
-    cdef int receiving            # receive() is inside its GIL-free loop
-    cdef uint64_t upto[2]         # per channel: every page record before this stream
-                                  # offset is in place (what the source may release)
-    cdef int rp_lock              # one writer at a time on the return path
-    cdef public bint exit_on_failure  # remote areas: a failure ends the process (see _die)
-    cdef int format_error         # receive(): 1 bad record, 2 unknown block, 3 page past block
-    cdef int64_t format_offset
-
-    def __cinit__(self):
-        self.uffd = -1
-        self.stop_fd = -1
-        self.request_fd = -1
-        self.last_request_area = -1
-        self.request_timeout_ms = 10000
-
-    def __init__(self, uint64_t window_pages=16, double spin_us=0.0):
-        cdef uffdio_api api
-        if window_pages < 1 or window_pages > 4096:
-            raise ValueError("window_pages must be 1..4096")
-        self.exports = []
-        self.window_pages = window_pages
-        self.spin_ns = <uint64_t>(spin_us * 1000.0)
-        self.areas = <Area *>calloc(MAX_AREAS, sizeof(Area))
-        self.views = <Py_buffer *>calloc(2 * MAX_AREAS, sizeof(Py_buffer))
-        self.lat = <uint64_t *>malloc(MAX_LATENCIES * sizeof(uint64_t))
-        if self.areas == NULL or self.views == NULL or self.lat == NULL:
-            raise MemoryError()
-        self.uffd = open_userfaultfd()
-        memset(&api, 0, sizeof(api))
-        api.api = UFFD_API
-        api.features = UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_MISSING_HUGETLBFS
-        if ioctl(self.uffd, UFFDIO_API, &api) != 0:
-            api.features = 0            # an older kernel: anonymous memory only
-            if ioctl(self.uffd, UFFDIO_API, &api) != 0:
-                raise OSError(errno, f"UFFDIO_API: {os.strerror(errno)}")
-        self.features = api.features
-        self.stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
-        if self.stop_fd < 0:
-            raise OSError(errno, "eventfd")
-
-    def __dealloc__(self):
-        self._release()
-        free(self.areas)
-        free(self.views)
-        free(self.lat)
-
-    cdef void _release(self) noexcept:
-        cdef int i
-        for i in range(self.nareas):
-            free(self.areas[i].claimed)
-            free(self.areas[i].requested)
-            free(self.areas[i].zero_known)
-            free(self.areas[i].fault_ns)
-            self.areas[i].claimed = NULL
-            self.areas[i].requested = NULL
-            self.areas[i].zero_known = NULL
-            self.areas[i].fault_ns = NULL
-        self.nareas = 0
-        for i in range(self.nviews):
-            PyBuffer_Release(&self.views[i])
-        self.nviews = 0
-        if self.uffd >= 0:
-            close(self.uffd)
-            self.uffd = -1
-        if self.stop_fd >= 0:
-            close(self.stop_fd)
-            self.stop_fd = -1
-
-    def close(self):
-        """Give back the memory exports and close the userfaultfd (closing it also
-        unregisters every area).  The loops must have returned."""
-        self._release()
-
-    cdef Py_buffer *_export(self, obj) except NULL:
-        cdef Py_buffer *view = &self.views[self.nviews]
-        PyObject_GetBuffer(obj, view, PyBUF_SIMPLE)
-        self.nviews += 1
-        return view
-
-    def add_area(self, region, source=None, present=None, name=None):
-        """Register ``region`` (MISSING mode).  Local source: its pages come from
-        ``source`` (same length or longer) where ``present`` has the page's bit, else
-        they are zero.  Remote source (``source`` None): pages are asked for on the
-        request fd and placed by ``receive``; ``name`` is the block's idstr there, and
-        ``present`` marks the pages already in place (arrived before registration; never
-        asked for).  Returns the area's index."""
-        cdef Py_buffer *r
-        cdef Py_buffer *s
-        cdef Py_buffer pview
-        cdef uffdio_register reg
-        cdef Area *a
-        cdef uint64_t nwords
-        cdef bytes encoded
-        if self.nareas >= MAX_AREAS:
-            raise ValueError(f"at most {MAX_AREAS} areas")
-        r = self._export(region)
-        if <uint64_t>r.buf % PAGE or r.len % PAGE or r.len == 0:
-            raise ValueError("a userfaultfd area must be whole, aligned pages")
-        a = &self.areas[self.nareas]
-        memset(a, 0, sizeof(Area))
-        a.kind = AREA_LOCAL if source is not None else AREA_REMOTE
-        a.base = <uint64_t>r.buf
-        a.length = r.len
-        a.npages = r.len // PAGE
-        nwords = (a.npages + 63) // 64
-        encoded = (name or "").encode()
-        if len(encoded) > 255:
-            raise ValueError("a block name holds at most 255 bytes")
-        memcpy(a.name, <const char *>encoded, len(encoded))
-        a.name_len = len(encoded)
-        if source is not None:
-            if present is None:
-                raise ValueError("a local source needs its bitmap of present pages")
-            s = self._export(source)
-            if s.len < r.len:
-                raise ValueError("the source is shorter than the region")
-            PyObject_GetBuffer(present, &pview, PyBUF_SIMPLE)
-            try:
-                if <uint64_t>pview.len * 8 < a.npages:
-                    raise ValueError("the present bitmap is shorter than the region")
-            finally:
-                PyBuffer_Release(&pview)
-            # the bitmap must outlive the server: keep our own copy
-            kept = bytes(present)
-            self.exports.append(kept)
-            a.present = <const unsigned char *><char *>kept
-            a.src = <const unsigned char *>s.buf
-        a.claimed = <uint64_t *>calloc(nwords, 8)
-        if a.claimed == NULL:
-            raise MemoryError()
-        if source is None:
-            if not encoded:
-                raise ValueError("a remote area needs its block name")
-            a.requested = <uint64_t *>calloc(nwords, 8)
-            a.zero_known = <uint64_t *>calloc(nwords, 8)
-            a.fault_ns = <uint64_t *>calloc(a.npages, 8)
-            if a.requested == NULL or a.zero_known == NULL or a.fault_ns == NULL:
-                raise MemoryError()
-
-        memset(&reg, 0, sizeof(reg))
-        reg.range.start = a.base
-        reg.range.len = a.length
-        reg.mode = UFFDIO_REGISTER_MODE_MISSING
-        if ioctl(self.uffd, UFFDIO_REGISTER, &reg) != 0:
-            raise OSError(errno, f"UFFDIO_REGISTER: {os.strerror(errno)}")
-        if source is None and present is not None:
-            self._mark_present(a, present)
-        self.total_pages += a.npages
-        self.nareas += 1
-        return self.nareas - 1
-
-    cdef int _mark_present(self, Area *a, present) except -1:
-        """The pages whose bit is set are in place already.  Zero pages that arrived as
-        ZERO records on fresh memory were never touched (/proc/self/pagemap tells which):
-        a fault there gets the zero page on the spot, nothing is asked for — mapping them
-        all now would cost ~1.4 us a page of downtime."""
-        cdef Py_buffer view
-        cdef uint64_t i, j, k, p, n = 0
-        cdef uint64_t entries[512]
-        cdef int pm
-        cdef ssize_t got
-        cdef const unsigned char *bits
-        PyObject_GetBuffer(present, &view, PyBUF_SIMPLE)
-        pm = c_open(b"/proc/self/pagemap", O_RDONLY_ | O_CLOEXEC)
-        try:
-            if <uint64_t>view.len * 8 < a.npages:
-                raise ValueError("the bitmap is shorter than the area")
-            if pm < 0:
-                raise OSError(errno, "/proc/self/pagemap")
-            bits = <const unsigned char *>view.buf
-            i = 0
-            while i < a.npages:
-                j = min(<uint64_t>512, a.npages - i)
-                got = pread(pm, entries, j * 8, (a.base // PAGE + i) * 8)
-                if got != <ssize_t>(j * 8):
-                    raise OSError(errno, "reading /proc/self/pagemap")
-                for k in range(j):
-                    p = i + k
-                    if (bits[p >> 3] >> (p & 7)) & 1:
-                        n += 1
-                        if (entries[k] >> 63) & 1:
-                            a.claimed[p >> 6] |= (<uint64_t>1) << (p & 63)
-                        else:                       # arrived as zero, never touched
-                            a.zero_known[p >> 6] |= (<uint64_t>1) << (p & 63)
-                i += j
-        finally:
-            if pm >= 0:
-                close(pm)
-            PyBuffer_Release(&view)
-        a.placed = n
-        self.placed_pages += n
-        return 0
-
-    def set_remote(self, int request_fd, double timeout=10.0):
-        """Faults on remote areas become page requests written to ``request_fd``."""
-        self.request_fd = request_fd
-        self.request_timeout_ms = <int>(timeout * 1000)
-
-    # -- placing --------------------------------------------------------------------------
-
-    cdef int _place_window(self, Area *a, uint64_t first, uint64_t count,
-                           uint64_t *placed_out) noexcept nogil:
-        """Claim the unclaimed pages of [first, first+count) and place them, one ioctl
-        per run of the same kind.  Returns 0, or -1 on a hard error (in self.error)."""
-        cdef uint64_t i = first
-        cdef uint64_t end = first + count
-        cdef uint64_t j
-        cdef uint64_t bit
-        cdef bint data
-        cdef int rc
-        placed_out[0] = 0
-        while i < end:
-            bit = <uint64_t>1 << (i & 63)
-            if qf_fetch_or(&a.claimed[i >> 6], bit) & bit:
-                i += 1                  # someone else places it (and wakes its waiters)
-                continue
-            data = (a.present[i >> 3] >> (i & 7)) & 1
-            j = i + 1
-            while j < end and ((a.present[j >> 3] >> (j & 7)) & 1) == data:
-                bit = <uint64_t>1 << (j & 63)
-                if qf_fetch_or(&a.claimed[j >> 6], bit) & bit:
-                    break
-                j += 1
-            rc = self._place(a, i, j - i, data)
-            if rc < 0:
-                return -1
-            placed_out[0] += j - i
-            i = j
-        qf_add(&a.placed, placed_out[0])
-        qf_add(&self.placed_pages, placed_out[0])
-        return 0
-
-    cdef int _place(self, Area *a, uint64_t first, uint64_t n, bint data) noexcept nogil:
-        """Place pages [first, first+n) of a local area from its source."""
-        if data:
-            return self._copy(a.base + first * PAGE, <uint64_t>a.src + first * PAGE, n)
-        return self._zero(a.base + first * PAGE, n)
-
-    cdef int _copy(self, uint64_t dst, uint64_t src, uint64_t n) noexcept nogil:
-        """UFFDIO_COPY n pages (waking their waiters): partial progress, EAGAIN and a
-        page already present (EEXIST) are stepped over.  -1 on a real error."""
-        cdef uffdio_copy cp
-        cdef uint64_t done = 0
-        while done < n:
+cdef int _place(Server *s, uint64_t dst, uint64_t src, uint64_t n, bint zero) noexcept nogil:
+    """UFFDIO_COPY (or, ``zero``, UFFDIO_ZEROPAGE) n pages, waking their waiters:
+    partial progress, EAGAIN and a page already present (EEXIST) are stepped over.
+    -1 on a real error (in s.error, the page in s.fail_addr)."""
+    cdef uffdio_copy cp
+    cdef uffdio_zeropage zp
+    cdef uint64_t done = 0
+    cdef int64_t progress
+    cdef int rc
+    while done < n:
+        if zero:
+            zp.range.start = dst + done * PAGE
+            zp.range.len = (n - done) * PAGE
+            zp.mode = 0
+            zp.zeropage = 0
+            rc = ioctl(s.uffd, UFFDIO_ZEROPAGE, &zp)
+            progress = zp.zeropage
+        else:
             cp.dst = dst + done * PAGE
             cp.src = src + done * PAGE
             cp.len = (n - done) * PAGE
             cp.mode = 0
             cp.copy = 0
-            if ioctl(self.uffd, UFFDIO_COPY, &cp) == 0:
-                return 0
-            if cp.copy > 0:
-                done += <uint64_t>cp.copy // PAGE
-            elif errno == EEXIST:
-                qf_add(&self.eexist, 1)
-                done += 1
-            elif errno != EAGAIN:
-                self.error = errno
-                self.fail_addr = dst + done * PAGE
-                return -1
-        return 0
-
-    cdef int _zero(self, uint64_t dst, uint64_t n) noexcept nogil:
-        """UFFDIO_ZEROPAGE n pages, as _copy."""
-        cdef uffdio_zeropage zp
-        cdef uint64_t done = 0
-        while done < n:
-            zp.range.start = dst + done * PAGE
-            zp.range.len = (n - done) * PAGE
-            zp.mode = 0
-            zp.zeropage = 0
-            if ioctl(self.uffd, UFFDIO_ZEROPAGE, &zp) == 0:
-                qf_add(&self.zero_pages, n - done)
-                return 0
-            if zp.zeropage > 0:
-                qf_add(&self.zero_pages, <uint64_t>zp.zeropage // PAGE)
-                done += <uint64_t>zp.zeropage // PAGE
-            elif errno == EEXIST:
-                qf_add(&self.eexist, 1)
-                done += 1
-            elif errno != EAGAIN:
-                self.error = errno
-                self.fail_addr = dst + done * PAGE
-                return -1
-        return 0
-
-    cdef Area *_area_of(self, uint64_t addr) noexcept nogil:
-        cdef int i
-        for i in range(self.nareas):
-            if self.areas[i].base <= addr < self.areas[i].base + self.areas[i].length:
-                return &self.areas[i]
-        return NULL
-
-    # -- the loops ------------------------------------------------------------------------
-
-    cdef int _serve_loop(self) noexcept nogil:
-        cdef uffd_msg msgs[64]
-        cdef pollfd fds[2]
-        cdef ssize_t n
-        cdef int k
-        cdef uint64_t t0, spin_until, page, first, placed
-        cdef Area *a
-        fds[0].fd = self.uffd
-        fds[0].events = POLLIN
-        fds[1].fd = self.stop_fd
-        fds[1].events = POLLIN
-        spin_until = 0
-        while not qf_load_int(&self.stopping):
-            n = read(self.uffd, msgs, sizeof(msgs))
-            if n < 0:
-                if errno == EINTR:
-                    continue
-                if errno != EAGAIN:
-                    self.error = errno
-                    return -1
-                if now_ns() < spin_until:
-                    continue            # busy-wait a little: a wake-up costs more
-                fds[0].revents = 0
-                fds[1].revents = 0
-                if poll(fds, 2, -1) < 0 and errno != EINTR:
-                    self.error = errno
-                    return -1
-                continue
-            t0 = now_ns()
-            for k in range(<int>(n // sizeof(uffd_msg))):
-                if msgs[k].event != UFFD_EVENT_PAGEFAULT:
-                    continue
-                a = self._area_of(msgs[k].arg.pagefault.address)
-                if a == NULL:
-                    continue
-                page = (msgs[k].arg.pagefault.address - a.base) // PAGE
-                if a.requested != NULL:
-                    if self._request(a, page, t0) < 0:
-                        return -1
-                    self.faults += 1
-                    continue
-                first = page - page % self.window_pages
-                if first + self.window_pages > a.npages:
-                    first = a.npages - self.window_pages if a.npages > self.window_pages else 0
-                if self._place_window(a, first, min(self.window_pages, a.npages - first),
-                                      &placed) < 0:
-                    return -1
-                self.faults += 1
-                self.fault_pages += placed
-                if self.nlat < <uint64_t>MAX_LATENCIES:
-                    self.lat[self.nlat] = now_ns() - t0
-                    self.nlat += 1
-            spin_until = now_ns() + self.spin_ns
-        return 0
-
-    cdef int _request(self, Area *a, uint64_t page, uint64_t t0) noexcept nogil:
-        """Ask for the faulting page and the following pages of its window that are
-        neither in place nor asked for yet: one REQ_PAGES(_ID) message."""
-        cdef uint64_t end = page + self.window_pages
-        cdef uint64_t j = page
-        cdef uint64_t bit
-        cdef unsigned char msg[4 + 12 + 256]
-        cdef int n, idx
-        bit = <uint64_t>1 << (page & 63)
-        if a.zero_known[page >> 6] & bit:
-            # zero, known here: place the zero page at once (and wake the faulter)
-            if not (qf_fetch_or(&a.claimed[page >> 6], bit) & bit):
-                return self._zero(a.base + page * PAGE, 1)
-            return 0
-        if (qf_load(&a.claimed[page >> 6]) >> (page & 63)) & 1:
-            return 0                    # arriving or in place: the copy will wake us
-        if a.fault_ns[page] == 0:
-            a.fault_ns[page] = t0
-        if end > a.npages:
-            end = a.npages
-        while j < end:
-            bit = <uint64_t>1 << (j & 63)
-            if (qf_load(&a.claimed[j >> 6]) & bit) or (a.requested[j >> 6] & bit):
-                if j == page:
-                    return 0            # asked for already
-                break
-            a.requested[j >> 6] |= bit
-            j += 1
-        idx = <int>(a - self.areas)
-        # be16 type, be16 length, be64 start, be32 length [, counted block name]
-        _be64(msg + 4, page * PAGE)
-        _be32(msg + 12, <uint32_t>((j - page) * PAGE))
-        n = 12
-        if idx != self.last_request_area:
-            msg[16] = <unsigned char>a.name_len
-            memcpy(msg + 17, a.name, a.name_len)
-            n += 1 + a.name_len
-            _be16(msg, 3)               # REQ_PAGES_ID
-            self.last_request_area = idx
-        else:
-            _be16(msg, 4)               # REQ_PAGES: the same block as the last request
-        _be16(msg + 2, <unsigned int>n)
-        if self._send(msg, 4 + n) < 0:
-            self.error = errno
-            return -1
-        self.requests += 1
-        self.requested_pages += j - page
-        return 0
-
-    cdef int _send(self, const unsigned char *msg, size_t n) noexcept nogil:
-        """Write one whole return path message; the fault thread and Python senders
-        share the fd, so messages never interleave."""
-        cdef int rc
-        qf_lock(&self.rp_lock)
-        rc = _write_all(self.request_fd, msg, n, self.request_timeout_ms)
-        qf_unlock(&self.rp_lock)
-        return rc
-
-    def send_message(self, unsigned int msg_type, bytes payload=b""):
-        """Write a return path message (be16 type, be16 length, payload) between the
-        fault thread's requests, GIL released."""
-        cdef bytes msg = msg_type.to_bytes(2, "big") + len(payload).to_bytes(2, "big") + payload
-        cdef const unsigned char *p = <const unsigned char *>msg
-        cdef size_t n = len(msg)
-        cdef int rc
-        if self.request_fd < 0:
-            raise ValueError("no return path: set_remote() first")
-        with nogil:
-            rc = self._send(p, n)
-        if rc < 0:
-            raise OSError(errno, f"return path: {os.strerror(errno)}")
-
-    def placed_upto(self, int channel):
-        """The offset in ``channel``'s stream (0: main, 1: preempt) before which every
-        page record is in place."""
-        if not 0 <= channel < 2:
-            raise ValueError("channel is 0 or 1")
-        return qf_load(&self.upto[channel])
-
-    def receive(self, QEMUFile f not None, int channel=0):
-        """Place the pages of a postcopy stream as they arrive on ``f`` (GIL released):
-        PART/END sections of RAM page records, until EOF.  ``channel`` (0: main, 1:
-        preempt) names the stream for ``placed_upto``.  Returns when the stream ends;
-        raises on a broken stream or connection."""
-        cdef int rc
-        if not 0 <= channel < 2:
-            raise ValueError("channel is 0 or 1")
-        self._require(AREA_REMOTE, "receive")
-        if f.busy:
-            raise RuntimeError("the QEMUFile is in use by another thread")
-        if f.fd < 0:
-            raise ValueError("receive() needs a QEMUFile over an fd")
-        f.busy = True
-        f.gil_free = True
-        try:
-            with nogil:
-                qf_add_int(&self.receiving, 1)
-                rc = self._receive_loop(f, &self.upto[channel])
-                if rc < 0 and self.exit_on_failure:
-                    self._die(f, b"receiving pages")
-                qf_add_int(&self.receiving, -1)
-        finally:
-            f.busy = False
-            f.gil_free = False
+            rc = ioctl(s.uffd, UFFDIO_COPY, &cp)
+            progress = cp.copy
         if rc == 0:
-            return
-        if self.format_error:
-            what = {1: "an unexpected record or section", 2: "a page of an unknown block",
-                    3: "a page outside its block"}[self.format_error]
-            raise FormatError(f"postcopy stream: {what}", self.format_offset)
-        err = f.error
-        if err is not None:
-            raise err
-        raise OSError(self.error, f"postcopy receive: {os.strerror(self.error)}")
+            progress = <int64_t>((n - done) * PAGE)
+        if progress > 0:
+            if zero:
+                qf_add(&s.n.zero_pages, <uint64_t>progress // PAGE)
+            done += <uint64_t>progress // PAGE
+        elif errno == EEXIST:
+            qf_add(&s.n.eexist, 1)
+            done += 1
+        elif errno != EAGAIN:
+            s.error = errno
+            s.fail_addr = dst + done * PAGE
+            return -1
+    return 0
 
-    cdef int _receive_loop(self, QEMUFile f, uint64_t *upto) noexcept nogil:
-        cdef unsigned char kind
-        cdef uint64_t header, flags, offset
-        cdef Area *a = NULL
-        cdef Area *b
-        cdef int i, n
-        cdef unsigned char name[256]
-        while True:
-            if _get(f, &kind, 1) < 0:
+
+cdef Area *_area_of(Server *s, uint64_t addr) noexcept nogil:
+    cdef int i
+    for i in range(s.nareas):
+        if s.areas[i].base <= addr < s.areas[i].base + s.areas[i].length:
+            return &s.areas[i]
+    return NULL
+
+
+cdef Area *_area_named(Server *s, const unsigned char *name, int n) noexcept nogil:
+    cdef int i
+    for i in range(s.nareas):
+        if s.areas[i].name_len == n and memcmp(s.areas[i].name, name, n) == 0:
+            return &s.areas[i]
+    return NULL
+
+
+cdef int _place_window(Server *s, Area *a, uint64_t first, uint64_t count,
+                       uint64_t *placed_out) noexcept nogil:
+    """Claim the unclaimed pages of [first, first+count) of a local area and place them
+    from its source, one ioctl per run of the same kind.  0, or -1 on a hard error."""
+    cdef uint64_t i = first
+    cdef uint64_t end = first + count
+    cdef uint64_t j
+    cdef bint data
+    placed_out[0] = 0
+    while i < end:
+        if not qf_claim_bit(a.claimed, i):
+            i += 1                  # someone else places it (and wakes its waiters)
+            continue
+        data = qf_bit(a.present, i)
+        j = i + 1
+        while j < end and qf_bit(a.present, j) == data and qf_claim_bit(a.claimed, j):
+            j += 1
+        if _place(s, a.base + i * PAGE, <uint64_t>a.src + i * PAGE, j - i, not data) < 0:
+            return -1
+        placed_out[0] += j - i
+        i = j
+    qf_add(&a.placed, placed_out[0])
+    qf_add(&s.placed_pages, placed_out[0])
+    return 0
+
+
+cdef void _note_latency(Server *s, uint64_t ns) noexcept nogil:
+    cdef uint64_t k = qf_add(&s.nlat, 1) - 1       # several threads may place at once
+    if k < MAX_LATENCIES:
+        s.lat[k] = ns
+
+
+# ---------------------------------------------------------------------------------------
+# the loops (no GIL)
+# ---------------------------------------------------------------------------------------
+
+cdef int _serve_loop(Server *s) noexcept nogil:
+    cdef uffd_msg msgs[64]
+    cdef pollfd fds[2]
+    cdef ssize_t n
+    cdef int k
+    cdef uint64_t t0, spin_until, page, first, placed
+    cdef Area *a
+    fds[0].fd = s.uffd
+    fds[0].events = POLLIN
+    fds[1].fd = s.stop_fd
+    fds[1].events = POLLIN
+    spin_until = 0
+    while not qf_load_int(&s.stopping):
+        n = read(s.uffd, msgs, sizeof(msgs))
+        if n < 0:
+            if errno == EINTR:
+                continue
+            if errno != EAGAIN:
+                s.error = errno
                 return -1
-            if kind == 0x00:                        # EOF
-                return 0
-            if kind == 0x08:                        # COMMAND (PING...): skipped
-                if _get(f, name, 4) < 0 or f._skip((name[2] << 8) | name[3]) < \
-                        ((name[2] << 8) | name[3]):
+            if qf_now_ns() < spin_until:
+                continue            # busy-wait a little: a wake-up costs more
+            fds[0].revents = 0
+            fds[1].revents = 0
+            if poll(fds, 2, -1) < 0 and errno != EINTR:
+                s.error = errno
+                return -1
+            continue
+        t0 = qf_now_ns()
+        for k in range(<int>(n // sizeof(uffd_msg))):
+            if msgs[k].event != UFFD_EVENT_PAGEFAULT:
+                continue
+            a = _area_of(s, msgs[k].arg.pagefault.address)
+            if a == NULL:
+                continue
+            page = (msgs[k].arg.pagefault.address - a.base) // PAGE
+            s.n.faults += 1
+            if a.kind == AREA_REMOTE:
+                if _request(s, a, page, t0) < 0:
                     return -1
                 continue
-            if kind != 0x02 and kind != 0x03:       # PART or END
-                return self._bad(f, 1)
-            if _get(f, name, 4) < 0:                # section id
+            first = page - page % s.window_pages
+            if first + s.window_pages > a.npages:
+                first = a.npages - s.window_pages if a.npages > s.window_pages else 0
+            if _place_window(s, a, first, min(s.window_pages, a.npages - first),
+                             &placed) < 0:
                 return -1
-            while True:                             # records up to EOS
-                if _get_be64(f, &header) < 0:
-                    return -1
-                flags = header & (PAGE - 1)
-                offset = header & ~(PAGE - 1)
-                if flags == 0x10:                   # EOS
-                    qf_store(upto, <uint64_t>f._read_pos())
-                    break
-                if flags == 0x200:                  # MULTIFD_FLUSH
-                    continue
-                if not (flags & 0x20):              # no CONTINUE: a block name follows
-                    if _get(f, name, 1) < 0 or _get(f, name + 1, name[0]) < 0:
-                        return -1
-                    a = NULL
-                    for i in range(self.nareas):
-                        b = &self.areas[i]
-                        if b.name_len == name[0] and memcmp(b.name, name + 1, name[0]) == 0:
-                            a = b
-                    if a == NULL:
-                        return self._bad(f, 2)
-                elif a == NULL:
-                    return self._bad(f, 1)
-                flags &= ~(<uint64_t>0x20)
-                if flags != 0x08 and flags != 0x02:
-                    return self._bad(f, 1)
-                if offset >= a.length:
-                    return self._bad(f, 3)
-                if self._receive_page(f, a, offset // PAGE, flags == 0x08) < 0:
-                    return -1
-            if f.buf_fill - f.buf_index >= 1 and f.buf[f.buf_index] == 0x7E or \
-                    f.buf_fill - f.buf_index < 1 and f._peek(1, 0) == 1 and \
-                    f.buf[f.buf_index] == 0x7E:
-                if _get(f, name, 5) < 0:            # footer
-                    return -1
+            s.n.fault_pages += placed
+            _note_latency(s, qf_now_ns() - t0)
+        spin_until = qf_now_ns() + s.spin_ns
+    return 0
 
-    cdef int _receive_page(self, QEMUFile f, Area *a, uint64_t page, bint data) noexcept nogil:
-        cdef uint64_t bit = <uint64_t>1 << (page & 63)
-        cdef unsigned char fill
-        cdef unsigned char scratch[4096]
-        cdef uint64_t src, k
-        if qf_fetch_or(&a.claimed[page >> 6], bit) & bit:
-            qf_add(&self.duplicate_pages, 1)    # in place already: skip its bytes
-            if data:
-                return 0 if f._skip(PAGE) == <Py_ssize_t>PAGE else self._short(f)
-            return 0 if _get(f, &fill, 1) == 0 else -1
-        if data:
-            if f.buf_fill - f.buf_index >= <Py_ssize_t>PAGE:
-                src = <uint64_t>(f.buf + f.buf_index)     # straight from the stream buffer
-                f.buf_index += PAGE
-            else:
-                if f._get_into(scratch, PAGE) < <Py_ssize_t>PAGE:
-                    return self._short(f)
-                src = <uint64_t>scratch
-            if self._copy(a.base + page * PAGE, src, 1) < 0:
+
+cdef int _fill_loop(Server *s) noexcept nogil:
+    cdef int i
+    cdef uint64_t first, n, placed
+    cdef Area *a
+    for i in range(s.nareas):
+        a = &s.areas[i]
+        first = 0
+        while first < a.npages:
+            if qf_load_int(&s.stopping):
+                return 0
+            n = min(<uint64_t>256, a.npages - first)
+            if _place_window(s, a, first, n, &placed) < 0:
                 return -1
-            qf_add(&self.received_pages, 1)
-        else:
-            if _get(f, &fill, 1) < 0:
-                return -1
-            if fill != 0:
-                return self._bad(f, 1)
-            if self._zero(a.base + page * PAGE, 1) < 0:
-                return -1
-            qf_add(&self.received_zero_pages, 1)
-        qf_add(&a.placed, 1)
-        qf_add(&self.placed_pages, 1)
-        if a.fault_ns[page]:
-            k = qf_add(&self.nlat, 1) - 1       # two receivers may place at once
-            if k < <uint64_t>MAX_LATENCIES:
-                self.lat[k] = now_ns() - a.fault_ns[page]
-        return 0
-
-    cdef int _where(self, char *out, size_t size) noexcept nogil:
-        """The page that could not be placed, in words (empty when that was not it)."""
-        cdef Area *a = self._area_of(self.fail_addr) if self.fail_addr else NULL
-        out[0] = 0
-        if a == NULL:
-            return 0
-        return snprintf(out, size, " placing page %llu of block %.*s%s",
-                        <unsigned long long>((self.fail_addr - a.base) // PAGE), a.name_len,
-                        a.name,
-                        b" from the snapshot" if a.kind == AREA_LOCAL else b"")
-
-    cdef void _die(self, QEMUFile f, const char *what) noexcept nogil:
-        """Memory that lost its page source cannot wake the threads waiting for pages
-        (and one of them may hold the GIL): say why on stderr, without Python, and end
-        the process with status 1."""
-        cdef char line[768]
-        cdef char where[320]
-        cdef int n
-        cdef int err = self.error
-        cdef const char *reason = b"the stream ended early"
-        cdef const char *hint = b""
-        cdef Area *a = self._area_of(self.fail_addr) if self.fail_addr else NULL
-        if f is not None and err == 0 and f.last_error:
-            err = -f.last_error
-        if err:
-            reason = strerror(err)
-        self._where(where, sizeof(where))
-        if a != NULL and a.kind == AREA_LOCAL and err == EFAULT:
-            hint = b" (the snapshot file no longer holds it: was it cut or replaced while " \
-                   b"in use?)"
-        if self.format_error:
-            n = snprintf(line, sizeof(line), "qfram: postcopy failed while %s: broken stream "
-                         "(%d) at byte %lld\n", what, self.format_error,
-                         <long long>self.format_offset)
-        else:
-            n = snprintf(line, sizeof(line), "qfram: %s failed while %s%s: %s%s\n",
-                         b"lazy restore" if a != NULL and a.kind == AREA_LOCAL else
-                         b"postcopy", what, where, reason, hint)
-        write(2, line, n)
-        _exit(1)
-
-    def _failure(self):
-        """What went wrong in a loop, for an exception."""
-        cdef char where[320]
-        self._where(where, sizeof(where))
-        return f"{where.decode(errors='replace').strip()}: {os.strerror(self.error)}" \
-            if where[0] else os.strerror(self.error)
-
-    cdef int _bad(self, QEMUFile f, int what) noexcept nogil:
-        self.format_error = what
-        self.format_offset = f._read_pos()
-        return -1
-
-    cdef int _short(self, QEMUFile f) noexcept nogil:
-        self.error = EPIPE
-        return -1
-
-    def serve_faults(self):
-        """Serve faults until stop(); run it on a thread of its own (GIL released)."""
-        cdef int rc
-        with nogil:
-            rc = self._serve_loop()
-            if rc < 0 and self.exit_on_failure:
-                self._die(None, b"serving faults")
-        if rc < 0:
-            raise OSError(self.error, f"fault server: {self._failure()}")
-
-    cdef int _fill_loop(self) noexcept nogil:
-        cdef int i
-        cdef uint64_t first, n, placed
-        cdef Area *a
-        for i in range(self.nareas):
-            a = &self.areas[i]
-            first = 0
-            while first < a.npages:
-                if qf_load_int(&self.stopping):
-                    return 0
-                n = min(<uint64_t>256, a.npages - first)
-                if self._place_window(a, first, n, &placed) < 0:
-                    return -1
-                self.background_pages += placed
-                first += n
-        return 0
-
-    cdef int _require(self, AreaKind kind, str what) except -1:
-        cdef int i
-        for i in range(self.nareas):
-            if self.areas[i].kind != kind:
-                raise ValueError(f"{what} needs areas with a "
-                                 f"{'local' if kind == AREA_LOCAL else 'remote'} source; "
-                                 f"area {i} has a "
-                                 f"{'remote' if kind == AREA_LOCAL else 'local'} one")
-        return 0
-
-    def fill_background(self):
-        """Place every page not placed yet, in order (GIL released); returns when all
-        are in place or stop() was called.  Local areas only (a remote area's pages
-        arrive through receive())."""
-        cdef int rc
-        self._require(AREA_LOCAL, "fill_background")
-        with nogil:
-            rc = self._fill_loop()
-            # pages it claimed and could not place would be waited for forever
-            if rc < 0 and self.exit_on_failure:
-                self._die(None, b"filling in the background")
-        if rc < 0:
-            raise OSError(self.error, f"background fill: {self._failure()}")
-
-    def stop(self):
-        """Make both loops return (safe from any thread)."""
-        cdef uint64_t one = 1
-        qf_store_int(&self.stopping, 1)
-        write(self.stop_fd, &one, 8)
-
-    def unregister(self):
-        """Stop catching faults on every area (after the fill: the memory is complete)."""
-        cdef uffdio_range rng
-        cdef int i
-        for i in range(self.nareas):
-            rng.start = self.areas[i].base
-            rng.len = self.areas[i].length
-            if ioctl(self.uffd, UFFDIO_UNREGISTER, &rng) != 0:
-                raise OSError(errno, f"UFFDIO_UNREGISTER: {os.strerror(errno)}")
-
-    @property
-    def receiving(self):
-        """How many receive() calls run without the GIL: only once they do may a Python
-        thread fault on remote areas (it holds the GIL while it waits for its page)."""
-        return qf_load_int(&self.receiving)
-
-    @property
-    def placed_pages(self):
-        return qf_load(&self.placed_pages)
-
-    @property
-    def total_pages(self):
-        return self.total_pages
-
-    def latencies_ns(self):
-        """Time from reading each fault to its pages being in place, in ns."""
-        return [self.lat[i] for i in range(min(self.nlat, <uint64_t>MAX_LATENCIES))]
+            qf_add(&s.n.background_pages, placed)
+            first += n
+    return 0
 
 
-# ---------------------------------------------------------------------------------------
-# small helpers for the postcopy wire format (no GIL)
-# ---------------------------------------------------------------------------------------
+# -- the remote source: requests out, pages in ---------------------------------------------
 
 cdef inline void _be16(unsigned char *p, unsigned int v) noexcept nogil:
     p[0] = <unsigned char>(v >> 8)
@@ -840,28 +348,6 @@ cdef inline void _be32(unsigned char *p, uint32_t v) noexcept nogil:
 cdef inline void _be64(unsigned char *p, uint64_t v) noexcept nogil:
     _be32(p, <uint32_t>(v >> 32))
     _be32(p + 4, <uint32_t>v)
-
-
-cdef int _get(QEMUFile f, unsigned char *dst, Py_ssize_t n) noexcept nogil:
-    """Exactly n bytes from f, or -1 (end of stream or error, sticky in f)."""
-    if n == 0:
-        return 0
-    if f.buf_fill - f.buf_index >= n:
-        memcpy(dst, f.buf + f.buf_index, n)
-        f.buf_index += n
-        return 0
-    return 0 if f._get_into(dst, n) == n else -1
-
-
-cdef int _get_be64(QEMUFile f, uint64_t *out) noexcept nogil:
-    cdef unsigned char b[8]
-    cdef int i
-    if _get(f, b, 8) < 0:
-        return -1
-    out[0] = 0
-    for i in range(8):
-        out[0] = (out[0] << 8) | b[i]
-    return 0
 
 
 cdef int _write_all(int fd, const unsigned char *p, size_t n, int timeout_ms) noexcept nogil:
@@ -887,6 +373,591 @@ cdef int _write_all(int fd, const unsigned char *p, size_t n, int timeout_ms) no
             continue
         return -1
     return 0
+
+
+cdef int _send(Server *s, const unsigned char *msg, size_t n) noexcept nogil:
+    """Write one whole return path message; the fault thread and Python senders share
+    the fd, so messages never interleave."""
+    cdef int rc
+    qf_lock(&s.rp_lock)
+    rc = _write_all(s.request_fd, msg, n, s.request_timeout_ms)
+    qf_unlock(&s.rp_lock)
+    return rc
+
+
+cdef int _request(Server *s, Area *a, uint64_t page, uint64_t t0) noexcept nogil:
+    """Ask for the faulting page and the following pages of its window that are
+    neither in place nor asked for yet: one REQ_PAGES(_ID) message."""
+    cdef uint64_t end = page + s.window_pages
+    cdef uint64_t j = page
+    cdef unsigned char msg[4 + 12 + 256]
+    cdef int n, idx
+    if qf_bit(a.zero_known, page):
+        # zero, known here: place the zero page at once (and wake the faulter)
+        if qf_claim_bit(a.claimed, page):
+            return _place(s, a.base + page * PAGE, 0, 1, True)
+        return 0
+    if qf_bit_atomic(a.claimed, page):
+        return 0                    # arriving or in place: the copy will wake us
+    if a.fault_ns[page] == 0:
+        a.fault_ns[page] = t0
+    if end > a.npages:
+        end = a.npages
+    while j < end:
+        if qf_bit_atomic(a.claimed, j) or qf_bit(a.requested, j):
+            if j == page:
+                return 0            # asked for already
+            break
+        qf_set_bit(a.requested, j, True)
+        j += 1
+    idx = <int>(a - s.areas)
+    # be16 type, be16 length, be64 start, be32 length [, counted block name]
+    _be64(msg + 4, page * PAGE)
+    _be32(msg + 12, <uint32_t>((j - page) * PAGE))
+    n = 12
+    if idx != s.last_request_area:
+        msg[16] = <unsigned char>a.name_len
+        memcpy(msg + 17, a.name, a.name_len)
+        n += 1 + a.name_len
+        _be16(msg, MIG_RP_MSG_REQ_PAGES_ID)
+        s.last_request_area = idx
+    else:
+        _be16(msg, MIG_RP_MSG_REQ_PAGES)    # the same block as the last request
+    _be16(msg + 2, <unsigned int>n)
+    if _send(s, msg, 4 + n) < 0:
+        s.error = errno
+        return -1
+    s.n.requests += 1
+    s.n.requested_pages += j - page
+    return 0
+
+
+cdef int _place_received(void *ctx, uint64_t offset, const unsigned char *page) noexcept nogil:
+    """The record parser's sink for postcopy: place one arrived page (``page`` NULL: a
+    zero page) unless it is in place already."""
+    cdef Receiving *r = <Receiving *>ctx
+    cdef Server *s = r.s
+    cdef Area *a = r.a
+    cdef uint64_t index = offset // PAGE
+    if not qf_claim_bit(a.claimed, index):
+        qf_add(&s.n.duplicate_pages, 1)     # in place already: its bytes are skipped
+        return 0
+    if _place(s, a.base + offset, <uint64_t>page, 1, page == NULL) < 0:
+        return -1
+    qf_add(&s.n.received_zero_pages if page == NULL else &s.n.received_pages, 1)
+    qf_add(&a.placed, 1)
+    qf_add(&s.placed_pages, 1)
+    if a.fault_ns[index]:
+        _note_latency(s, qf_now_ns() - a.fault_ns[index])
+    return 0
+
+
+cdef int _bad(Server *s, QEMUFile f, int what) noexcept nogil:
+    s.format_error = what
+    s.format_offset = qf_position(f)
+    return -1
+
+
+cdef int _receive_sections(Server *s, QEMUFile f, uint64_t *upto) noexcept nogil:
+    """PART/END sections of RAM page records (and COMMANDs, skipped) until EOF; the
+    records of each block go through the core's record parser into _place_received."""
+    cdef unsigned char kind
+    cdef unsigned char name[256]
+    cdef uint64_t header, flags
+    cdef LoadLoop loop
+    cdef Receiving ctx
+    cdef Area *a = NULL
+    ctx.s = s
+    while True:
+        if qf_read(f, &kind, 1) < 0:
+            return -1
+        if kind == SECTION_EOF:
+            return 0
+        if kind == SECTION_COMMAND:                 # PING and the like: skipped
+            if qf_read(f, name, 4) < 0 or qf_skip(f, (name[2] << 8) | name[3]) < 0:
+                return -1
+            continue
+        if kind != SECTION_PART and kind != SECTION_END:
+            return _bad(s, f, BAD_RECORD)
+        if qf_read(f, name, 4) < 0 or qf_read_be64(f, &header) < 0:
+            return -1
+        while True:                                 # records up to EOS
+            flags = header & (PAGE - 1)
+            if flags == RAM_SAVE_FLAG_EOS:
+                break
+            if flags == RAM_SAVE_FLAG_MULTIFD_FLUSH:
+                if qf_read_be64(f, &header) < 0:
+                    return -1
+                continue
+            if not (flags & RAM_SAVE_FLAG_CONTINUE):   # a block name follows
+                if qf_read(f, name, 1) < 0 or qf_read(f, name + 1, name[0]) < 0:
+                    return -1
+                a = _area_named(s, name + 1, name[0])
+                if a == NULL:
+                    return _bad(s, f, UNKNOWN_BLOCK)
+            elif a == NULL:
+                return _bad(s, f, BAD_RECORD)
+            flags &= ~(<uint64_t>RAM_SAVE_FLAG_CONTINUE)
+            if flags != RAM_SAVE_FLAG_PAGE and flags != RAM_SAVE_FLAG_ZERO:
+                return _bad(s, f, BAD_RECORD)
+            memset(&loop, 0, sizeof(loop))
+            loop.length = a.length
+            loop.page_size = PAGE
+            loop.sink = _place_received
+            ctx.a = a
+            loop.sink_ctx = &ctx
+            loop.have_header = True
+            loop.header = header
+            qf_load_records(f, &loop)
+            if loop.status == -2:
+                s.format_error = PAGE_PAST_BLOCK if loop.reason == 1 else BAD_RECORD
+                s.format_offset = loop.bad_pos
+                return -1
+            if loop.status < 0:
+                return -1                           # the stream ended, or placing failed
+            header = loop.header
+        if qf_peek_byte(f) == SECTION_FOOTER and qf_skip(f, 5) < 0:
+            return -1
+        qf_store(upto, <uint64_t>qf_position(f))
+
+
+cdef int _where(Server *s, char *out, size_t size) noexcept nogil:
+    """The page that could not be placed, in words (empty when that was not it)."""
+    cdef Area *a = _area_of(s, s.fail_addr) if s.fail_addr else NULL
+    out[0] = 0
+    if a == NULL:
+        return 0
+    return snprintf(out, size, " placing page %llu of block %.*s%s",
+                    <unsigned long long>((s.fail_addr - a.base) // PAGE), a.name_len,
+                    a.name, b" from the snapshot" if a.kind == AREA_LOCAL else b"")
+
+
+cdef void _die(Server *s, QEMUFile f, const char *what) noexcept nogil:
+    """Memory that lost its page source cannot wake the threads waiting for pages (and
+    one of them may hold the GIL): say why on stderr, without Python, and end the
+    process with status 1."""
+    cdef char line[768]
+    cdef char where[320]
+    cdef int n
+    cdef int err = s.error
+    cdef const char *reason = b"the stream ended early"
+    cdef const char *hint = b""
+    cdef Area *a = _area_of(s, s.fail_addr) if s.fail_addr else NULL
+    if f is not None and err == 0:
+        err = qf_errno(f)
+    if err:
+        reason = strerror(err)
+    _where(s, where, sizeof(where))
+    if a != NULL and a.kind == AREA_LOCAL and err == EFAULT:
+        hint = b" (the snapshot file no longer holds it: was it cut or replaced while " \
+               b"in use?)"
+    if s.format_error:
+        n = snprintf(line, sizeof(line), "qfram: postcopy failed while %s: broken stream "
+                     "(%d) at byte %lld\n", what, s.format_error,
+                     <long long>s.format_offset)
+    else:
+        n = snprintf(line, sizeof(line), "qfram: %s failed while %s%s: %s%s\n",
+                     b"lazy restore" if a != NULL and a.kind == AREA_LOCAL else
+                     b"postcopy", what, where, reason, hint)
+    write(2, line, n)
+    _exit(1)
+
+
+# ---------------------------------------------------------------------------------------
+# the Python face
+# ---------------------------------------------------------------------------------------
+
+cdef class FaultServer:
+    """Guest RAM that fills itself on first touch from a page source.
+
+    ``add_area(region, source, present)``: register a writable, page-aligned buffer
+    (e.g. a fresh anonymous mmap); ``source`` is a readable buffer holding the pages
+    (e.g. a mapping of the snapshot file at pages_offset), ``present`` its bitmap.
+    Then run ``serve_faults()`` and ``fill_background()`` on threads; ``stop()`` ends
+    them.  Statistics: ``faults``, ``fault_pages``, ``background_pages``,
+    ``zero_pages``, ``eexist``, ``latencies_ns()``.
+    """
+    cdef Server s
+    cdef list exports            # objects that must outlive the areas (bitmap copies)
+    cdef Py_buffer views[2 * MAX_AREAS]
+    cdef int nviews
+    cdef readonly uint64_t features
+
+    def __cinit__(self):
+        self.s.uffd = -1
+        self.s.stop_fd = -1
+        self.s.request_fd = -1
+        self.s.last_request_area = -1
+        self.s.request_timeout_ms = 10000
+
+    def __init__(self, uint64_t window_pages=16, double spin_us=0.0):
+        cdef uffdio_api api
+        if window_pages < 1 or window_pages > 4096:
+            raise ValueError("window_pages must be 1..4096")
+        if <uint64_t>sysconf(_SC_PAGESIZE) != PAGE:
+            raise OSError(EINVAL, "the fault server places one 4 KiB target page per host "
+                                  "page; this machine's pages differ")
+        self.exports = []
+        self.s.window_pages = window_pages
+        self.s.spin_ns = <uint64_t>(spin_us * 1000.0)
+        self.s.lat = <uint64_t *>malloc(MAX_LATENCIES * sizeof(uint64_t))
+        if self.s.lat == NULL:
+            raise MemoryError()
+        self.s.uffd = open_userfaultfd()
+        memset(&api, 0, sizeof(api))
+        api.api = UFFD_API
+        api.features = UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_MISSING_HUGETLBFS
+        if ioctl(self.s.uffd, UFFDIO_API, &api) != 0:
+            api.features = 0            # an older kernel: anonymous memory only
+            if ioctl(self.s.uffd, UFFDIO_API, &api) != 0:
+                raise OSError(errno, f"UFFDIO_API: {os.strerror(errno)}")
+        self.features = api.features
+        self.s.stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
+        if self.s.stop_fd < 0:
+            raise OSError(errno, "eventfd")
+
+    def __dealloc__(self):
+        self._release()
+        free(self.s.lat)
+
+    cdef void _release(self) noexcept:
+        cdef int i
+        for i in range(self.s.nareas):
+            free(self.s.areas[i].claimed)
+            free(self.s.areas[i].requested)
+            free(self.s.areas[i].zero_known)
+            free(self.s.areas[i].fault_ns)
+        memset(self.s.areas, 0, sizeof(self.s.areas))
+        self.s.nareas = 0
+        for i in range(self.nviews):
+            PyBuffer_Release(&self.views[i])
+        self.nviews = 0
+        if self.s.uffd >= 0:
+            close(self.s.uffd)
+            self.s.uffd = -1
+        if self.s.stop_fd >= 0:
+            close(self.s.stop_fd)
+            self.s.stop_fd = -1
+
+    def close(self):
+        """Give back the memory exports and close the userfaultfd (closing it also
+        unregisters every area).  The loops must have returned."""
+        self._release()
+
+    cdef Py_buffer *_export(self, obj) except NULL:
+        cdef Py_buffer *view = &self.views[self.nviews]
+        PyObject_GetBuffer(obj, view, PyBUF_SIMPLE)
+        self.nviews += 1
+        return view
+
+    cdef unsigned char *_bitmap(self, uint64_t npages) except NULL:
+        cdef unsigned char *bits = <unsigned char *>calloc((npages + 7) // 8, 1)
+        if bits == NULL:
+            raise MemoryError()
+        return bits
+
+    def add_area(self, region, source=None, present=None, name=None):
+        """Register ``region`` (MISSING mode).  Local source: its pages come from
+        ``source`` (same length or longer) where ``present`` has the page's bit, else
+        they are zero.  Remote source (``source`` None): pages are asked for on the
+        request fd and placed by ``receive``; ``name`` is the block's idstr there, and
+        ``present`` marks the pages already in place (arrived before registration; never
+        asked for).  Returns the area's index."""
+        cdef Py_buffer *r
+        cdef Py_buffer *src
+        cdef Py_buffer pview
+        cdef uffdio_register reg
+        cdef Area *a
+        cdef bytes encoded
+        if self.s.nareas >= MAX_AREAS:
+            raise ValueError(f"at most {MAX_AREAS} areas")
+        encoded = (name or "").encode()
+        if len(encoded) > 255:
+            raise ValueError("a block name holds at most 255 bytes")
+        if source is None and not encoded:
+            raise ValueError("a remote area needs its block name")
+        if source is not None and present is None:
+            raise ValueError("a local source needs its bitmap of present pages")
+        r = self._export(region)
+        if <uint64_t>r.buf % PAGE or r.len % PAGE or r.len == 0:
+            raise ValueError("a userfaultfd area must be whole, aligned pages")
+        a = &self.s.areas[self.s.nareas]
+        memset(a, 0, sizeof(Area))
+        a.kind = AREA_LOCAL if source is not None else AREA_REMOTE
+        a.base = <uint64_t>r.buf
+        a.length = r.len
+        a.npages = r.len // PAGE
+        memcpy(a.name, <const char *>encoded, len(encoded))
+        a.name_len = len(encoded)
+        if present is not None:
+            PyObject_GetBuffer(present, &pview, PyBUF_SIMPLE)
+            PyBuffer_Release(&pview)
+            if <uint64_t>pview.len * 8 < a.npages:
+                raise ValueError("the present bitmap is shorter than the region")
+        if source is not None:
+            src = self._export(source)
+            if src.len < r.len:
+                raise ValueError("the source is shorter than the region")
+            # the bitmap must outlive the server: keep our own copy
+            kept = bytes(present)
+            self.exports.append(kept)
+            a.present = <const unsigned char *><char *>kept
+            a.src = <const unsigned char *>src.buf
+        a.claimed = self._bitmap(a.npages)
+        if source is None:
+            a.requested = self._bitmap(a.npages)
+            a.zero_known = self._bitmap(a.npages)
+            a.fault_ns = <uint64_t *>calloc(a.npages, 8)
+            if a.fault_ns == NULL:
+                raise MemoryError()
+        memset(&reg, 0, sizeof(reg))
+        reg.range.start = a.base
+        reg.range.len = a.length
+        reg.mode = UFFDIO_REGISTER_MODE_MISSING
+        if ioctl(self.s.uffd, UFFDIO_REGISTER, &reg) != 0:
+            raise OSError(errno, f"UFFDIO_REGISTER: {os.strerror(errno)}")
+        if source is None and present is not None:
+            self._mark_present(a, present)
+        self.s.total_pages += a.npages
+        self.s.nareas += 1
+        return self.s.nareas - 1
+
+    cdef int _mark_present(self, Area *a, present) except -1:
+        """The pages whose bit is set are in place already.  Zero pages that arrived as
+        ZERO records on new memory were never touched (/proc/self/pagemap tells which):
+        a fault there gets the zero page on the spot, nothing is asked for — mapping them
+        all now would cost ~1.4 us a page of downtime."""
+        cdef Py_buffer view
+        cdef uint64_t i, j, k, p, n = 0
+        cdef uint64_t entries[512]
+        cdef int pm
+        cdef ssize_t got
+        cdef const unsigned char *bits
+        PyObject_GetBuffer(present, &view, PyBUF_SIMPLE)
+        pm = c_open(b"/proc/self/pagemap", O_RDONLY | O_CLOEXEC)
+        try:
+            if pm < 0:
+                raise OSError(errno, "/proc/self/pagemap")
+            bits = <const unsigned char *>view.buf
+            i = 0
+            while i < a.npages:
+                j = min(<uint64_t>512, a.npages - i)
+                got = pread(pm, entries, j * 8, (a.base // PAGE + i) * 8)
+                if got != <ssize_t>(j * 8):
+                    raise OSError(errno, "reading /proc/self/pagemap")
+                for k in range(j):
+                    p = i + k
+                    if qf_bit(bits, p):
+                        n += 1
+                        if (entries[k] >> 63) & 1:
+                            qf_set_bit(a.claimed, p, True)
+                        else:                       # arrived as zero, never touched
+                            qf_set_bit(a.zero_known, p, True)
+                i += j
+        finally:
+            if pm >= 0:
+                close(pm)
+            PyBuffer_Release(&view)
+        a.placed = n
+        self.s.placed_pages += n
+        return 0
+
+    def set_remote(self, int request_fd, double timeout=10.0):
+        """Faults on remote areas become page requests written to ``request_fd``."""
+        self.s.request_fd = request_fd
+        self.s.request_timeout_ms = <int>(timeout * 1000)
+
+    cdef int _require(self, AreaKind kind, str what) except -1:
+        cdef int i
+        for i in range(self.s.nareas):
+            if self.s.areas[i].kind != kind:
+                raise ValueError(f"{what} needs areas with a "
+                                 f"{'local' if kind == AREA_LOCAL else 'remote'} source; "
+                                 f"area {i} has a "
+                                 f"{'remote' if kind == AREA_LOCAL else 'local'} one")
+        return 0
+
+    def _failure(self):
+        """What went wrong in a loop, for an exception."""
+        cdef char where[320]
+        _where(&self.s, where, sizeof(where))
+        reason = os.strerror(self.s.error)
+        return f"{where.decode(errors='replace').strip()}: {reason}" if where[0] else reason
+
+    # -- the loops --------------------------------------------------------------------------
+
+    def serve_faults(self):
+        """Serve faults until stop(); run it on a thread of its own (GIL released)."""
+        cdef int rc
+        with nogil:
+            rc = _serve_loop(&self.s)
+            if rc < 0 and self.s.exit_on_failure:
+                _die(&self.s, None, b"serving faults")
+        if rc < 0:
+            raise OSError(self.s.error, f"fault server: {self._failure()}")
+
+    def fill_background(self):
+        """Place every page not placed yet, in order (GIL released); returns when all
+        are in place or stop() was called.  Local areas only (a remote area's pages
+        arrive through receive())."""
+        cdef int rc
+        self._require(AREA_LOCAL, "fill_background")
+        with nogil:
+            rc = _fill_loop(&self.s)
+            # pages it claimed and could not place would be waited for forever
+            if rc < 0 and self.s.exit_on_failure:
+                _die(&self.s, None, b"filling in the background")
+        if rc < 0:
+            raise OSError(self.s.error, f"background fill: {self._failure()}")
+
+    def receive(self, QEMUFile f not None, int channel=0):
+        """Place the pages of a postcopy stream as they arrive on ``f`` (GIL released):
+        PART/END sections of RAM page records, until EOF.  ``channel`` (0: main, 1:
+        preempt) names the stream for ``placed_upto``.  Returns when the stream ends;
+        raises on a broken stream or connection."""
+        cdef int rc
+        if not 0 <= channel < 2:
+            raise ValueError("channel is 0 or 1")
+        self._require(AREA_REMOTE, "receive")
+        qf_begin_gil_free(f)
+        try:
+            with nogil:
+                qf_add_int(&self.s.receiving, 1)
+                rc = _receive_sections(&self.s, f, &self.s.upto[channel])
+                if rc < 0 and self.s.exit_on_failure:
+                    _die(&self.s, f, b"receiving pages")
+                qf_add_int(&self.s.receiving, -1)
+        finally:
+            qf_end_gil_free(f)
+        if rc == 0:
+            return
+        if self.s.format_error:
+            what = {BAD_RECORD: "an unexpected record or section",
+                    UNKNOWN_BLOCK: "a page of an unknown block",
+                    PAGE_PAST_BLOCK: "a page outside its block"}[self.s.format_error]
+            raise FormatError(f"postcopy stream: {what}", self.s.format_offset)
+        if self.s.error:
+            raise OSError(self.s.error, f"postcopy receive: {self._failure()}")
+        err = f.error
+        raise err if err is not None else OSError(EPIPE, "postcopy receive: the stream ended")
+
+    def stop(self):
+        """Make the loops return (safe from any thread)."""
+        cdef uint64_t one = 1
+        qf_store_int(&self.s.stopping, 1)
+        write(self.s.stop_fd, &one, 8)
+
+    def unregister(self):
+        """Stop catching faults on every area (after the fill: the memory is complete)."""
+        cdef uffdio_range rng
+        cdef int i
+        for i in range(self.s.nareas):
+            rng.start = self.s.areas[i].base
+            rng.len = self.s.areas[i].length
+            if ioctl(self.s.uffd, UFFDIO_UNREGISTER, &rng) != 0:
+                raise OSError(errno, f"UFFDIO_UNREGISTER: {os.strerror(errno)}")
+
+    # -- the return path --------------------------------------------------------------------
+
+    def send_message(self, unsigned int msg_type, bytes payload=b""):
+        """Write a return path message (be16 type, be16 length, payload) between the
+        fault thread's requests, GIL released."""
+        cdef bytes msg = msg_type.to_bytes(2, "big") + len(payload).to_bytes(2, "big") + payload
+        cdef const unsigned char *p = <const unsigned char *>msg
+        cdef size_t n = len(msg)
+        cdef int rc
+        if self.s.request_fd < 0:
+            raise ValueError("no return path: set_remote() first")
+        with nogil:
+            rc = _send(&self.s, p, n)
+        if rc < 0:
+            raise OSError(errno, f"return path: {os.strerror(errno)}")
+
+    def placed_upto(self, int channel):
+        """The offset in ``channel``'s stream (0: main, 1: preempt) before which every
+        page record is in place."""
+        if not 0 <= channel < 2:
+            raise ValueError("channel is 0 or 1")
+        return qf_load(&self.s.upto[channel])
+
+    # -- state and statistics ---------------------------------------------------------------
+
+    @property
+    def exit_on_failure(self):
+        """A loop's failure ends the process (threads waiting for pages cannot be woken
+        with the right bytes); else it raises in the loop's thread."""
+        return self.s.exit_on_failure
+
+    @exit_on_failure.setter
+    def exit_on_failure(self, bint value):
+        self.s.exit_on_failure = value
+
+    @property
+    def receiving(self):
+        """How many receive() calls run without the GIL: only once they do may a Python
+        thread fault on remote areas (it holds the GIL while it waits for its page)."""
+        return qf_load_int(&self.s.receiving)
+
+    @property
+    def placed_pages(self):
+        return qf_load(&self.s.placed_pages)
+
+    @property
+    def total_pages(self):
+        return self.s.total_pages
+
+    @property
+    def window_pages(self):
+        return self.s.window_pages
+
+    @property
+    def counters(self):
+        """Every counter of the loops, by name."""
+        return dict(self.s.n)
+
+    @property
+    def faults(self):
+        return self.s.n.faults
+
+    @property
+    def fault_pages(self):
+        return self.s.n.fault_pages
+
+    @property
+    def background_pages(self):
+        return self.s.n.background_pages
+
+    @property
+    def zero_pages(self):
+        return self.s.n.zero_pages
+
+    @property
+    def eexist(self):
+        return self.s.n.eexist
+
+    @property
+    def requests(self):
+        return self.s.n.requests
+
+    @property
+    def requested_pages(self):
+        return self.s.n.requested_pages
+
+    @property
+    def received_pages(self):
+        return self.s.n.received_pages
+
+    @property
+    def received_zero_pages(self):
+        return self.s.n.received_zero_pages
+
+    @property
+    def duplicate_pages(self):
+        return self.s.n.duplicate_pages
+
+    def latencies_ns(self):
+        """Time from reading each fault to its pages being in place, in ns."""
+        return [self.s.lat[i] for i in range(min(self.s.nlat, <uint64_t>MAX_LATENCIES))]
 
 
 # ---------------------------------------------------------------------------------------
@@ -944,7 +1015,7 @@ cdef class DirtyTracker:
         wp.mode = UFFDIO_WRITEPROTECT_MODE_WP
         if ioctl(self.uffd, UFFDIO_WRITEPROTECT, &wp) != 0:
             raise OSError(errno, f"UFFDIO_WRITEPROTECT: {os.strerror(errno)}")
-        self.pagemap = c_open(b"/proc/self/pagemap", O_RDONLY_ | O_CLOEXEC)
+        self.pagemap = c_open(b"/proc/self/pagemap", O_RDONLY | O_CLOEXEC)
         if self.pagemap < 0:
             raise OSError(errno, "/proc/self/pagemap")
 
@@ -963,7 +1034,7 @@ cdef class DirtyTracker:
         cdef Py_buffer b
         cdef qf_pm_scan_arg arg
         cdef uint64_t start = self.base
-        cdef long n, k
+        cdef long n = 0, k
         cdef uint64_t p, first, last, count = 0
         cdef unsigned char *bits
         PyObject_GetBuffer(bitmap, &b, PyBUF_WRITABLE)
@@ -989,7 +1060,7 @@ cdef class DirtyTracker:
                         first = (self.vec[k].start - self.base) // PAGE
                         last = (self.vec[k].end - self.base) // PAGE
                         for p in range(first, last):
-                            bits[p >> 3] |= <unsigned char>(1 << (p & 7))
+                            qf_set_bit(bits, p, True)
                         count += last - first
                     if arg.walk_end <= start:
                         break

@@ -12,7 +12,7 @@ import sys
 import time
 from typing import List, Optional, Tuple
 
-from qfram import channel, core, outputs, qemu, snapshot
+from qfram import channel, core, outputs, qemu, snapshot, wire
 from qfram.demo import demo_ram, fill_demo
 from qfram.durable import DurableRelease
 from qfram.errors import QFramError, StreamEnded
@@ -71,7 +71,7 @@ def stream_records(out, region, idstr: str, release: bool,
     bytes released)."""
     if not (release and durable):
         pages, zeros, _ = out.save_pages(region, may_free=release, idstr=idstr)
-        out.put_be64(core.RAM_SAVE_FLAG_EOS)
+        out.put_be64(wire.RAM_SAVE_FLAG_EOS)
         out.flush()
         return pages, zeros, out.released_bytes
     fd = out.channel.fd
@@ -83,13 +83,13 @@ def stream_records(out, region, idstr: str, release: bool,
             count = min(STREAM_WINDOW_PAGES, block.npages - first)
             start = out.tell_fast()
             p, z, _ = out.save_pages(region, first, count, idstr=idstr if first == 0 else None,
-                                     flags=core.RAM_SAVE_FLAG_CONTINUE if first else 0)
+                                     flags=wire.RAM_SAVE_FLAG_CONTINUE if first else 0)
             pages, zeros = pages + p, zeros + z
             out.flush()
             releaser.written(fd, block, first, count,
                              functools.partial(_read_records_back, region=region,
                                                offset=start), start, out.tell() - start)
-        out.put_be64(core.RAM_SAVE_FLAG_EOS)
+        out.put_be64(wire.RAM_SAVE_FLAG_EOS)
         out.flush()
         releaser.finish(fd)
     except BaseException as exc:
@@ -104,7 +104,7 @@ def _read_records_back(fd: int, region, offset: int) -> None:
     back = channel.fdopen(fd, "rb", owned=False)
     back.set_offset(offset)
     header = back.get_be64()
-    if not header & core.RAM_SAVE_FLAG_CONTINUE:
+    if not header & wire.RAM_SAVE_FLAG_CONTINUE:
         back.get_counted_string()
     try:
         back.load_pages(region, header)

@@ -1,12 +1,19 @@
-"""Which implementation of the core is in use: the Cython extension, or, only when
-``QFRAM_PURE_PYTHON=1`` says so, its pure-Python twin.  Never a silent fallback."""
+"""Which implementation of the core is in use — the Cython extension, or, only when
+``QFRAM_PURE_PYTHON=1`` says so, its pure-Python twin — and the contract both keep."""
 from __future__ import annotations
 
 import importlib
 import os
 from typing import Any
 
+from qfram import wire
+
 PURE_PYTHON = os.environ.get("QFRAM_PURE_PYTHON", "") == "1"
+
+# The backend contract: the names both twins provide, with the same signatures (each is
+# checked against the typed stub, qfram/_fast.pyi, by mypy.stubtest in the tests).
+CONTRACT = ("QEMUFile", "is_zero", "discard", "bitmap_runs", "write_pages_at",
+            "read_pages_at", "diff_pages", "punch_hole", "start_writeback")
 
 impl: Any
 if PURE_PYTHON:
@@ -25,17 +32,7 @@ else:
 QEMUFile = impl.QEMUFile
 is_zero = impl.is_zero
 
-RAM_SAVE_FLAG_ZERO = impl.RAM_SAVE_FLAG_ZERO
-RAM_SAVE_FLAG_MEM_SIZE = impl.RAM_SAVE_FLAG_MEM_SIZE
-RAM_SAVE_FLAG_PAGE = impl.RAM_SAVE_FLAG_PAGE
-RAM_SAVE_FLAG_EOS = impl.RAM_SAVE_FLAG_EOS
-RAM_SAVE_FLAG_CONTINUE = impl.RAM_SAVE_FLAG_CONTINUE
-RAM_SAVE_FLAG_XBZRLE = impl.RAM_SAVE_FLAG_XBZRLE
-RAM_SAVE_FLAG_HOOK = impl.RAM_SAVE_FLAG_HOOK
-RAM_SAVE_FLAG_COMPRESS_PAGE = impl.RAM_SAVE_FLAG_COMPRESS_PAGE
-RAM_SAVE_FLAG_MULTIFD_FLUSH = impl.RAM_SAVE_FLAG_MULTIFD_FLUSH
-
-SEED_PARAMS = {"iov_max": impl.SEED_IOV_MAX, "buf_size": impl.SEED_BUF_SIZE,
-               "release_min": impl.SEED_RELEASE_MIN}
-DEFAULT_PARAMS = {"iov_max": impl.DEFAULT_IOV_MAX, "buf_size": impl.DEFAULT_BUF_SIZE,
-                  "release_min": impl.DEFAULT_RELEASE_MIN}
+SEED_PARAMS = {"iov_max": wire.SEED_IOV_MAX, "buf_size": wire.SEED_BUF_SIZE,
+               "release_min": wire.SEED_RELEASE_MIN}
+DEFAULT_PARAMS = {"iov_max": wire.DEFAULT_IOV_MAX, "buf_size": wire.DEFAULT_BUF_SIZE,
+                  "release_min": wire.DEFAULT_RELEASE_MIN}

@@ -10,7 +10,8 @@ from __future__ import annotations
 import mmap
 import random
 
-PAGE = mmap.PAGESIZE
+from qfram.wire import TARGET_PAGE_SIZE
+
 
 _WORDS = (b"qemu migrates guest memory page by page; dirty pages are sent again while "
           b"the vcpus run, and postcopy faults fetch what is missing. ")
@@ -29,30 +30,30 @@ def fill_demo(region, seed: int = 0, zero_percent: int = 30, touch_zero: bool = 
     """Fill ``region`` (a writable buffer, whole pages) with the demo mix.
     Returns the page counts by kind."""
     view = memoryview(region).cast("B")
-    npages = len(view) // PAGE
+    npages = len(view) // TARGET_PAGE_SIZE
     rng = random.Random(seed)
     pool = rng.randbytes(4 << 20)
-    text = (_WORDS * (PAGE // len(_WORDS) + 1))[:PAGE]
+    text = (_WORDS * (TARGET_PAGE_SIZE // len(_WORDS) + 1))[:TARGET_PAGE_SIZE]
     counts = {"zero": 0, "text": 0, "random": 0}
     for i in range(npages):
         kind = page_kind(i, seed, zero_percent)
         counts[kind] += 1
-        off = i * PAGE
+        off = i * TARGET_PAGE_SIZE
         if kind == "zero":
             if touch_zero:
                 view[off] = 0          # resident, as a running guest's zero pages are
         elif kind == "text":
-            view[off:off + PAGE] = text
+            view[off:off + TARGET_PAGE_SIZE] = text
             view[off:off + 8] = i.to_bytes(8, "little")
         else:
-            start = (i * 4099 * 16) % (len(pool) - PAGE)
-            view[off:off + PAGE] = pool[start:start + PAGE]
+            start = (i * 4099 * 16) % (len(pool) - TARGET_PAGE_SIZE)
+            view[off:off + TARGET_PAGE_SIZE] = pool[start:start + TARGET_PAGE_SIZE]
     return counts
 
 
 def demo_ram(size: int, seed: int = 0, zero_percent: int = 30) -> mmap.mmap:
     """Private anonymous memory of ``size`` bytes (rounded down to pages), filled."""
-    size -= size % PAGE
+    size -= size % TARGET_PAGE_SIZE
     region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     fill_demo(region, seed, zero_percent)
     return region

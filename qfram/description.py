@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from qfram.errors import FormatError
+from qfram.wire import SECTION_VMDESCRIPTION
 
-SECTION_VMDESCRIPTION = 0x06
 SCAN_CHUNK = 1 << 20
 _HEX64 = re.compile(r"[0-9a-f]{16}\Z")
 _B64 = re.compile(r"[A-Za-z0-9+/]*={0,2}\Z")

@@ -19,7 +19,8 @@ from typing import Callable, List, Optional
 
 from qfram import core, outputs
 from qfram.errors import QFramError
-from qfram.ram import TARGET_PAGE_SIZE, RAMBlock
+from qfram.ram import RAMBlock
+from qfram.wire import TARGET_PAGE_SIZE
 
 RESCUE_MARK = ".qfram-rescue-"     # a failed save's file kept for the pages in it
 

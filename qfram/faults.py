@@ -20,7 +20,8 @@ from typing import Dict, List, Optional
 
 from qfram import snapshot
 from qfram.errors import FormatError
-from qfram.ram import TARGET_PAGE_SIZE, RAMBlock, RAMList, bitmap_bytes, memory_room
+from qfram.ram import RAMBlock, RAMList, bitmap_bytes, memory_room
+from qfram.wire import TARGET_PAGE_SIZE
 from qfram.stream import TooLarge
 
 

@@ -26,7 +26,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
-PAGE = 4096
+from qfram.wire import TARGET_PAGE_SIZE
+
 
 
 def meminfo() -> Dict[str, int]:

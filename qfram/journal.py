@@ -39,7 +39,8 @@ import xxhash
 
 from qfram import channel, core
 from qfram.errors import FormatError
-from qfram.ram import TARGET_PAGE_SIZE, RAMBlock, bitmap_bytes
+from qfram.ram import RAMBlock, bitmap_bytes
+from qfram.wire import TARGET_PAGE_SIZE
 
 MAGIC = b"QFJ1"
 COMMIT = b"QFJC"

@@ -22,9 +22,8 @@ import os
 from typing import Dict, Iterator, List, Optional, Tuple
 
 from qfram import core
+from qfram.wire import HOST_PAGE_SIZE, TARGET_PAGE_SIZE
 
-TARGET_PAGE_SIZE = 4096        # x86's page: the unit of RAM records and bitmaps
-HOST_PAGE_SIZE = mmap.PAGESIZE
 MFD_HUGETLB = 0x0004
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 HUGETLBFS_MAGIC = 0x958458F6

@@ -27,15 +27,14 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import xxhash
 
-from qfram import channel, core, outputs, stream
+from qfram import channel, core, outputs, stream, wire
 from qfram.errors import FormatError, QFramError
 from qfram.description import Description
 from qfram.durable import DurableRelease, ReleaseRollbackError  # noqa: F401 (re-exported)
 from qfram.description import find_tail as find_description
-from qfram.ram import TARGET_PAGE_SIZE, RAMBlock, RAMList, bitmap_bytes, memory_room, new_bitmap
+from qfram.ram import RAMBlock, RAMList, bitmap_bytes, memory_room, new_bitmap
+from qfram.wire import TARGET_PAGE_SIZE
 
-DEFAULT_MACHINE = "pc-i440fx-7.2"
-RAM_SECTION_ID = 2
 FORMAT_VERSION = 1
 CHUNK_PAGES = 512                 # 2 MiB: hashed, then sent while still in cache
 # RAM per PART section in the stream layout; with release, each PART is written, made
@@ -148,7 +147,7 @@ def save(ram: RAMList, path: str, *, layout: str = "stream", machine: Optional[s
     if not blocks:
         raise ValueError("nothing to save: the RAM list is empty")
     if machine is None:
-        machine = devices.machine if devices else DEFAULT_MACHINE
+        machine = devices.machine if devices else wire.DEFAULT_MACHINE
     t0 = time.perf_counter()
     if incremental and os.path.exists(path):
         from qfram import journal
@@ -180,15 +179,15 @@ def _save_stream(blocks: List[RAMBlock], fd: int, machine: str, compress: Option
                  progress: Progress, devices: Optional[stream.DeviceState],
                  releaser: DurableRelease) -> SaveResult:
     f = channel.fdopen(fd, "wb", owned=False)
-    sid = devices.ram_section_id if devices else RAM_SECTION_ID
+    sid = devices.ram_section_id if devices else wire.RAM_SECTION_ID
     sums: Dict[str, str] = {}
     counts: Dict[str, Tuple[int, int]] = {}
     total = sum(b.used_length for b in blocks)
     done = 0
     stream.put_header(f, machine)
-    stream.put_section_start(f, sid, stream.RAM_SECTION, 0, stream.RAM_VERSION)
+    stream.put_section_start(f, sid, wire.RAM_SECTION, 0, wire.RAM_VERSION)
     stream.put_mem_size(f, blocks)
-    f.put_be64(stream.FLAG_EOS)
+    f.put_be64(wire.RAM_SAVE_FLAG_EOS)
     stream.put_footer(f, sid)
     part_pages = PART_BYTES // TARGET_PAGE_SIZE
     for block in blocks:
@@ -209,7 +208,7 @@ def _save_stream(blocks: List[RAMBlock], fd: int, machine: str, compress: Option
                                                            named)
                 else:
                     p, z, _ = f.save_pages(block.region, first, count, 0,
-                                           stream.FLAG_CONTINUE,
+                                           wire.RAM_SAVE_FLAG_CONTINUE,
                                            idstr=block.name if named else None)
                 named = False
                 pages += p
@@ -217,7 +216,7 @@ def _save_stream(blocks: List[RAMBlock], fd: int, machine: str, compress: Option
                 done += length
                 if progress:
                     progress(done, total)
-            f.put_be64(stream.FLAG_EOS)
+            f.put_be64(wire.RAM_SAVE_FLAG_EOS)
             stream.put_footer(f, sid)
             if releaser.enabled:
                 # every PART is a release window: written, made durable, then released
@@ -242,7 +241,7 @@ def _reread_part(fd: int, block: RAMBlock, offset: int) -> None:
     """Put the pages of the PART section at ``offset`` back into ``block``."""
     f = channel.fdopen(fd, "rb", owned=False)
     f.set_offset(offset)
-    if f.get_byte() != stream.SECTION_PART:
+    if f.get_byte() != wire.SECTION_PART:
         raise FormatError("the section to read back is not a PART", offset)
     f.get_be32()
     stream.RAMSectionReader.for_blocks(f, [block]).read_payload()
@@ -252,12 +251,12 @@ def _reread_part(fd: int, block: RAMBlock, offset: int) -> None:
 def put_tail(f, sid: int, devices: Optional[stream.DeviceState], description: dict) -> None:
     """The end of a stream: the ram END section, the device sections carried over,
     EOF, and the VMDESCRIPTION with qfram's checksums."""
-    stream.put_section_part(f, sid, stream.SECTION_END)
-    f.put_be64(stream.FLAG_EOS)
+    stream.put_section_part(f, sid, wire.SECTION_END)
+    f.put_be64(wire.RAM_SAVE_FLAG_EOS)
     stream.put_footer(f, sid)
     if devices:
         f.put_buffer(devices.sections)
-    f.put_byte(stream.SECTION_EOF)
+    f.put_byte(wire.SECTION_EOF)
     stream.put_vmdescription(f, description)
 
 
@@ -274,21 +273,21 @@ def _put_mapped_setup(f, blocks: List[RAMBlock], machine: str, sid: int) -> List
     block; the file position jumps past each block's pages, as QEMU's does."""
     # QEMU 9+ validates the capability list against its own: mapped-ram must be named
     stream.put_header(f, machine, capabilities=("mapped-ram",))
-    stream.put_section_start(f, sid, stream.RAM_SECTION, 0, stream.RAM_VERSION)
-    f.put_be64(sum(b.used_length for b in blocks) | stream.FLAG_MEM_SIZE)
+    stream.put_section_start(f, sid, wire.RAM_SECTION, 0, wire.RAM_VERSION)
+    f.put_be64(sum(b.used_length for b in blocks) | wire.RAM_SAVE_FLAG_MEM_SIZE)
     layout = []
     for block in blocks:
         f.put_counted_string(block.name)
         f.put_be64(block.used_length)
-        bitmap_offset = f.tell_fast() + stream.MAPPED_RAM_HEADER.size
+        bitmap_offset = f.tell_fast() + wire.MAPPED_RAM_HEADER.size
         size = bitmap_bytes(block.npages)
-        pages_offset = stream.align_up(bitmap_offset + size, stream.MAPPED_RAM_ALIGN)
-        f.put_buffer(stream.MAPPED_RAM_HEADER.pack(stream.MAPPED_RAM_VERSION,
+        pages_offset = stream.align_up(bitmap_offset + size, wire.MAPPED_RAM_ALIGN)
+        f.put_buffer(wire.MAPPED_RAM_HEADER.pack(wire.MAPPED_RAM_VERSION,
                                                    TARGET_PAGE_SIZE, bitmap_offset,
                                                    pages_offset))
         f.set_offset(pages_offset + block.used_length)
         layout.append(_MappedBlock(block, bitmap_offset, pages_offset, bytearray(size)))
-    f.put_be64(stream.FLAG_EOS)
+    f.put_be64(wire.RAM_SAVE_FLAG_EOS)
     stream.put_footer(f, sid)
     return layout
 
@@ -389,7 +388,7 @@ def _save_mapped(blocks: List[RAMBlock], fd: int, machine: str, direct: bool,
                  threads: int, progress: Progress, devices: Optional[stream.DeviceState],
                  releaser: DurableRelease) -> SaveResult:
     f = channel.fdopen(fd, "wb", owned=False)
-    sid = devices.ram_section_id if devices else RAM_SECTION_ID
+    sid = devices.ram_section_id if devices else wire.RAM_SECTION_ID
     layout = _put_mapped_setup(f, blocks, machine, sid)
     page_fd = fd
     if direct:
@@ -411,8 +410,8 @@ def _save_mapped(blocks: List[RAMBlock], fd: int, machine: str, direct: bool,
 def devices_of(fd: int, info: dict) -> stream.DeviceState:
     """The device sections a mapped file already holds (kept by incremental saves)."""
     parts = [os.pread(fd, d["end"] - d["offset"], d["offset"]) for d in info["devices"]]
-    ram_ids = [x["id"] for x in info["sections"] if x["name"] == stream.RAM_SECTION]
-    return stream.DeviceState(info["machine"], ram_ids[0] if ram_ids else RAM_SECTION_ID,
+    ram_ids = [x["id"] for x in info["sections"] if x["name"] == wire.RAM_SECTION]
+    return stream.DeviceState(info["machine"], ram_ids[0] if ram_ids else wire.RAM_SECTION_ID,
                               b"".join(parts), [])
 
 
@@ -511,8 +510,8 @@ def inspect_fd(path: str, fd: int) -> dict:
         "blocks": blocks, "qfram": bool(q), "compression": q.get("compression"),
         "created": q.get("created"), "eof_offset": info.eof_offset,
         "ram_end_offset": next((s.offset for s in info.sections if s.kind ==
-                                stream.SECTION_END and s.name == stream.RAM_SECTION), -1),
-        "sections": [{"type": stream.SECTION_NAMES.get(s.kind, s.kind), "id": s.section_id,
+                                wire.SECTION_END and s.name == wire.RAM_SECTION), -1),
+        "sections": [{"type": wire.SECTION_NAMES.get(s.kind, s.kind), "id": s.section_id,
                       "name": s.name, "offset": s.offset} for s in info.sections],
         "devices": devices,
         "commands": [{"cmd": c, "length": n, "offset": o} for c, n, o in info.commands],

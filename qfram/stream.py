@@ -35,67 +35,15 @@ from qfram import core
 from qfram.description import Description
 from qfram.description import encode as encode_description
 from qfram.errors import FormatError
-from qfram.ram import TARGET_PAGE_SIZE, RAMBlock, bitmap_bytes, set_bits
+from qfram.ram import RAMBlock, bitmap_bytes, set_bits
+from qfram.wire import (CODECS, CODEC_LZ4, MAPPED_RAM_ALIGN, MAPPED_RAM_HEADER, MAPPED_RAM_VERSION, QEVM_MAGIC, QEVM_VERSION, RAM_SAVE_FLAG_COMPRESS_PAGE, RAM_SAVE_FLAG_CONTINUE, RAM_SAVE_FLAG_EOS, RAM_SAVE_FLAG_HOOK, RAM_SAVE_FLAG_MEM_SIZE, RAM_SAVE_FLAG_MULTIFD_FLUSH, RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_QFRAM_CODEC, RAM_SAVE_FLAG_XBZRLE, RAM_SAVE_FLAG_ZERO, RAM_SECTION, RAM_VERSION, SECTION_COMMAND, SECTION_CONFIGURATION, SECTION_END, SECTION_EOF, SECTION_FOOTER, SECTION_FULL, SECTION_NAMES, SECTION_PART, SECTION_START, SECTION_SUBSECTION, SECTION_VMDESCRIPTION, TARGET_PAGE_SIZE, flag_names)
 
-QEVM_MAGIC = 0x5145564D
-QEVM_VERSION = 3
-
-SECTION_EOF = 0x00
-SECTION_START = 0x01
-SECTION_PART = 0x02
-SECTION_END = 0x03
-SECTION_FULL = 0x04
-SECTION_SUBSECTION = 0x05
-SECTION_VMDESCRIPTION = 0x06
-SECTION_CONFIGURATION = 0x07
-SECTION_COMMAND = 0x08
-SECTION_FOOTER = 0x7E
-
-SECTION_NAMES = {SECTION_EOF: "EOF", SECTION_START: "START", SECTION_PART: "PART",
-                 SECTION_END: "END", SECTION_FULL: "FULL", SECTION_SUBSECTION: "SUBSECTION",
-                 SECTION_VMDESCRIPTION: "VMDESCRIPTION",
-                 SECTION_CONFIGURATION: "CONFIGURATION", SECTION_COMMAND: "COMMAND",
-                 SECTION_FOOTER: "FOOTER"}
-
-RAM_SECTION = "ram"
-RAM_VERSION = 4
-
-FLAG_ZERO = core.RAM_SAVE_FLAG_ZERO
-FLAG_MEM_SIZE = core.RAM_SAVE_FLAG_MEM_SIZE
-FLAG_PAGE = core.RAM_SAVE_FLAG_PAGE
-FLAG_EOS = core.RAM_SAVE_FLAG_EOS
-FLAG_CONTINUE = core.RAM_SAVE_FLAG_CONTINUE
-FLAG_XBZRLE = core.RAM_SAVE_FLAG_XBZRLE
-FLAG_HOOK = core.RAM_SAVE_FLAG_HOOK
-FLAG_COMPRESS_PAGE = core.RAM_SAVE_FLAG_COMPRESS_PAGE
-FLAG_MULTIFD_FLUSH = core.RAM_SAVE_FLAG_MULTIFD_FLUSH
-FLAG_QFRAM_CODEC = 0x800          # qfram extension: u8 codec, be32 length, data
-FLAG_NAMES = {FLAG_ZERO: "ZERO", FLAG_MEM_SIZE: "MEM_SIZE", FLAG_PAGE: "PAGE",
-              FLAG_EOS: "EOS", FLAG_CONTINUE: "CONTINUE", FLAG_XBZRLE: "XBZRLE",
-              FLAG_HOOK: "HOOK", FLAG_COMPRESS_PAGE: "COMPRESS_PAGE",
-              FLAG_MULTIFD_FLUSH: "MULTIFD_FLUSH", FLAG_QFRAM_CODEC: "QFRAM_CODEC"}
 PAGE_MASK = TARGET_PAGE_SIZE - 1
-
-CODEC_LZ4 = 1
-CODECS = {"lz4": CODEC_LZ4}
 
 # zlib's compressBound(4096): the longest COMPRESS_PAGE payload QEMU accepts
 ZLIB_BOUND = TARGET_PAGE_SIZE + (TARGET_PAGE_SIZE >> 12) + (TARGET_PAGE_SIZE >> 14) + \
     (TARGET_PAGE_SIZE >> 25) + 13
 LZ4_BOUND = TARGET_PAGE_SIZE + TARGET_PAGE_SIZE // 255 + 16
-
-MAPPED_RAM_VERSION = 1
-MAPPED_RAM_HEADER = struct.Struct(">IQQQ")       # version, page_size, bitmap, pages
-MAPPED_RAM_ALIGN = 1 << 20                        # pages_offset: O_DIRECT-friendly
-
-
-def flag_names(flags: int) -> str:
-    names = [name for bit, name in FLAG_NAMES.items() if flags & bit]
-    rest = flags & ~sum(bit for bit in FLAG_NAMES if flags & bit)
-    if rest:
-        names.append(f"{rest:#x}")
-    return "|".join(names) or "0"
-
 
 def align_up(value: int, alignment: int) -> int:
     return (value + alignment - 1) // alignment * alignment
@@ -155,7 +103,7 @@ def put_footer(f, section_id: int) -> None:
 
 def put_mem_size(f, blocks: List[RAMBlock]) -> None:
     """The RAM setup record: total size, then each block's name and used length."""
-    f.put_be64(sum(b.used_length for b in blocks) | FLAG_MEM_SIZE)
+    f.put_be64(sum(b.used_length for b in blocks) | RAM_SAVE_FLAG_MEM_SIZE)
     for block in blocks:
         f.put_counted_string(block.name)
         f.put_be64(block.used_length)
@@ -183,15 +131,15 @@ def save_pages_compressed(f, block: RAMBlock, first: int, count: int, codec: str
         off = i * TARGET_PAGE_SIZE
         zero = is_zero(region, off, TARGET_PAGE_SIZE)
         if zero:
-            header = off | FLAG_ZERO
+            header = off | RAM_SAVE_FLAG_ZERO
         else:
-            header = off | (FLAG_COMPRESS_PAGE if codec == "zlib" else FLAG_QFRAM_CODEC)
+            header = off | (RAM_SAVE_FLAG_COMPRESS_PAGE if codec == "zlib" else RAM_SAVE_FLAG_QFRAM_CODEC)
         if named:
             f.put_be64(header)
             f.put_counted_string(block.name)
             named = False
         else:
-            f.put_be64(header | FLAG_CONTINUE)
+            f.put_be64(header | RAM_SAVE_FLAG_CONTINUE)
         if zero:
             f.put_byte(0)
             zeros += 1
@@ -387,30 +335,30 @@ class RAMSectionReader:
         while True:
             flags = header & PAGE_MASK
             addr = header & ~PAGE_MASK
-            if flags & FLAG_MEM_SIZE:
-                if flags != FLAG_MEM_SIZE:
+            if flags & RAM_SAVE_FLAG_MEM_SIZE:
+                if flags != RAM_SAVE_FLAG_MEM_SIZE:
                     raise FormatError(f"MEM_SIZE record with flags {flag_names(flags)}",
                                       header_pos)
                 self._read_mem_size(addr, header_pos)
-            elif flags == FLAG_EOS:
+            elif flags == RAM_SAVE_FLAG_EOS:
                 return
-            elif flags & (FLAG_PAGE | FLAG_ZERO | FLAG_COMPRESS_PAGE | FLAG_QFRAM_CODEC):
-                kind = flags & ~FLAG_CONTINUE
-                if kind not in (FLAG_PAGE, FLAG_ZERO, FLAG_COMPRESS_PAGE, FLAG_QFRAM_CODEC):
+            elif flags & (RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_COMPRESS_PAGE | RAM_SAVE_FLAG_QFRAM_CODEC):
+                kind = flags & ~RAM_SAVE_FLAG_CONTINUE
+                if kind not in (RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_ZERO, RAM_SAVE_FLAG_COMPRESS_PAGE, RAM_SAVE_FLAG_QFRAM_CODEC):
                     raise FormatError(f"unknown combination of RAM flags {flag_names(flags)}",
                                       header_pos)
                 block = self._block_for(flags, header_pos)
-                if kind in (FLAG_PAGE, FLAG_ZERO):
+                if kind in (RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_ZERO):
                     header = self._pages(block, header, header_pos)
                     header_pos = f.tell() - 8
                     continue
                 self._compressed_page(block, kind, addr, header_pos)
-            elif flags == FLAG_MULTIFD_FLUSH:
+            elif flags == RAM_SAVE_FLAG_MULTIFD_FLUSH:
                 pass
-            elif flags & FLAG_XBZRLE:
+            elif flags & RAM_SAVE_FLAG_XBZRLE:
                 raise FormatError("XBZRLE page record: qfram does not decode XBZRLE",
                                   header_pos)
-            elif flags & FLAG_HOOK:
+            elif flags & RAM_SAVE_FLAG_HOOK:
                 raise FormatError("RAM hook record (RDMA): not supported", header_pos)
             else:
                 raise FormatError(f"unknown RAM record flags {flag_names(flags)}", header_pos)
@@ -487,7 +435,7 @@ class RAMSectionReader:
         block.pages_offset = pages_offset
 
     def _block_for(self, flags: int, pos: int) -> BlockInfo:
-        if flags & FLAG_CONTINUE:
+        if flags & RAM_SAVE_FLAG_CONTINUE:
             if self.last is None:
                 raise FormatError("a CONTINUE record before any block was named", pos)
             return self.last
@@ -518,7 +466,7 @@ class RAMSectionReader:
         if addr + TARGET_PAGE_SIZE > block.used_length:
             raise FormatError(f"page at offset {addr:#x} lies outside block {block.name!r} "
                               f"of {block.used_length:#x} bytes", pos)
-        if kind == FLAG_COMPRESS_PAGE:
+        if kind == RAM_SAVE_FLAG_COMPRESS_PAGE:
             bound, codec = ZLIB_BOUND, 0
         else:
             codec_pos = f.tell()

@@ -115,7 +115,7 @@ def child_write(writer: str, image: str, fd: int) -> dict:
 
 
 def child_read(stream: str, size: int, huge: bool) -> dict:
-    from qfram import channel, core
+    from qfram import channel, wire
     region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if huge:
         region.madvise(mmap.MADV_HUGEPAGE)
@@ -126,7 +126,7 @@ def child_read(stream: str, size: int, huge: bool) -> dict:
     f.get_counted_string()
     header, pages, zeros = f.load_pages(region, header, touched=touched)
     seconds = time.perf_counter() - t0
-    assert header == core.RAM_SAVE_FLAG_EOS, hex(header)
+    assert header == wire.RAM_SAVE_FLAG_EOS, hex(header)
     f.close()
     return {"seconds": seconds, "bytes": os.path.getsize(stream), "pages": pages,
             "zeros": zeros}

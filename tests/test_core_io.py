@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from qfram import wire
+
 from conftest import PAGE, Drain, fill_pages, private_anon
 
 
@@ -223,17 +225,17 @@ def test_a_regular_file_round_trips_a_large_stream(core, tmp_path):
     fd = os.open(path, os.O_WRONLY | os.O_CREAT)
     f = core.fdopen(fd, "wb")
     mm = page_stream(core, f, 1024)
-    f.put_be64(core.mod.RAM_SAVE_FLAG_EOS)
+    f.put_be64(wire.RAM_SAVE_FLAG_EOS)
     f.close()
     data = path.read_bytes()
-    expected = expected_stream(core, 1024) + core.mod.RAM_SAVE_FLAG_EOS.to_bytes(8, "big")
+    expected = expected_stream(core, 1024) + wire.RAM_SAVE_FLAG_EOS.to_bytes(8, "big")
     assert hashlib.sha256(data).digest() == hashlib.sha256(expected).digest()
     r = core.fdopen(os.open(path, os.O_RDONLY), "rb")
     header = r.get_be64()
     assert r.get_counted_string() == b"pc.ram"
     target = private_anon(len(mm))
     nxt, pages, zeros = r.load_pages(target, header)
-    assert (nxt, pages, zeros) == (core.mod.RAM_SAVE_FLAG_EOS, 1024, 0)
+    assert (nxt, pages, zeros) == (wire.RAM_SAVE_FLAG_EOS, 1024, 0)
     assert target[:] == mm[:]
     r.close()
 

@@ -9,7 +9,7 @@ import zlib
 import pytest
 
 from conftest import PAGE, SEED, RecordingChannel, private_anon
-from qfram import FormatError, QFramError, StreamEnded
+from qfram import FormatError, QFramError, StreamEnded, wire
 
 
 def write_then_read(core, put, **params):
@@ -357,17 +357,17 @@ def test_iterate_hooks_run_and_a_negative_result_sets_the_error(core):
     f = core.buffer_file()
     f.set_hooks(before_ram_iterate=lambda file, flags, data: calls.append(("before", flags)) or 0,
                 after_ram_iterate=lambda file, flags, data: -errno.EPROTO)
-    f.ram_control_before_iterate(core.mod.RAM_CONTROL_ROUND)
+    f.ram_control_before_iterate(wire.RAM_CONTROL_ROUND)
     assert calls == [("before", 1)] and f.get_error() == 0
-    f.ram_control_after_iterate(core.mod.RAM_CONTROL_FINISH)
+    f.ram_control_after_iterate(wire.RAM_CONTROL_FINISH)
     assert f.get_error() == -errno.EPROTO
 
 
 def test_a_hook_record_without_a_load_hook_is_an_error(core):
     f = core.buffer_file(b"", mode="rb")
-    f.ram_control_load_hook(core.mod.RAM_CONTROL_ROUND)      # other flags: nothing to do
+    f.ram_control_load_hook(wire.RAM_CONTROL_ROUND)      # other flags: nothing to do
     assert f.get_error() == 0
-    f.ram_control_load_hook(core.mod.RAM_CONTROL_HOOK)
+    f.ram_control_load_hook(wire.RAM_CONTROL_HOOK)
     assert f.get_error() == -errno.EINVAL
 
 
@@ -375,7 +375,7 @@ def test_a_load_hook_receives_flags_and_data(core):
     seen = []
     f = core.buffer_file(b"", mode="rb")
     f.set_hooks(hook_ram_load=lambda file, flags, data: seen.append((flags, data)) or 0)
-    f.ram_control_load_hook(core.mod.RAM_CONTROL_HOOK, "payload")
+    f.ram_control_load_hook(wire.RAM_CONTROL_HOOK, "payload")
     assert seen == [(2, "payload")] and f.get_error() == 0
 
 
@@ -384,7 +384,7 @@ def test_save_page_hook_takes_pages_and_is_credited(core):
 
     def save_page(file, block_offset, offset, size):
         if offset == 0:
-            return core.mod.RAM_SAVE_CONTROL_NOT_SUPP, 0    # let the file send it
+            return wire.RAM_SAVE_CONTROL_NOT_SUPP, 0    # let the file send it
         taken.append(offset)
         return 0, size                                        # sent by the hook
 

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from qfram import stream
+from qfram import stream, wire
 from qfram.postcopy import messages as msg
 from qfram.ram import RAMBlock, RAMList
 
@@ -101,15 +101,15 @@ def fake_source_that_dies_after_the_switch(sock: socket.socket, size: int) -> No
     from qfram import channel
     f = channel.socket_file(sock, "wb")
     stream.put_header(f, "pc-i440fx-7.2")
-    msg.put_command(f, msg.CMD_OPEN_RETURN_PATH)
-    msg.put_command(f, msg.CMD_POSTCOPY_ADVISE, msg.advise_payload(4096, 4096))
+    msg.put_command(f, wire.CMD_OPEN_RETURN_PATH)
+    msg.put_command(f, wire.CMD_POSTCOPY_ADVISE, msg.advise_payload(4096, 4096))
     stream.put_section_start(f, 2, "ram", 0, 4)
     ram = RAMList([RAMBlock.from_buffer("pc.ram", bytearray(size))])
     stream.put_mem_size(f, list(ram))
-    f.put_be64(stream.FLAG_EOS)
+    f.put_be64(wire.RAM_SAVE_FLAG_EOS)
     stream.put_footer(f, 2)
-    msg.put_command(f, msg.CMD_POSTCOPY_LISTEN)
-    msg.put_command(f, msg.CMD_POSTCOPY_RUN)
+    msg.put_command(f, wire.CMD_POSTCOPY_LISTEN)
+    msg.put_command(f, wire.CMD_POSTCOPY_RUN)
     f.flush()
     time.sleep(0.5)                          # the destination runs and faults
     sock.shutdown(socket.SHUT_RDWR)
@@ -244,10 +244,10 @@ def test_discard_and_request_messages_round_trip():
         decoded += part
     assert decoded == ranges
     payload = struct_pack_request(4096 * 7, 4096 * 2, "pc.ram")
-    assert msg.parse_page_request(msg.MIG_RP_MSG_REQ_PAGES_ID, payload, None) == \
+    assert msg.parse_page_request(wire.MIG_RP_MSG_REQ_PAGES_ID, payload, None) == \
         ("pc.ram", 4096 * 7, 8192)
     with pytest.raises(Exception):
-        msg.parse_page_request(msg.MIG_RP_MSG_REQ_PAGES, payload[:12], None)
+        msg.parse_page_request(wire.MIG_RP_MSG_REQ_PAGES, payload[:12], None)
 
 
 def struct_pack_request(start: int, length: int, name: str) -> bytes:

@@ -20,15 +20,15 @@ from typing import Callable, Dict, Optional
 
 import xxhash
 
-from qfram import channel, sched, stream
+from qfram import channel, sched, stream, wire
 from qfram.errors import FormatError
 from qfram.faults import percentiles
 from qfram.postcopy import messages as msg
 from qfram.description import Description
 from qfram.description import parse as parse_description
-from qfram.ram import TARGET_PAGE_SIZE, RAMBlock, RAMList, new_bitmap, set_bits
+from qfram.ram import RAMBlock, RAMList, new_bitmap, set_bits
+from qfram.wire import TARGET_PAGE_SIZE
 
-PAGE = TARGET_PAGE_SIZE
 MAX_TRAILER = 1 << 20          # a postcopy VMDESCRIPTION: this, plus a byte per page
 CONFIRM_INTERVAL = 0.005       # seconds between QFRAM_RECEIVED messages
 
@@ -109,7 +109,7 @@ class Destination:
                 if getattr(self.workload, "error", None):
                     raise self.workload.error
             self.stats["verified"] = self._verify(description) if self.verify else False
-            msg.put_return_message(rp, msg.MIG_RP_MSG_SHUT, msg.shut_payload(0))
+            msg.put_return_message(rp, wire.MIG_RP_MSG_SHUT, msg.shut_payload(0))
         except BaseException as exc:
             self._fail(exc, rp, server)
             raise
@@ -126,7 +126,7 @@ class Destination:
 
     def _fail(self, exc: BaseException, rp, server) -> None:
         try:
-            msg.put_return_message(rp, msg.MIG_RP_MSG_SHUT, msg.shut_payload(1))
+            msg.put_return_message(rp, wire.MIG_RP_MSG_SHUT, msg.shut_payload(1))
         except BaseException:
             pass
         if server is not None and self.on_failure == "exit":
@@ -147,8 +147,8 @@ class Destination:
         elif block.used_length != length:
             raise FormatError(f"block {name!r} is {length:#x} bytes at the source, "
                               f"{block.used_length:#x} here", pos)
-        self.touched[name] = new_bitmap(length // PAGE)
-        self.received[name] = new_bitmap(length // PAGE)
+        self.touched[name] = new_bitmap(length // TARGET_PAGE_SIZE)
+        self.received[name] = new_bitmap(length // TARGET_PAGE_SIZE)
         return block
 
     def _precopy(self, f, info: stream.StreamInfo, ram_reader, rp) -> bool:
@@ -158,26 +158,26 @@ class Destination:
         while True:
             pos = f.tell()
             kind = f.get_byte()
-            if kind == stream.SECTION_CONFIGURATION:
+            if kind == wire.SECTION_CONFIGURATION:
                 stream.get_configuration(f, info)
-            elif kind == stream.SECTION_COMMAND:
+            elif kind == wire.SECTION_COMMAND:
                 cmd, length = f.get_be16(), f.get_be16()
                 data = f.get_buffer(length)
-                if cmd == msg.CMD_POSTCOPY_LISTEN:
+                if cmd == wire.CMD_POSTCOPY_LISTEN:
                     self.stats["precopy_s"] = round(time.perf_counter() - (t_first or 0), 3)
                     self._t_listen = time.perf_counter()
                     if self.confirm:     # every precopy page is in place by now
-                        msg.put_return_message(rp, msg.MIG_RP_MSG_QFRAM_RECEIVED,
+                        msg.put_return_message(rp, wire.MIG_RP_MSG_QFRAM_RECEIVED,
                                                msg.received_payload(0, f.tell()))
                     return True
                 self._command(cmd, data, pos, rp)
-            elif kind in (stream.SECTION_START, stream.SECTION_PART, stream.SECTION_END):
+            elif kind in (wire.SECTION_START, wire.SECTION_PART, wire.SECTION_END):
                 section_id = f.get_be32()
-                if kind == stream.SECTION_START:
+                if kind == wire.SECTION_START:
                     name = stream.get_counted_name(f, "a section name")
                     f.get_be32()
                     version = f.get_be32()
-                    if name != stream.RAM_SECTION or version != stream.RAM_VERSION:
+                    if name != wire.RAM_SECTION or version != wire.RAM_VERSION:
                         raise FormatError(f"section {name!r} v{version}: a postcopy stream "
                                           f"carries only RAM", pos)
                     ram_id = section_id
@@ -185,37 +185,37 @@ class Destination:
                     raise FormatError(f"section id {section_id} is not the RAM's", pos)
                 t_first = t_first or time.perf_counter()
                 ram_reader.read_payload()
-                if f.peek_byte() == stream.SECTION_FOOTER:
+                if f.peek_byte() == wire.SECTION_FOOTER:
                     f.skip(5)
-            elif kind == stream.SECTION_EOF:
+            elif kind == wire.SECTION_EOF:
                 return False
             else:
                 raise FormatError(f"unexpected section type {kind:#04x}", pos)
 
     def _command(self, cmd: int, data: bytes, pos: int, rp) -> None:
-        if cmd == msg.CMD_OPEN_RETURN_PATH:
+        if cmd == wire.CMD_OPEN_RETURN_PATH:
             return
-        if cmd == msg.CMD_QFRAM_CONFIRM:
+        if cmd == wire.CMD_QFRAM_CONFIRM:
             self.confirm = self.send_confirmations
             return
-        if cmd == msg.CMD_PING:
-            msg.put_return_message(rp, msg.MIG_RP_MSG_PONG, data[:4])
-        elif cmd == msg.CMD_POSTCOPY_ADVISE:
-            if len(data) >= 16 and int.from_bytes(data[8:16], "big") != PAGE:
+        if cmd == wire.CMD_PING:
+            msg.put_return_message(rp, wire.MIG_RP_MSG_PONG, data[:4])
+        elif cmd == wire.CMD_POSTCOPY_ADVISE:
+            if len(data) >= 16 and int.from_bytes(data[8:16], "big") != TARGET_PAGE_SIZE:
                 raise FormatError("the source's target page size is not 4 KiB", pos)
-        elif cmd == msg.CMD_POSTCOPY_RAM_DISCARD:
+        elif cmd == wire.CMD_POSTCOPY_RAM_DISCARD:
             name, ranges = msg.parse_discard(data, pos)
             block = self.ram.get(name)
             if block is None:
                 raise FormatError(f"RAM_DISCARD for unknown block {name!r}", pos)
             for start, length in ranges:
-                if start % PAGE or length % PAGE or start + length > block.used_length:
+                if start % TARGET_PAGE_SIZE or length % TARGET_PAGE_SIZE or start + length > block.used_length:
                     raise FormatError(f"RAM_DISCARD range {start:#x}+{length:#x} outside "
                                       f"{name!r}", pos)
                 # new zero memory again, and not here: its page comes after the switch
                 block.discard(start, length)
-                set_bits(self.touched[name], start // PAGE, length // PAGE, False)
-                set_bits(self.received[name], start // PAGE, length // PAGE, False)
+                set_bits(self.touched[name], start // TARGET_PAGE_SIZE, length // TARGET_PAGE_SIZE, False)
+                set_bits(self.received[name], start // TARGET_PAGE_SIZE, length // TARGET_PAGE_SIZE, False)
         else:
             raise FormatError(f"unexpected command {cmd}", pos)
 
@@ -228,13 +228,13 @@ class Destination:
         for block in self.ram:
             server.add_area(block.region, name=block.name, present=self.received[block.name])
         server.set_remote(rp.channel.fd, self.timeout)
-        from qfram.postcopy.source import POSTCOPY_SOCKET_BUFFER, PREEMPT_MAGIC
+        from qfram.postcopy.source import POSTCOPY_SOCKET_BUFFER
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, POSTCOPY_SOCKET_BUFFER)
         self._fault_thread = threading.Thread(target=self._guarded, args=(server.serve_faults,),
                                               daemon=True, name="qfram-faults")
         self._fault_thread.start()
         pos = f.tell()
-        if f.get_byte() != stream.SECTION_COMMAND or f.get_be16() != msg.CMD_POSTCOPY_RUN:
+        if f.get_byte() != wire.SECTION_COMMAND or f.get_be16() != wire.CMD_POSTCOPY_RUN:
             raise FormatError("LISTEN is not followed by RUN", pos)
         f.skip(f.get_be16())
         self.stats["pages_at_switch"] = server.placed_pages
@@ -245,7 +245,7 @@ class Destination:
         if self.preempt is not None:
             self.preempt.setblocking(False)
             pf = channel.socket_file(self.preempt, "rb", timeout=self.timeout)
-            if pf.get_buffer(len(PREEMPT_MAGIC)) != PREEMPT_MAGIC:
+            if pf.get_buffer(len(wire.PREEMPT_MAGIC)) != wire.PREEMPT_MAGIC:
                 raise FormatError("the preempt channel does not start with its magic", 0)
             files.append(pf)
         self._receivers = [threading.Thread(target=self._receive, args=(x, server, i),
@@ -296,7 +296,7 @@ class Destination:
                 upto = server.placed_upto(ch)
                 if upto > sent[ch]:
                     try:
-                        server.send_message(msg.MIG_RP_MSG_QFRAM_RECEIVED,
+                        server.send_message(wire.MIG_RP_MSG_QFRAM_RECEIVED,
                                             msg.received_payload(ch, upto))
                     except OSError:
                         return
@@ -319,13 +319,13 @@ class Destination:
         bounded by what the RAM could need (8 bytes per chunk, base64), and it is read
         as it arrives, so a lying length costs nothing."""
         try:
-            if f.get_byte() != stream.SECTION_VMDESCRIPTION:
+            if f.get_byte() != wire.SECTION_VMDESCRIPTION:
                 return None
         except EOFError:
             return None
         pos = f.tell()
         length = f.get_be32()
-        limit = MAX_TRAILER + sum(b.used_length for b in self.ram) // PAGE
+        limit = MAX_TRAILER + sum(b.used_length for b in self.ram) // TARGET_PAGE_SIZE
         if length > limit:
             raise FormatError(f"a VMDESCRIPTION of {length} bytes (at most {limit} for this "
                               f"RAM)", pos)
@@ -368,7 +368,7 @@ class Destination:
                                   f"not cover it", description.offset)
             expected.frombytes(raw)
             view = memoryview(block.region)
-            step = chunk * PAGE
+            step = chunk * TARGET_PAGE_SIZE
             for c, want in enumerate(expected):
                 first = c * chunk
                 pages = [p for p in range(first, min(first + chunk, block.npages))
@@ -377,11 +377,11 @@ class Destination:
                 if pages:
                     data = bytearray(data)
                     for p in pages:
-                        if bytes(view[p * PAGE:(p + 1) * PAGE]) != written[(block.name, p)]:
+                        if bytes(view[p * TARGET_PAGE_SIZE:(p + 1) * TARGET_PAGE_SIZE]) != written[(block.name, p)]:
                             raise MigrationFailed(f"{block.name} page {p}: the workload's "
                                                   f"write was lost")
-                        off = (p - first) * PAGE
-                        data[off:off + PAGE] = originals[(block.name, p)]
+                        off = (p - first) * TARGET_PAGE_SIZE
+                        data[off:off + TARGET_PAGE_SIZE] = originals[(block.name, p)]
                 if xxhash.xxh3_64_intdigest(data) != want:
                     raise MigrationFailed(f"{block.name} pages {first}..{first + chunk - 1} "
                                           f"differ from the source")

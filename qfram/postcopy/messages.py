@@ -9,39 +9,15 @@ from __future__ import annotations
 import struct
 from typing import Iterator, List, Optional, Tuple
 
-from qfram import core, stream
+from qfram import core, wire
 from qfram.errors import FormatError
 
-# main stream commands (savevm.c)
-CMD_OPEN_RETURN_PATH = 1
-CMD_PING = 2
-CMD_POSTCOPY_ADVISE = 3
-CMD_POSTCOPY_LISTEN = 4
-CMD_POSTCOPY_RUN = 5
-CMD_POSTCOPY_RAM_DISCARD = 6
-CMD_PACKAGED = 7
-
-# return path messages (migration.c)
-MIG_RP_MSG_SHUT = 1
-MIG_RP_MSG_PONG = 2
-MIG_RP_MSG_REQ_PAGES_ID = 3
-MIG_RP_MSG_REQ_PAGES = 4
-MIG_RP_MSG_RECV_BITMAP = 5
-MIG_RP_MSG_RESUME_ACK = 6
-
-# qfram extensions (never sent to a QEMU): with release-ram, the source asks the
-# destination to confirm what it has placed, and frees pages only once confirmed
-CMD_QFRAM_CONFIRM = 0x7F01             # source -> destination, no payload
-MIG_RP_MSG_QFRAM_RECEIVED = 0x7F01     # u8 channel (0 main, 1 preempt), be64 offset:
-                                       # every page record before it is in place
-
-DISCARD_VERSION = 0
 # a command's length is a be16: at most this many (start, length) pairs per RAM_DISCARD
 MAX_DISCARD_PAIRS = 4000
 
 
 def put_command(f, cmd: int, data: bytes = b"") -> None:
-    f.put_byte(stream.SECTION_COMMAND)
+    f.put_byte(wire.SECTION_COMMAND)
     f.put_be16(cmd)
     f.put_be16(len(data))
     if data:
@@ -57,11 +33,11 @@ def discard_payloads(block: str, ranges: List[Tuple[int, int]]) -> Iterator[byte
     name = block.encode()
     for i in range(0, len(ranges), MAX_DISCARD_PAIRS):
         pairs = b"".join(struct.pack(">QQ", s, n) for s, n in ranges[i:i + MAX_DISCARD_PAIRS])
-        yield bytes([DISCARD_VERSION, len(name)]) + name + pairs
+        yield bytes([wire.DISCARD_VERSION, len(name)]) + name + pairs
 
 
 def parse_discard(data: bytes, pos: int) -> Tuple[str, List[Tuple[int, int]]]:
-    if len(data) < 2 or data[0] != DISCARD_VERSION:
+    if len(data) < 2 or data[0] != wire.DISCARD_VERSION:
         raise FormatError("RAM_DISCARD with an unknown version", pos)
     n = data[1]
     name = data[2:2 + n].decode("utf-8", "replace")
@@ -113,7 +89,7 @@ def parse_page_request(msg_type: int, payload: bytes, last_block: Optional[str],
     if len(payload) < 12:
         raise FormatError("a page request shorter than 12 bytes", pos)
     start, length = struct.unpack(">QI", payload[:12])
-    if msg_type == MIG_RP_MSG_REQ_PAGES_ID:
+    if msg_type == wire.MIG_RP_MSG_REQ_PAGES_ID:
         n = payload[12] if len(payload) > 12 else 0
         block = payload[13:13 + n].decode("utf-8", "replace")
         if n == 0 or len(payload) != 13 + n:

@@ -14,7 +14,8 @@ import collections
 import threading
 from typing import Deque, List, Tuple
 
-from qfram.ram import TARGET_PAGE_SIZE, RAMBlock
+from qfram.ram import RAMBlock
+from qfram.wire import TARGET_PAGE_SIZE
 
 Runs = List[Tuple[int, int]]
 

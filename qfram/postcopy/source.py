@@ -20,15 +20,14 @@ from typing import Dict, List, Optional
 
 import xxhash
 
-from qfram import channel, core, sched, stream
+from qfram import channel, core, sched, stream, wire
 from qfram.errors import FormatError
 from qfram.faults import percentiles
 from qfram.postcopy import messages as msg
 from qfram.postcopy.release import ConfirmedRelease
-from qfram.ram import TARGET_PAGE_SIZE, RAMBlock, RAMList, bitmap_bytes
+from qfram.ram import RAMBlock, RAMList, bitmap_bytes
+from qfram.wire import TARGET_PAGE_SIZE
 
-PAGE = TARGET_PAGE_SIZE
-RAM_SECTION_ID = 2
 PRECOPY_CHUNK = 16384          # pages per PART in precopy (64 MiB)
 # In postcopy a requested page the background stream has already taken waits behind
 # whatever the main connection's buffers hold: at ~1 GB/s a 4 MiB buffer each side is
@@ -36,7 +35,6 @@ PRECOPY_CHUNK = 16384          # pages per PART in precopy (64 MiB)
 # loopback TCP, 1 GiB: p99 fault latency 14 ms with 4 MiB buffers, 0.35-0.6 ms with
 # 128 KiB, for ~25% less background throughput).
 POSTCOPY_SOCKET_BUFFER = 128 << 10
-PREEMPT_MAGIC = b"QFRAMPRE"    # opens the preempt channel (the main one opens with QEVM)
 POSTCOPY_CHUNK = 64            # pages per background batch in postcopy (256 KiB): a
                                # request on the main channel waits at most one batch
 PREEMPT_CHUNK = 128            # with a preempt channel requests skip the queue; what the
@@ -113,21 +111,21 @@ class Source:
         if self.preempt is not None:
             self.preempt.setblocking(False)
             self.pf = channel.socket_file(self.preempt, "wb", timeout=self.timeout)
-            self.pf.put_buffer(PREEMPT_MAGIC)
+            self.pf.put_buffer(wire.PREEMPT_MAGIC)
             self.pf.flush()
         try:
             stream.put_header(f, self.machine)
-            msg.put_command(f, msg.CMD_OPEN_RETURN_PATH)
+            msg.put_command(f, wire.CMD_OPEN_RETURN_PATH)
             if self.releases is not None:
-                msg.put_command(f, msg.CMD_QFRAM_CONFIRM)   # release only what it confirms
+                msg.put_command(f, wire.CMD_QFRAM_CONFIRM)   # release only what it confirms
             if self.postcopy:
-                msg.put_command(f, msg.CMD_POSTCOPY_ADVISE,
-                                msg.advise_payload(PAGE, PAGE))
-            stream.put_section_start(f, RAM_SECTION_ID, stream.RAM_SECTION, 0,
-                                     stream.RAM_VERSION)
+                msg.put_command(f, wire.CMD_POSTCOPY_ADVISE,
+                                msg.advise_payload(TARGET_PAGE_SIZE, TARGET_PAGE_SIZE))
+            stream.put_section_start(f, wire.RAM_SECTION_ID, wire.RAM_SECTION, 0,
+                                     wire.RAM_VERSION)
             stream.put_mem_size(f, self.blocks)
-            f.put_be64(stream.FLAG_EOS)
-            stream.put_footer(f, RAM_SECTION_ID)
+            f.put_be64(wire.RAM_SAVE_FLAG_EOS)
+            stream.put_footer(f, wire.RAM_SECTION_ID)
             f.flush()
             reader.start()
             for block in self.blocks:
@@ -160,16 +158,16 @@ class Source:
                         self.releases.sent(0, end, block, [(0, block.npages)])
                 self.stats["downtime_source_ms"] = round(
                     (time.perf_counter() - t_stop - t_verify) * 1000, 2)
-            stream.put_section_part(f, RAM_SECTION_ID, stream.SECTION_END)
-            f.put_be64(stream.FLAG_EOS)
-            stream.put_footer(f, RAM_SECTION_ID)
-            f.put_byte(stream.SECTION_EOF)
+            stream.put_section_part(f, wire.RAM_SECTION_ID, wire.SECTION_END)
+            f.put_be64(wire.RAM_SAVE_FLAG_EOS)
+            stream.put_footer(f, wire.RAM_SECTION_ID)
+            f.put_byte(wire.SECTION_EOF)
             if self.pf is not None:
                 with self._pf_lock:
-                    self.pf.put_byte(stream.SECTION_EOF)
+                    self.pf.put_byte(wire.SECTION_EOF)
                     self.pf.flush()
                     self._pf_done = True
-            stream.put_vmdescription(f, {"page_size": PAGE, "devices": [], "qfram": {
+            stream.put_vmdescription(f, {"page_size": TARGET_PAGE_SIZE, "devices": [], "qfram": {
                 "postcopy": True, "hash_chunk_pages": HASH_CHUNK,
                 "chunk_hashes": hashes}})
             f.flush()
@@ -259,11 +257,11 @@ class Source:
                 if stop_on_switch and self._switch.is_set():
                     return sent
                 count = min(PRECOPY_CHUNK, block.npages - first)
-                stream.put_section_part(f, RAM_SECTION_ID)
-                p, z, _ = f.save_pages(block.region, first, count, 0, stream.FLAG_CONTINUE,
+                stream.put_section_part(f, wire.RAM_SECTION_ID)
+                p, z, _ = f.save_pages(block.region, first, count, 0, wire.RAM_SAVE_FLAG_CONTINUE,
                                        idstr=block.name, dirty=self.dirty[block.name])
-                f.put_be64(stream.FLAG_EOS)
-                stream.put_footer(f, RAM_SECTION_ID)
+                f.put_be64(wire.RAM_SAVE_FLAG_EOS)
+                stream.put_footer(f, wire.RAM_SECTION_ID)
                 sent += p + z
         f.flush()
         return sent
@@ -277,7 +275,7 @@ class Source:
         out = {}
         for block in self.blocks:
             view = memoryview(block.region)
-            step = HASH_CHUNK * PAGE
+            step = HASH_CHUNK * TARGET_PAGE_SIZE
             values = array("Q", (xxhash.xxh3_64_intdigest(view[o:o + step])
                                  for o in range(0, block.used_length, step)))
             out[block.name] = base64.b64encode(values.tobytes()).decode()
@@ -291,11 +289,11 @@ class Source:
         for block in self.blocks:
             name = block.name
             for payload in msg.discard_payloads(
-                    name, msg.bitmap_ranges(self.dirty[name], block.npages, PAGE)):
-                msg.put_command(f, msg.CMD_POSTCOPY_RAM_DISCARD, payload)
-        msg.put_command(f, msg.CMD_POSTCOPY_LISTEN)
+                    name, msg.bitmap_ranges(self.dirty[name], block.npages, TARGET_PAGE_SIZE)):
+                msg.put_command(f, wire.CMD_POSTCOPY_RAM_DISCARD, payload)
+        msg.put_command(f, wire.CMD_POSTCOPY_LISTEN)
         listen_end = f.tell_fast()
-        msg.put_command(f, msg.CMD_POSTCOPY_RUN)
+        msg.put_command(f, wire.CMD_POSTCOPY_RUN)
         f.flush()
         if self.releases is not None:
             # the pages that are not dirty went in precopy: the destination has them
@@ -322,7 +320,7 @@ class Source:
         requested += self._preempt_pages
         seconds = time.perf_counter() - t_post
         self.stats["postcopy_s"] = round(seconds, 3)
-        self.stats["postcopy_gbps"] = round((pushed + requested) * PAGE / seconds / 1e9, 3) \
+        self.stats["postcopy_gbps"] = round((pushed + requested) * TARGET_PAGE_SIZE / seconds / 1e9, 3) \
             if seconds else None
         self.stats["postcopy_bytes"] = f.tell() - bytes_before
         return pushed + requested, requested
@@ -374,13 +372,13 @@ class Source:
                     channel: int = 0) -> int:
         """The still-dirty pages of [first, first+count) in one PART, flushed.  With
         release-ram the pages it carried wait for the destination's confirmation."""
-        stream.put_section_part(f, RAM_SECTION_ID)
+        stream.put_section_part(f, wire.RAM_SECTION_ID)
         claimed = self._claimed[channel][block.name] if self.releases is not None else None
-        p, z, _ = f.save_pages(block.region, first, count, 0, stream.FLAG_CONTINUE,
+        p, z, _ = f.save_pages(block.region, first, count, 0, wire.RAM_SAVE_FLAG_CONTINUE,
                                idstr=block.name, dirty=self.dirty[block.name],
                                claimed=claimed)
-        f.put_be64(stream.FLAG_EOS)
-        stream.put_footer(f, RAM_SECTION_ID)
+        f.put_be64(wire.RAM_SAVE_FLAG_EOS)
+        stream.put_footer(f, wire.RAM_SECTION_ID)
         if p + z:
             f.flush()
             if claimed is not None and self.releases is not None:
@@ -412,10 +410,10 @@ class Source:
             while True:
                 pos = rp.tell()
                 kind, payload = msg.read_return_message(rp)
-                if kind in (msg.MIG_RP_MSG_REQ_PAGES_ID, msg.MIG_RP_MSG_REQ_PAGES):
+                if kind in (wire.MIG_RP_MSG_REQ_PAGES_ID, wire.MIG_RP_MSG_REQ_PAGES):
                     name, start, length = msg.parse_page_request(kind, payload, last, pos)
                     block = self.ram.get(name)
-                    if block is None or start % PAGE or length % PAGE or \
+                    if block is None or start % TARGET_PAGE_SIZE or length % TARGET_PAGE_SIZE or \
                             start + length > block.used_length or length == 0:
                         raise FormatError(f"a request for {name!r} {start:#x}+{length:#x} "
                                           f"outside the RAM", pos)
@@ -424,16 +422,16 @@ class Source:
                     self.stats["requests"] = requests
                     if self.pf is not None:
                         t_req = time.perf_counter_ns()
-                        self._serve_preempt(block, start // PAGE, length // PAGE)
+                        self._serve_preempt(block, start // TARGET_PAGE_SIZE, length // TARGET_PAGE_SIZE)
                         self._serve_ns.append(time.perf_counter_ns() - t_req)
                     else:
-                        self.requests.put((name, start // PAGE, length // PAGE))
-                elif kind == msg.MIG_RP_MSG_SHUT:
+                        self.requests.put((name, start // TARGET_PAGE_SIZE, length // TARGET_PAGE_SIZE))
+                elif kind == wire.MIG_RP_MSG_SHUT:
                     self.shut_status = int.from_bytes(payload[:4], "big") if payload else 0
                     return
-                elif kind == msg.MIG_RP_MSG_PONG:
+                elif kind == wire.MIG_RP_MSG_PONG:
                     continue
-                elif kind == msg.MIG_RP_MSG_QFRAM_RECEIVED and self.releases is not None:
+                elif kind == wire.MIG_RP_MSG_QFRAM_RECEIVED and self.releases is not None:
                     self.releases.confirm(*msg.parse_received(payload, pos))
                 else:
                     raise FormatError(f"unknown return path message {kind}", pos)

@@ -9,16 +9,16 @@ import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
-from qfram.ram import TARGET_PAGE_SIZE, RAMList
+from qfram.ram import RAMList
+from qfram.wire import TARGET_PAGE_SIZE
 
-PAGE = TARGET_PAGE_SIZE
 
 
 def pattern(seed: int, block: str, page: int, generation: int) -> bytes:
     """The full page a workload write leaves (so it can be checked exactly)."""
     digest = hashlib.blake2b(f"{seed}:{block}:{page}:{generation}".encode(),
                              digest_size=64).digest()
-    return digest * (PAGE // 64)
+    return digest * (TARGET_PAGE_SIZE // 64)
 
 
 class Workload:
@@ -98,7 +98,7 @@ class Workload:
         key = (block.name, page)
         first = key not in self._touched
         t0 = time.perf_counter_ns()
-        block.region[page * PAGE]
+        block.region[page * TARGET_PAGE_SIZE]
         if first:
             elapsed = time.perf_counter_ns() - t0
             with self._lock:
@@ -109,13 +109,13 @@ class Workload:
     def _write(self, block, page: int) -> None:
         key = (block.name, page)
         if key not in self.originals:
-            original = bytes(memoryview(block.region)[page * PAGE:(page + 1) * PAGE])
+            original = bytes(memoryview(block.region)[page * TARGET_PAGE_SIZE:(page + 1) * TARGET_PAGE_SIZE])
         with self._lock:
             if key not in self.originals:
                 self.originals[key] = original
             self._generation += 1
             data = pattern(self.seed, block.name, page, self._generation)
             # written under the lock: the last write to a page is the one remembered
-            memoryview(block.region)[page * PAGE:(page + 1) * PAGE] = data
+            memoryview(block.region)[page * TARGET_PAGE_SIZE:(page + 1) * TARGET_PAGE_SIZE] = data
             self.written[key] = data
             self._touched.add(key)
