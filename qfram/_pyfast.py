@@ -16,7 +16,10 @@ import zlib
 from typing import Any, List, Optional, Tuple
 
 from qfram.errors import FormatError, StreamEnded, raised_in
-from qfram.wire import (RAM_SAVE_FLAG_ZERO, RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_CONTINUE, RAM_CONTROL_HOOK, RAM_SAVE_CONTROL_NOT_SUPP, RAM_SAVE_CONTROL_DELAYED, DEFAULT_IOV_MAX, DEFAULT_BUF_SIZE, DEFAULT_RELEASE_MIN)
+from qfram.wire import (RAM_SAVE_FLAG_ZERO, RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_CONTINUE,
+                        RAM_CONTROL_HOOK, RAM_SAVE_CONTROL_NOT_SUPP,
+                        RAM_SAVE_CONTROL_DELAYED, DEFAULT_IOV_MAX, DEFAULT_BUF_SIZE,
+                        DEFAULT_RELEASE_MIN)
 
 IOV_MAX = os.sysconf("SC_IOV_MAX")
 PIN_LIMIT = 4096

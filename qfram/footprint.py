@@ -26,7 +26,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
-from qfram.wire import TARGET_PAGE_SIZE
 
 
 

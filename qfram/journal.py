@@ -37,7 +37,7 @@ from typing import Dict, List, Optional, Tuple
 
 import xxhash
 
-from qfram import channel, core
+from qfram import channel, core, stream
 from qfram.errors import FormatError
 from qfram.ram import RAMBlock, bitmap_bytes
 from qfram.wire import TARGET_PAGE_SIZE
@@ -293,7 +293,7 @@ def _new_tail(blocks: List[RAMBlock], info: dict, devices, sums, counts) -> byte
     """The bytes from the RAM's END section to the end of the file, as they will be."""
     from qfram import snapshot
     f = channel.buffer_file()
-    snapshot.put_tail(f, devices.ram_section_id, devices, snapshot.make_description(
+    stream.put_ram_tail(f, devices.ram_section_id, devices, snapshot.make_description(
         "mapped", blocks, sums, counts, None, devices))
     f.flush()
     return f.channel.getvalue()

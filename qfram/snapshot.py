@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import xxhash
 
 from qfram import channel, core, outputs, stream, wire
-from qfram.errors import FormatError, QFramError
+from qfram.errors import FormatError
 from qfram.description import Description
 from qfram.durable import DurableRelease, ReleaseRollbackError  # noqa: F401 (re-exported)
 from qfram.description import find_tail as find_description
@@ -185,10 +185,7 @@ def _save_stream(blocks: List[RAMBlock], fd: int, machine: str, compress: Option
     total = sum(b.used_length for b in blocks)
     done = 0
     stream.put_header(f, machine)
-    stream.put_section_start(f, sid, wire.RAM_SECTION, 0, wire.RAM_VERSION)
-    stream.put_mem_size(f, blocks)
-    f.put_be64(wire.RAM_SAVE_FLAG_EOS)
-    stream.put_footer(f, sid)
+    stream.put_ram_setup(f, sid, blocks)
     part_pages = PART_BYTES // TARGET_PAGE_SIZE
     for block in blocks:
         hasher = xxhash.xxh3_64()
@@ -196,28 +193,26 @@ def _save_stream(blocks: List[RAMBlock], fd: int, machine: str, compress: Option
         pages = zeros = 0
         for part in range(0, block.npages, part_pages):
             part_offset = f.tell_fast()
-            stream.put_section_part(f, sid)
             end = min(part + part_pages, block.npages)
-            named = True              # each PART names its block again: always valid
-            for first in range(part, end, CHUNK_PAGES):
-                count = min(CHUNK_PAGES, end - first)
-                off, length = first * TARGET_PAGE_SIZE, count * TARGET_PAGE_SIZE
-                hasher.update(view[off:off + length])
-                if compress:
-                    p, z, _ = stream.save_pages_compressed(f, block, first, count, compress,
-                                                           named)
-                else:
-                    p, z, _ = f.save_pages(block.region, first, count, 0,
-                                           wire.RAM_SAVE_FLAG_CONTINUE,
-                                           idstr=block.name if named else None)
-                named = False
-                pages += p
-                zeros += z
-                done += length
-                if progress:
-                    progress(done, total)
-            f.put_be64(wire.RAM_SAVE_FLAG_EOS)
-            stream.put_footer(f, sid)
+            with stream.ram_part(f, sid):
+                named = True              # each PART names its block again: always valid
+                for first in range(part, end, CHUNK_PAGES):
+                    count = min(CHUNK_PAGES, end - first)
+                    off, length = first * TARGET_PAGE_SIZE, count * TARGET_PAGE_SIZE
+                    hasher.update(view[off:off + length])
+                    if compress:
+                        p, z, _ = stream.save_pages_compressed(f, block, first, count,
+                                                               compress, named)
+                    else:
+                        p, z, _ = f.save_pages(block.region, first, count, 0,
+                                               wire.RAM_SAVE_FLAG_CONTINUE,
+                                               idstr=block.name if named else None)
+                    named = False
+                    pages += p
+                    zeros += z
+                    done += length
+                    if progress:
+                        progress(done, total)
             if releaser.enabled:
                 # every PART is a release window: written, made durable, then released
                 f.flush()
@@ -227,8 +222,8 @@ def _save_stream(blocks: List[RAMBlock], fd: int, machine: str, compress: Option
                                  part_offset, f.tell() - part_offset)
         sums[block.name] = hasher.hexdigest()
         counts[block.name] = (pages, zeros)
-    put_tail(f, sid, devices, make_description("stream", blocks, sums, counts, compress,
-                                            devices))
+    stream.put_ram_tail(f, sid, devices, make_description("stream", blocks, sums, counts,
+                                                          compress, devices))
     f.flush()
     releaser.finish(fd)
     f.close()
@@ -248,18 +243,6 @@ def _reread_part(fd: int, block: RAMBlock, offset: int) -> None:
     f.close()
 
 
-def put_tail(f, sid: int, devices: Optional[stream.DeviceState], description: dict) -> None:
-    """The end of a stream: the ram END section, the device sections carried over,
-    EOF, and the VMDESCRIPTION with qfram's checksums."""
-    stream.put_section_part(f, sid, wire.SECTION_END)
-    f.put_be64(wire.RAM_SAVE_FLAG_EOS)
-    stream.put_footer(f, sid)
-    if devices:
-        f.put_buffer(devices.sections)
-    f.put_byte(wire.SECTION_EOF)
-    stream.put_vmdescription(f, description)
-
-
 @dataclass
 class _MappedBlock:
     block: RAMBlock
@@ -271,24 +254,20 @@ class _MappedBlock:
 def _put_mapped_setup(f, blocks: List[RAMBlock], machine: str, sid: int) -> List[_MappedBlock]:
     """Header, configuration and the ram START section with a mapped-ram header per
     block; the file position jumps past each block's pages, as QEMU's does."""
-    # QEMU 9+ validates the capability list against its own: mapped-ram must be named
-    stream.put_header(f, machine, capabilities=("mapped-ram",))
-    stream.put_section_start(f, sid, wire.RAM_SECTION, 0, wire.RAM_VERSION)
-    f.put_be64(sum(b.used_length for b in blocks) | wire.RAM_SAVE_FLAG_MEM_SIZE)
-    layout = []
-    for block in blocks:
-        f.put_counted_string(block.name)
-        f.put_be64(block.used_length)
+    layout: List[_MappedBlock] = []
+
+    def mapped_header(f, block: RAMBlock) -> None:
         bitmap_offset = f.tell_fast() + wire.MAPPED_RAM_HEADER.size
         size = bitmap_bytes(block.npages)
         pages_offset = stream.align_up(bitmap_offset + size, wire.MAPPED_RAM_ALIGN)
-        f.put_buffer(wire.MAPPED_RAM_HEADER.pack(wire.MAPPED_RAM_VERSION,
-                                                   TARGET_PAGE_SIZE, bitmap_offset,
-                                                   pages_offset))
+        f.put_buffer(wire.MAPPED_RAM_HEADER.pack(wire.MAPPED_RAM_VERSION, TARGET_PAGE_SIZE,
+                                                 bitmap_offset, pages_offset))
         f.set_offset(pages_offset + block.used_length)
         layout.append(_MappedBlock(block, bitmap_offset, pages_offset, bytearray(size)))
-    f.put_be64(wire.RAM_SAVE_FLAG_EOS)
-    stream.put_footer(f, sid)
+
+    # QEMU 9+ validates the capability list against its own: mapped-ram must be named
+    stream.put_header(f, machine, capabilities=("mapped-ram",))
+    stream.put_ram_setup(f, sid, blocks, mapped_header)
     return layout
 
 
@@ -297,8 +276,9 @@ def _put_mapped_end(f, layout: List[_MappedBlock], sums, counts, sid: int,
     fd = f.channel.fd
     for mb in layout:
         os.pwrite(fd, mb.present, mb.bitmap_offset)
-    put_tail(f, sid, devices, make_description("mapped", [mb.block for mb in layout], sums,
-                                            counts, None, devices))
+    blocks = [mb.block for mb in layout]
+    stream.put_ram_tail(f, sid, devices, make_description("mapped", blocks, sums, counts,
+                                                          None, devices))
     f.flush()
     os.ftruncate(fd, f.tell())
 

@@ -28,15 +28,26 @@ from __future__ import annotations
 import os
 import struct
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from qfram import core
 from qfram.description import Description
 from qfram.description import encode as encode_description
 from qfram.errors import FormatError
 from qfram.ram import RAMBlock, bitmap_bytes, set_bits
-from qfram.wire import (CODECS, CODEC_LZ4, MAPPED_RAM_ALIGN, MAPPED_RAM_HEADER, MAPPED_RAM_VERSION, QEVM_MAGIC, QEVM_VERSION, RAM_SAVE_FLAG_COMPRESS_PAGE, RAM_SAVE_FLAG_CONTINUE, RAM_SAVE_FLAG_EOS, RAM_SAVE_FLAG_HOOK, RAM_SAVE_FLAG_MEM_SIZE, RAM_SAVE_FLAG_MULTIFD_FLUSH, RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_QFRAM_CODEC, RAM_SAVE_FLAG_XBZRLE, RAM_SAVE_FLAG_ZERO, RAM_SECTION, RAM_VERSION, SECTION_COMMAND, SECTION_CONFIGURATION, SECTION_END, SECTION_EOF, SECTION_FOOTER, SECTION_FULL, SECTION_NAMES, SECTION_PART, SECTION_START, SECTION_SUBSECTION, SECTION_VMDESCRIPTION, TARGET_PAGE_SIZE, flag_names)
+from qfram.wire import (CODECS, CODEC_LZ4, MAPPED_RAM_ALIGN, MAPPED_RAM_HEADER,
+                        MAPPED_RAM_VERSION, QEVM_MAGIC, QEVM_VERSION,
+                        RAM_SAVE_FLAG_COMPRESS_PAGE, RAM_SAVE_FLAG_CONTINUE,
+                        RAM_SAVE_FLAG_EOS, RAM_SAVE_FLAG_HOOK, RAM_SAVE_FLAG_MEM_SIZE,
+                        RAM_SAVE_FLAG_MULTIFD_FLUSH, RAM_SAVE_FLAG_PAGE,
+                        RAM_SAVE_FLAG_QFRAM_CODEC, RAM_SAVE_FLAG_XBZRLE,
+                        RAM_SAVE_FLAG_ZERO, RAM_SECTION, RAM_VERSION, SECTION_COMMAND,
+                        SECTION_CONFIGURATION, SECTION_END, SECTION_EOF, SECTION_FOOTER,
+                        SECTION_FULL, SECTION_NAMES, SECTION_PART, SECTION_START,
+                        SECTION_SUBSECTION, SECTION_VMDESCRIPTION, TARGET_PAGE_SIZE,
+                        flag_names)
 
 PAGE_MASK = TARGET_PAGE_SIZE - 1
 
@@ -91,22 +102,58 @@ def put_section_start(f, section_id: int, name: str, instance: int, version: int
     f.put_be32(version)
 
 
-def put_section_part(f, section_id: int, kind: int = SECTION_PART) -> None:
-    f.put_byte(kind)
-    f.put_be32(section_id)
-
-
 def put_footer(f, section_id: int) -> None:
     f.put_byte(SECTION_FOOTER)
     f.put_be32(section_id)
 
 
-def put_mem_size(f, blocks: List[RAMBlock]) -> None:
-    """The RAM setup record: total size, then each block's name and used length."""
+def put_command(f, cmd: int, data: bytes = b"") -> None:
+    """A COMMAND section: be16 command, be16 length, data (savevm.c's commands)."""
+    f.put_byte(SECTION_COMMAND)
+    f.put_be16(cmd)
+    f.put_be16(len(data))
+    if data:
+        f.put_buffer(data)
+
+
+@contextmanager
+def ram_part(f, section_id: int, kind: int = SECTION_PART) -> Iterator[None]:
+    """A PART (or END) section of the RAM: its header, then the page records the
+    with-block writes, EOS and the footer."""
+    f.put_byte(kind)
+    f.put_be32(section_id)
+    yield
+    f.put_be64(RAM_SAVE_FLAG_EOS)
+    put_footer(f, section_id)
+
+
+def put_ram_setup(f, section_id: int, blocks: List[RAMBlock],
+                  block_header: Optional[Callable[[object, RAMBlock], None]] = None) -> None:
+    """The RAM section's START: the MEM_SIZE record (total size, then each block's name
+    and used length, followed by what ``block_header(f, block)`` writes — a mapped-ram
+    header), EOS and the footer."""
+    put_section_start(f, section_id, RAM_SECTION, 0, RAM_VERSION)
     f.put_be64(sum(b.used_length for b in blocks) | RAM_SAVE_FLAG_MEM_SIZE)
     for block in blocks:
         f.put_counted_string(block.name)
         f.put_be64(block.used_length)
+        if block_header is not None:
+            block_header(f, block)
+    f.put_be64(RAM_SAVE_FLAG_EOS)
+    put_footer(f, section_id)
+
+
+def put_ram_tail(f, section_id: int, devices: Optional[DeviceState] = None,
+                 description: Optional[dict] = None) -> None:
+    """The end of a stream: the RAM's END section, the device sections carried over
+    byte for byte, EOF, and the VMDESCRIPTION."""
+    with ram_part(f, section_id, SECTION_END):
+        pass
+    if devices:
+        f.put_buffer(devices.sections)
+    f.put_byte(SECTION_EOF)
+    if description is not None:
+        put_vmdescription(f, description)
 
 
 def put_vmdescription(f, description: dict) -> None:
@@ -499,7 +546,7 @@ class RAMSectionReader:
         block.compressed_pages += 1
 
 
-STOP = "stop"      # an on_section result: the walk ends here (the section is not read)
+STOP = "stop"      # an on_section/on_command result: the walk ends there
 
 
 class StreamReader:
@@ -507,18 +554,23 @@ class StreamReader:
 
     ``on_section(section, f)`` may consume a non-RAM section's payload and return True,
     or return STOP to end the walk there; otherwise a non-RAM section is an error (its
-    length is not in the stream).  ``read()`` returns at EOF or STOP."""
+    length is not in the stream).  ``on_command(cmd, data, offset)`` sees each COMMAND
+    and may return STOP (without it commands are only listed).  ``read()`` returns at
+    EOF or STOP; ``stopped`` says which."""
 
     def __init__(self, f, info: Optional[StreamInfo] = None,
-                 on_section: Optional[Callable[[Section, object], bool]] = None,
+                 on_section: Optional[Callable[[Section, object], object]] = None,
+                 on_command: Optional[Callable[[int, bytes, int], object]] = None,
                  **ram_options) -> None:
         self.f = f
         self.info = info or StreamInfo()
         self.on_section = on_section
+        self.on_command = on_command
         self.ram = RAMSectionReader(f, self.info, **ram_options)
-        self.ram_section_id: Optional[int] = None
+        self.opened: Dict[int, Section] = {}          # START/FULL sections by id
+        self.stopped = False
 
-    def read(self, until_eof: bool = True) -> StreamInfo:
+    def read(self) -> StreamInfo:
         f = self.f
         info = self.info
         get_header(f, info)
@@ -530,34 +582,39 @@ class StreamReader:
                 return info
             if kind == SECTION_CONFIGURATION:
                 get_configuration(f, info)
-            elif kind in (SECTION_START, SECTION_FULL):
+                continue
+            if kind in (SECTION_START, SECTION_FULL):
                 section_id = f.get_be32()
                 name = get_counted_name(f, "a section name")
                 section = Section(kind, section_id, name, f.get_be32(), f.get_be32(), pos)
-                if self._section(section) is STOP:
-                    return info
+                self.opened[section_id] = section
             elif kind in (SECTION_PART, SECTION_END):
                 section_id = f.get_be32()
-                known = {s.section_id: s for s in info.sections}
-                if section_id not in known:
+                first = self.opened.get(section_id)
+                if first is None:
                     raise FormatError(f"{SECTION_NAMES[kind]} section for unknown id "
                                       f"{section_id}", pos)
-                first = known[section_id]
                 section = Section(kind, section_id, first.name, first.instance,
                                   first.version, pos)
-                if self._section(section) is STOP:
-                    return info
             elif kind == SECTION_COMMAND:
                 cmd = f.get_be16()
-                length = f.get_be16()
-                info.commands.append((cmd, length, pos))
-                f.skip(length)
+                data = f.get_buffer(f.get_be16())
+                info.commands.append((cmd, len(data), pos))
+                if self.on_command is not None and \
+                        self.on_command(cmd, data, pos) is STOP:
+                    self.stopped = True
+                    return info
+                continue
             else:
                 raise FormatError(f"unknown section type {kind:#04x}", pos)
+            if self._section(section) is STOP:
+                self.stopped = True
+                return info
 
     def _section(self, section: Section) -> Optional[str]:
         f = self.f
-        self.info.sections.append(section)
+        if section.kind != SECTION_PART:     # PARTs are many and say nothing new
+            self.info.sections.append(section)
         if section.name == RAM_SECTION:
             if section.version != RAM_VERSION:
                 raise FormatError(f"ram section version {section.version} (qfram reads 4)",

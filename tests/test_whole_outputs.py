@@ -3,7 +3,6 @@ it was and nothing half-written; a killed save leaves no temporary behind; a kil
 incremental save leaves the old snapshot or the new one, never neither."""
 from __future__ import annotations
 
-import json
 import os
 import random
 import subprocess
@@ -131,7 +130,6 @@ def test_a_killed_incremental_save_leaves_the_old_or_the_new_snapshot(tmp_path):
     (tmp_path / "base.ram").write_bytes(base)
     path = tmp_path / "snap"
     snapshot.save(RAMList([RAMBlock.from_buffer("pc.ram", base)]), str(path), layout="mapped")
-    old_sum = snapshot.inspect(str(path))["blocks"][0]["xxh3_64"]
     rng = random.Random(7)
     outcomes = {"old": 0, "new": 0}
     for attempt in range(20):
@@ -152,8 +150,6 @@ def test_a_killed_incremental_save_leaves_the_old_or_the_new_snapshot(tmp_path):
         assert got in (current, new), attempt
         outcomes["new" if got == new and got != current else "old"] += 1
         (tmp_path / "current.ram").write_bytes(got)
-        # the next incremental save into it works
-    assert snapshot.inspect(str(path))["blocks"][0]["xxh3_64"] != old_sum or outcomes["new"] == 0
     final = tmp_path / "current.ram"
     region = bytearray(final.read_bytes())
     region[:PAGE] = b"z" * PAGE

@@ -77,18 +77,13 @@ class Destination:
     # -- the run ------------------------------------------------------------------------
 
     def run(self) -> Dict[str, object]:
-        t0 = time.perf_counter()
+        t0 = self._t0 = time.perf_counter()
         self.sock.setblocking(False)
         f = channel.socket_file(self.sock, "rb", timeout=self.timeout)
         rp = f.get_return_path()
         server = None
         try:
-            info = stream.StreamInfo()
-            ram_reader = stream.RAMSectionReader(f, info, resolve=self._resolve,
-                                                 touched=self.touched,
-                                                 received=self.received)
-            stream.get_header(f, info)
-            switched = self._precopy(f, info, ram_reader, rp)
+            switched = self._precopy(f, rp)
             if switched:
                 server = self._listen_and_run(f, rp)
                 self._receive_postcopy(f, server)
@@ -151,53 +146,29 @@ class Destination:
         self.received[name] = new_bitmap(length // TARGET_PAGE_SIZE)
         return block
 
-    def _precopy(self, f, info: stream.StreamInfo, ram_reader, rp) -> bool:
-        """Sections until LISTEN (True) or EOF (a precopy-only migration: False)."""
-        ram_id = None
-        t_first = None
-        while True:
-            pos = f.tell()
-            kind = f.get_byte()
-            if kind == wire.SECTION_CONFIGURATION:
-                stream.get_configuration(f, info)
-            elif kind == wire.SECTION_COMMAND:
-                cmd, length = f.get_be16(), f.get_be16()
-                data = f.get_buffer(length)
-                if cmd == wire.CMD_POSTCOPY_LISTEN:
-                    self.stats["precopy_s"] = round(time.perf_counter() - (t_first or 0), 3)
-                    self._t_listen = time.perf_counter()
-                    if self.confirm:     # every precopy page is in place by now
-                        msg.put_return_message(rp, wire.MIG_RP_MSG_QFRAM_RECEIVED,
-                                               msg.received_payload(0, f.tell()))
-                    return True
-                self._command(cmd, data, pos, rp)
-            elif kind in (wire.SECTION_START, wire.SECTION_PART, wire.SECTION_END):
-                section_id = f.get_be32()
-                if kind == wire.SECTION_START:
-                    name = stream.get_counted_name(f, "a section name")
-                    f.get_be32()
-                    version = f.get_be32()
-                    if name != wire.RAM_SECTION or version != wire.RAM_VERSION:
-                        raise FormatError(f"section {name!r} v{version}: a postcopy stream "
-                                          f"carries only RAM", pos)
-                    ram_id = section_id
-                elif section_id != ram_id:
-                    raise FormatError(f"section id {section_id} is not the RAM's", pos)
-                t_first = t_first or time.perf_counter()
-                ram_reader.read_payload()
-                if f.peek_byte() == wire.SECTION_FOOTER:
-                    f.skip(5)
-            elif kind == wire.SECTION_EOF:
-                return False
-            else:
-                raise FormatError(f"unexpected section type {kind:#04x}", pos)
+    def _precopy(self, f, rp) -> bool:
+        """The stream up to LISTEN (True) or EOF (a precopy-only migration: False): the
+        stream walker places the RAM, commands are answered on the return path."""
+        reader = stream.StreamReader(
+            f, resolve=self._resolve, touched=self.touched, received=self.received,
+            on_command=lambda cmd, data, pos: self._command(cmd, data, pos, rp, f))
+        reader.read()
+        return reader.stopped
 
-    def _command(self, cmd: int, data: bytes, pos: int, rp) -> None:
+    def _command(self, cmd: int, data: bytes, pos: int, rp, f) -> Optional[str]:
+        """One command of the precopy phase; LISTEN ends it (STOP)."""
+        if cmd == wire.CMD_POSTCOPY_LISTEN:
+            self._t_listen = time.perf_counter()
+            self.stats["precopy_s"] = round(self._t_listen - self._t0, 3)
+            if self.confirm:             # every precopy page is in place by now
+                msg.put_return_message(rp, wire.MIG_RP_MSG_QFRAM_RECEIVED,
+                                       msg.received_payload(0, f.tell()))
+            return stream.STOP
         if cmd == wire.CMD_OPEN_RETURN_PATH:
-            return
+            return None
         if cmd == wire.CMD_QFRAM_CONFIRM:
             self.confirm = self.send_confirmations
-            return
+            return None
         if cmd == wire.CMD_PING:
             msg.put_return_message(rp, wire.MIG_RP_MSG_PONG, data[:4])
         elif cmd == wire.CMD_POSTCOPY_ADVISE:
@@ -209,15 +180,18 @@ class Destination:
             if block is None:
                 raise FormatError(f"RAM_DISCARD for unknown block {name!r}", pos)
             for start, length in ranges:
-                if start % TARGET_PAGE_SIZE or length % TARGET_PAGE_SIZE or start + length > block.used_length:
+                if start % TARGET_PAGE_SIZE or length % TARGET_PAGE_SIZE or \
+                        start + length > block.used_length:
                     raise FormatError(f"RAM_DISCARD range {start:#x}+{length:#x} outside "
                                       f"{name!r}", pos)
                 # new zero memory again, and not here: its page comes after the switch
                 block.discard(start, length)
-                set_bits(self.touched[name], start // TARGET_PAGE_SIZE, length // TARGET_PAGE_SIZE, False)
-                set_bits(self.received[name], start // TARGET_PAGE_SIZE, length // TARGET_PAGE_SIZE, False)
+                first, count = start // TARGET_PAGE_SIZE, length // TARGET_PAGE_SIZE
+                set_bits(self.touched[name], first, count, False)
+                set_bits(self.received[name], first, count, False)
         else:
             raise FormatError(f"unexpected command {cmd}", pos)
+        return None
 
     # -- the switch and postcopy ----------------------------------------------------------
 

@@ -16,14 +16,6 @@ from qfram.errors import FormatError
 MAX_DISCARD_PAIRS = 4000
 
 
-def put_command(f, cmd: int, data: bytes = b"") -> None:
-    f.put_byte(wire.SECTION_COMMAND)
-    f.put_be16(cmd)
-    f.put_be16(len(data))
-    if data:
-        f.put_buffer(data)
-
-
 def advise_payload(host_page_summary: int, target_page_size: int) -> bytes:
     return struct.pack(">QQ", host_page_summary, target_page_size)
 

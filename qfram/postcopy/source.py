@@ -115,17 +115,13 @@ class Source:
             self.pf.flush()
         try:
             stream.put_header(f, self.machine)
-            msg.put_command(f, wire.CMD_OPEN_RETURN_PATH)
+            stream.put_command(f, wire.CMD_OPEN_RETURN_PATH)
             if self.releases is not None:
-                msg.put_command(f, wire.CMD_QFRAM_CONFIRM)   # release only what it confirms
+                stream.put_command(f, wire.CMD_QFRAM_CONFIRM)  # release only what it confirms
             if self.postcopy:
-                msg.put_command(f, wire.CMD_POSTCOPY_ADVISE,
-                                msg.advise_payload(TARGET_PAGE_SIZE, TARGET_PAGE_SIZE))
-            stream.put_section_start(f, wire.RAM_SECTION_ID, wire.RAM_SECTION, 0,
-                                     wire.RAM_VERSION)
-            stream.put_mem_size(f, self.blocks)
-            f.put_be64(wire.RAM_SAVE_FLAG_EOS)
-            stream.put_footer(f, wire.RAM_SECTION_ID)
+                stream.put_command(f, wire.CMD_POSTCOPY_ADVISE,
+                                   msg.advise_payload(TARGET_PAGE_SIZE, TARGET_PAGE_SIZE))
+            stream.put_ram_setup(f, wire.RAM_SECTION_ID, self.blocks)
             f.flush()
             reader.start()
             for block in self.blocks:
@@ -158,18 +154,15 @@ class Source:
                         self.releases.sent(0, end, block, [(0, block.npages)])
                 self.stats["downtime_source_ms"] = round(
                     (time.perf_counter() - t_stop - t_verify) * 1000, 2)
-            stream.put_section_part(f, wire.RAM_SECTION_ID, wire.SECTION_END)
-            f.put_be64(wire.RAM_SAVE_FLAG_EOS)
-            stream.put_footer(f, wire.RAM_SECTION_ID)
-            f.put_byte(wire.SECTION_EOF)
             if self.pf is not None:
                 with self._pf_lock:
                     self.pf.put_byte(wire.SECTION_EOF)
                     self.pf.flush()
                     self._pf_done = True
-            stream.put_vmdescription(f, {"page_size": TARGET_PAGE_SIZE, "devices": [], "qfram": {
-                "postcopy": True, "hash_chunk_pages": HASH_CHUNK,
-                "chunk_hashes": hashes}})
+            stream.put_ram_tail(f, wire.RAM_SECTION_ID, description={
+                "page_size": TARGET_PAGE_SIZE, "devices": [],
+                "qfram": {"postcopy": True, "hash_chunk_pages": HASH_CHUNK,
+                          "chunk_hashes": hashes}})
             f.flush()
             if not self.shut.wait(self.timeout):
                 raise TimeoutError(f"the destination did not confirm within {self.timeout} s")
@@ -257,11 +250,10 @@ class Source:
                 if stop_on_switch and self._switch.is_set():
                     return sent
                 count = min(PRECOPY_CHUNK, block.npages - first)
-                stream.put_section_part(f, wire.RAM_SECTION_ID)
-                p, z, _ = f.save_pages(block.region, first, count, 0, wire.RAM_SAVE_FLAG_CONTINUE,
-                                       idstr=block.name, dirty=self.dirty[block.name])
-                f.put_be64(wire.RAM_SAVE_FLAG_EOS)
-                stream.put_footer(f, wire.RAM_SECTION_ID)
+                with stream.ram_part(f, wire.RAM_SECTION_ID):
+                    p, z, _ = f.save_pages(block.region, first, count, 0,
+                                           wire.RAM_SAVE_FLAG_CONTINUE, idstr=block.name,
+                                           dirty=self.dirty[block.name])
                 sent += p + z
         f.flush()
         return sent
@@ -290,10 +282,10 @@ class Source:
             name = block.name
             for payload in msg.discard_payloads(
                     name, msg.bitmap_ranges(self.dirty[name], block.npages, TARGET_PAGE_SIZE)):
-                msg.put_command(f, wire.CMD_POSTCOPY_RAM_DISCARD, payload)
-        msg.put_command(f, wire.CMD_POSTCOPY_LISTEN)
+                stream.put_command(f, wire.CMD_POSTCOPY_RAM_DISCARD, payload)
+        stream.put_command(f, wire.CMD_POSTCOPY_LISTEN)
         listen_end = f.tell_fast()
-        msg.put_command(f, wire.CMD_POSTCOPY_RUN)
+        stream.put_command(f, wire.CMD_POSTCOPY_RUN)
         f.flush()
         if self.releases is not None:
             # the pages that are not dirty went in precopy: the destination has them
@@ -372,13 +364,11 @@ class Source:
                     channel: int = 0) -> int:
         """The still-dirty pages of [first, first+count) in one PART, flushed.  With
         release-ram the pages it carried wait for the destination's confirmation."""
-        stream.put_section_part(f, wire.RAM_SECTION_ID)
         claimed = self._claimed[channel][block.name] if self.releases is not None else None
-        p, z, _ = f.save_pages(block.region, first, count, 0, wire.RAM_SAVE_FLAG_CONTINUE,
-                               idstr=block.name, dirty=self.dirty[block.name],
-                               claimed=claimed)
-        f.put_be64(wire.RAM_SAVE_FLAG_EOS)
-        stream.put_footer(f, wire.RAM_SECTION_ID)
+        with stream.ram_part(f, wire.RAM_SECTION_ID):
+            p, z, _ = f.save_pages(block.region, first, count, 0, wire.RAM_SAVE_FLAG_CONTINUE,
+                                   idstr=block.name, dirty=self.dirty[block.name],
+                                   claimed=claimed)
         if p + z:
             f.flush()
             if claimed is not None and self.releases is not None:
