@@ -236,17 +236,17 @@ def target_blocks(info: dict, target: str,
     with a file per block (names with '/' become folders, never outside it).  They
     appear only on the files' commit(), once the restore is verified.  More RAM than
     the disk has free is refused unless ``force``."""
-    files = outputs.BlockFiles(target, single=len(info["blocks"]) == 1)
+    files = outputs.BlockFiles(target, single=len(info.blocks) == 1)
     ram = RAMList()
     try:
         room, where = disk_room(files.root.path)
-        if not force and info["ram_bytes"] > room:
-            raise TooLarge(f"{info['path']} declares {info['ram_bytes'] / 2**30:.2f} GiB of "
+        if not force and info.ram_bytes > room:
+            raise TooLarge(f"{info.path} declares {info.ram_bytes / 2**30:.2f} GiB of "
                            f"RAM, more than {where} ({room / 2**30:.2f} GiB); --force to try "
                            f"anyway", 0)
-        for b in info["blocks"]:
-            out = files.new(b["name"])
-            ram.add(RAMBlock.map_fd(b["name"], out.fd, b["used_length"], path=out.path))
+        for b in info.blocks:
+            out = files.new(b.name)
+            ram.add(RAMBlock.map_fd(b.name, out.fd, b.used_length, path=out.path))
     except BaseException:
         ram.close()
         files.abort()
@@ -321,28 +321,28 @@ def cmd_info(args: argparse.Namespace) -> int:
     """Describe a snapshot or QEMU migration stream."""
     info = snapshot.inspect(args.snapshot)
     shown = outputs.printable       # names come from the file: escape what a terminal obeys
-    lines = [f"{args.snapshot}: {info['format']}, {info['layout']} layout, "
-             f"{human(info['file_bytes'])}"
-             + (f", machine {shown(info['machine'])}" if info["machine"] else "")]
-    if info["qfram"]:
-        lines.append(f"written by qfram {info['created'] or ''}"
-                     + (f", {info['compression']} compression" if info["compression"] else ""))
+    lines = [f"{args.snapshot}: QEMU migration stream, {info.layout} layout, "
+             f"{human(info.file_bytes)}"
+             + (f", machine {shown(info.machine)}" if info.machine else "")]
+    if info.written_by_qfram:
+        lines.append(f"written by qfram {info.created or ''}"
+                     + (f", {info.compression} compression" if info.compression else ""))
     lines.append(f"{'block':24} {'size':>12} {'pages':>9} {'zero':>9} {'absent':>8}  checksum")
-    for b in info["blocks"]:
-        lines.append(f"{shown(b['name']):24} {human(b['used_length']):>12} {b['pages']:>9} "
-                     f"{b['zero_pages']:>9} {b['absent_pages']:>8}  "
-                     f"{('xxh3:' + b['xxh3_64']) if b.get('xxh3_64') else '-'}")
-    if info["devices"]:
-        lines.append(f"{len(info['devices'])} device sections"
-                     + ("" if info["vmdescription"] else " (no VMDESCRIPTION: names from the "
+    for b in info.blocks:
+        lines.append(f"{shown(b.name):24} {human(b.used_length):>12} {b.pages:>9} "
+                     f"{b.zero_pages:>9} {b.absent_pages:>8}  "
+                     f"{('xxh3:' + b.xxh3_64) if b.xxh3_64 else '-'}")
+    if info.devices:
+        lines.append(f"{len(info.devices)} device sections"
+                     + ("" if info.vmdescription else " (no VMDESCRIPTION: names from the "
                         "section headers)") + ":")
         lines.append(f"  {'section':32} {'instance':>8} {'version':>7} {'bytes':>21}")
-        for d in info["devices"]:
-            lines.append(f"  {shown(d['name']):32} {d['instance']:>8} {d['version']:>7} "
-                         f"{d['offset']:>10}-{d['end']:<10}")
-    for c in info["commands"]:
-        lines.append(f"command {c['cmd']} ({c['length']} bytes) at byte {c['offset']}")
-    emit(args, info, "\n".join(lines))
+        for d in info.devices:
+            lines.append(f"  {shown(d.name):32} {d.instance:>8} {d.version:>7} "
+                         f"{d.offset:>10}-{d.end:<10}")
+    for cmd, length, offset in info.commands:
+        lines.append(f"command {cmd} ({length} bytes) at byte {offset}")
+    emit(args, info.as_dict(), "\n".join(lines))
     return 0
 
 

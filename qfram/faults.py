@@ -78,14 +78,14 @@ class LazyRestore:
         except BaseException:
             os.close(self._fd)
             raise
-        if info["layout"] != "mapped":
+        if info.layout != "mapped":
             os.close(self._fd)
             raise FormatError(f"{path}: lazy restore needs the mapped layout (pages at "
-                              f"fixed offsets); this is a {info['layout']} snapshot", 0)
+                              f"fixed offsets); this is a {info.layout} snapshot", 0)
         room, where = memory_room()
-        if not force and info["ram_bytes"] > room:
+        if not force and info.ram_bytes > room:
             os.close(self._fd)
-            raise TooLarge(f"{path} declares {info['ram_bytes'] / 2**30:.2f} GiB of RAM, "
+            raise TooLarge(f"{path} declares {info.ram_bytes / 2**30:.2f} GiB of RAM, "
                            f"more than {where} ({room / 2**30:.2f} GiB); --force to try "
                            f"anyway", 0)
         self.path = path
@@ -95,14 +95,11 @@ class LazyRestore:
         self.server = FaultServer(window_pages, spin_us)
         self.server.exit_on_failure = on_failure == "exit"
         self.ram = RAMList()
-        for b in info["blocks"]:
-            if b["pages_offset"] + b["used_length"] > size:
-                raise FormatError(f"block {b['name']!r}: pages run past the end of the "
-                                  f"file", b["pages_offset"])
+        for b in info.blocks:           # (inspect checked every offset against the file)
             # 4 KiB pages: userfaultfd places pages one by one, huge pages would not help
-            block = self.ram.add(RAMBlock.anonymous(b["name"], b["used_length"], huge=False))
-            present = os.pread(self._fd, bitmap_bytes(block.npages), b["bitmap_offset"])
-            source = memoryview(self._file)[b["pages_offset"]:b["pages_offset"] + b["used_length"]]
+            block = self.ram.add(RAMBlock.anonymous(b.name, b.used_length, huge=False))
+            present = os.pread(self._fd, bitmap_bytes(block.npages), b.bitmap_offset)
+            source = memoryview(self._file)[b.pages_offset:b.pages_offset + b.used_length]
             self.server.add_area(block.region, source, present, name=block.name)
             del source
         self._errors: List[BaseException] = []
@@ -148,17 +145,9 @@ class LazyRestore:
         if not self.complete:
             raise RuntimeError(f"lazy restore stopped with {self.server.placed_pages} of "
                                f"{self.server.total_pages} pages in place")
-        verified = False
-        if verify:
-            expected = {b["name"]: b.get("xxh3_64") for b in self.info["blocks"]}
-            for block in self.ram:
-                if expected.get(block.name):
-                    got = snapshot.checksum(block.region, block.used_length)
-                    if got != expected[block.name]:
-                        raise snapshot.ChecksumError(
-                            f"block {block.name!r}: lazily restored contents hash to {got}, "
-                            f"the snapshot recorded {expected[block.name]}")
-                    verified = True
+        verified = verify and snapshot.check_checksums(
+            self.ram, [(b.name, b.used_length) for b in self.info.blocks],
+            self.info.description, "lazily restored")
         self._done = True
         s = self.server
         return LazyStats(s.faults, s.fault_pages, s.background_pages, s.zero_pages, s.eexist,

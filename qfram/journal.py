@@ -211,23 +211,23 @@ def save_incremental(blocks: List[RAMBlock], path: str, release: bool, progress)
         fcntl.flock(fd, fcntl.LOCK_EX)          # one writer; readers wait
         _recover_locked(path, fd)
         info = snapshot.inspect_fd(path, fd)
-        if info["layout"] != "mapped":
+        if info.layout != "mapped":
             raise ValueError(f"{path}: an incremental save needs a mapped snapshot")
-        names = [(b["name"], b["used_length"]) for b in info["blocks"]]
+        names = [(b.name, b.used_length) for b in info.blocks]
         if names != [(b.name, b.used_length) for b in blocks]:
             raise ValueError(f"{path} holds blocks {names}; an incremental save needs the "
                              f"same")
         changes, sums, counts, written, unchanged = _compare(fd, blocks, info, progress)
         devices = snapshot.devices_of(fd, info)
         tail = _new_tail(blocks, info, devices, sums, counts)
-        final_size = info["ram_end_offset"] + len(tail)
+        final_size = info.ram_end_offset + len(tail)
         st = os.fstat(fd)
         header = {"version": 1, "inode": [st.st_dev, st.st_ino], "final_size": final_size,
-                  "tail_offset": info["ram_end_offset"], "created": time.time(),
+                  "tail_offset": info.ram_end_offset, "created": time.time(),
                   "blocks": [{"name": b.name, "npages": b.npages,
-                              "pages_offset": binfo["pages_offset"],
-                              "bitmap_offset": binfo["bitmap_offset"]}
-                             for b, binfo in zip(blocks, info["blocks"])]}
+                              "pages_offset": binfo.pages_offset,
+                              "bitmap_offset": binfo.bitmap_offset}
+                             for b, binfo in zip(blocks, info.blocks)]}
         _write_journal(path, header, blocks, changes, tail)
         jfd = os.open(journal_path(path), os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -256,13 +256,13 @@ def _compare(fd: int, blocks: List[RAMBlock], info: dict, progress):
     written = unchanged = 0
     done = 0
     total = sum(b.used_length for b in blocks)
-    for block, binfo in zip(blocks, info["blocks"]):
+    for block, binfo in zip(blocks, info.blocks):
         nbytes = bitmap_bytes(block.npages)
-        present = os.pread(fd, nbytes, binfo["bitmap_offset"])
+        present = os.pread(fd, nbytes, binfo.bitmap_offset)
         changed = bytearray(nbytes)
         nonzero = bytearray(nbytes)
         old = mmap.mmap(fd, block.used_length, prot=mmap.PROT_READ,
-                        offset=binfo["pages_offset"])
+                        offset=binfo.pages_offset)
         try:
             core.impl.diff_pages(block.region, old, present, changed, nonzero)
         finally:

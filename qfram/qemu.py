@@ -10,12 +10,10 @@ devices=...)``), which a real QEMU then loads with ``-incoming``.
 from __future__ import annotations
 
 import os
-from typing import Dict
-
 from qfram import channel, core, outputs, snapshot, stream
 from qfram.errors import FormatError
-from qfram.description import find_tail as find_description
-from qfram.ram import RAMBlock, RAMList, bitmap_bytes, disk_room, memory_available, new_bitmap
+from qfram.ram import RAMBlock, bitmap_bytes, disk_room, memory_available
+from qfram.targets import RestoreTarget
 
 def extract(path: str, outdir: str, *, force: bool = False) -> dict:
     """Write each RAM block of a stream as a raw (sparse) file under ``outdir`` (block
@@ -32,42 +30,32 @@ def extract(path: str, outdir: str, *, force: bool = False) -> dict:
     4 KiB page of a shared file mapping costs ~4 us, a huge page ~0.5 us per 4 KiB.
     Otherwise pages go straight into mapped files."""
     fd = os.open(path, os.O_RDONLY)
-    ram = RAMList()
-    touched: Dict[str, object] = {}
     size = os.fstat(fd).st_size
-    room = memory_available() // 2
     files = outputs.BlockFiles(outdir, single=False)
+    target = RestoreTarget(files=files, huge_budget=2 * size,
+                           memory_budget=memory_available() // 2)
     try:
-        def resolve(name: str, length: int, pos: int) -> RAMBlock:
-            nonlocal room
-            out = files.new(name, pos)
-            touched[name] = new_bitmap(length // 4096)
-            if length <= room and length <= 2 * size:
-                room -= length
-                return ram.add(RAMBlock.anonymous(name, length, huge=True))
-            return ram.add(RAMBlock.map_fd(name, out.fd, length, path=out.path))
-
         def mapped_block(block: stream.BlockInfo, pos: int) -> None:
             present = stream.read_present(fd, block, pos)
             block.pages, block.zero_pages = snapshot.read_blocks(
-                fd, ram[block.name], block.pages_offset, present, touched.get(block.name), 2)
+                fd, target.ram[block.name], block.pages_offset, present,
+                target.touched.get(block.name), 2)
 
         f = channel.fdopen(fd, "rb", owned=False)
-        info = stream.StreamInfo()
-        stream.StreamReader(f, info, on_section=lambda section, f: stream.STOP,
-                            resolve=resolve, touched=touched, mapped_block=mapped_block,
-                            file_size=size,
-                            max_ram=None if force else disk_room(files.root.path)).read()
+        info = stream.StreamReader(f, on_section=lambda section, f: stream.STOP,
+                                   mapped_block=mapped_block, file_size=size,
+                                   max_ram=None if force else disk_room(files.root.path),
+                                   **target.reader_options).read()
         f.close()
         if not info.blocks:
             raise FormatError(f"{path}: no RAM section", 0)
-        for block in ram:
-            if block.kind == "anonymous":
+        for block in target.ram:
+            if block.kind == "anonymous":       # staged in memory: now its file
                 _write_sparse(block, files.files[block.name].fd)
-        ram.close()
+        target.close_new()
         files.commit()
     except BaseException:
-        ram.close()
+        target.close_new()
         files.abort()
         raise
     finally:
@@ -88,8 +76,7 @@ def device_state(path: str) -> stream.DeviceState:
     try:
         info = snapshot.inspect_fd(path, fd)
         state = snapshot.devices_of(fd, info)
-        description, _ = find_description(fd, info["file_bytes"])
     finally:
         os.close(fd)
-    state.description = description.devices if description else []
+    state.description = info.description.devices if info.description else []
     return state

@@ -32,7 +32,8 @@ from qfram.errors import FormatError
 from qfram.description import Description
 from qfram.durable import DurableRelease, ReleaseRollbackError  # noqa: F401 (re-exported)
 from qfram.description import find_tail as find_description
-from qfram.ram import RAMBlock, RAMList, bitmap_bytes, memory_room, new_bitmap
+from qfram.ram import RAMBlock, RAMList, bitmap_bytes, memory_room
+from qfram.targets import RestoreTarget
 from qfram.wire import TARGET_PAGE_SIZE
 
 FORMAT_VERSION = 1
@@ -82,8 +83,70 @@ class LoadResult:
                     if self.seconds else None)
 
 
+@dataclass
+class SnapshotInfo:
+    """What a snapshot or QEMU migration stream holds (``inspect``)."""
+
+    path: str
+    file_bytes: int
+    layout: str                           # "stream" or "mapped"
+    machine: str
+    capabilities: List[str]
+    blocks: List[stream.BlockInfo]
+    devices: List[stream.DeviceSection]
+    sections: List[stream.Section]        # START, FULL and END sections (PARTs are many)
+    commands: List[Tuple[int, int, int]]  # (command, length, offset)
+    eof_offset: int
+    ram_end_offset: int                   # the RAM's END section (-1: none)
+    written_by_qfram: bool
+    compression: Optional[str] = None
+    created: Optional[str] = None
+    vmdescription: bool = False
+    description: Optional[Description] = None      # as read (not in as_dict)
+
+    @property
+    def ram_bytes(self) -> int:
+        return sum(b.used_length for b in self.blocks)
+
+    def as_dict(self) -> dict:
+        return {
+            "path": self.path, "file_bytes": self.file_bytes,
+            "format": "qemu-migration-stream", "layout": self.layout,
+            "machine": self.machine, "capabilities": self.capabilities,
+            "ram_bytes": self.ram_bytes, "blocks": [b.as_dict() for b in self.blocks],
+            "qfram": self.written_by_qfram, "compression": self.compression,
+            "created": self.created, "eof_offset": self.eof_offset,
+            "ram_end_offset": self.ram_end_offset,
+            "sections": [{"type": wire.SECTION_NAMES.get(x.kind, x.kind), "id": x.section_id,
+                          "name": x.name, "offset": x.offset} for x in self.sections],
+            "devices": [dict(d.__dict__) for d in self.devices],
+            "commands": [{"cmd": c, "length": n, "offset": o} for c, n, o in self.commands],
+            "vmdescription": self.vmdescription,
+        }
+
+
 class ChecksumError(FormatError):
     """The restored memory is not what was saved."""
+
+
+def check_checksums(ram: RAMList, blocks: List[Tuple[str, int]],
+                    description: Optional[Description], what: str = "restored") -> bool:
+    """Check each of ``blocks`` (name, used length) in ``ram`` against the checksum the
+    snapshot recorded for it.  False when it recorded none; ChecksumError when one
+    differs or a block has none."""
+    saved = description.blocks if description else {}
+    if not saved:
+        return False
+    for name, used_length in blocks:
+        entry = saved.get(name)
+        if entry is None or entry.used_length != used_length:
+            raise ChecksumError(f"block {name!r} is not described by the snapshot's "
+                                f"checksums")
+        got = checksum(ram[name].region, used_length)
+        if got != entry.xxh3_64:
+            raise ChecksumError(f"block {name!r}: {what} contents hash to {got}, the "
+                                f"snapshot recorded {entry.xxh3_64}")
+    return True
 
 
 def checksum(region, length: int) -> str:
@@ -387,11 +450,11 @@ def _save_mapped(blocks: List[RAMBlock], fd: int, machine: str, direct: bool,
                       sum(c[1] for c in counts.values()), 0, 0.0, releaser.bytes, sums)
 
 
-def devices_of(fd: int, info: dict) -> stream.DeviceState:
+def devices_of(fd: int, info: SnapshotInfo) -> stream.DeviceState:
     """The device sections a mapped file already holds (kept by incremental saves)."""
-    parts = [os.pread(fd, d["end"] - d["offset"], d["offset"]) for d in info["devices"]]
-    ram_ids = [x["id"] for x in info["sections"] if x["name"] == wire.RAM_SECTION]
-    return stream.DeviceState(info["machine"], ram_ids[0] if ram_ids else wire.RAM_SECTION_ID,
+    parts = [os.pread(fd, d.end - d.offset, d.offset) for d in info.devices]
+    ram_ids = [x.section_id for x in info.sections if x.name == wire.RAM_SECTION]
+    return stream.DeviceState(info.machine, ram_ids[0] if ram_ids else wire.RAM_SECTION_ID,
                               b"".join(parts), [])
 
 
@@ -445,7 +508,7 @@ def _check_tail(info: stream.StreamInfo, size: int, where: int) -> None:
                           "is cut or damaged)", after_eof)
 
 
-def inspect(path: str) -> dict:
+def inspect(path: str) -> SnapshotInfo:
     """What a snapshot or any QEMU migration stream (or mapped-ram file) holds: machine,
     capabilities, RAM blocks with sizes, page counts by kind (normal/zero/absent) and
     checksums, device sections with their byte ranges (names from the VMDESCRIPTION
@@ -457,7 +520,7 @@ def inspect(path: str) -> dict:
         os.close(fd)
 
 
-def inspect_fd(path: str, fd: int) -> dict:
+def inspect_fd(path: str, fd: int) -> SnapshotInfo:
     """inspect() of a snapshot already open (and locked) as ``fd``."""
     description, size, where = _read_head(path, fd)
     f = channel.fdopen(fd, "rb", owned=False)
@@ -473,30 +536,18 @@ def inspect_fd(path: str, fd: int) -> dict:
     f.close()
     _check_tail(info, size, where)
     facts = description.blocks if description else {}
-    q = description.qfram if description else {}
-    blocks = []
     for b in info.blocks.values():
-        d = b.as_dict()
-        if b.name in facts:
-            d["xxh3_64"] = facts[b.name].xxh3_64
-        blocks.append(d)
-    devices = [dict(r, vmsd_name=description.vmsd_name(r["name"], r["instance"])
-                    if description else None) for r in scanner.ranges]
-    return {
-        "path": path, "file_bytes": size, "format": "qemu-migration-stream",
-        "layout": "mapped" if info.mapped else "stream", "machine": info.machine,
-        "capabilities": info.capabilities,
-        "ram_bytes": sum(b.used_length for b in info.blocks.values()),
-        "blocks": blocks, "qfram": bool(q), "compression": q.get("compression"),
-        "created": q.get("created"), "eof_offset": info.eof_offset,
-        "ram_end_offset": next((s.offset for s in info.sections if s.kind ==
-                                wire.SECTION_END and s.name == wire.RAM_SECTION), -1),
-        "sections": [{"type": wire.SECTION_NAMES.get(s.kind, s.kind), "id": s.section_id,
-                      "name": s.name, "offset": s.offset} for s in info.sections],
-        "devices": devices,
-        "commands": [{"cmd": c, "length": n, "offset": o} for c, n, o in info.commands],
-        "vmdescription": where >= 0,
-    }
+        b.xxh3_64 = facts[b.name].xxh3_64 if b.name in facts else None
+    for d in scanner.ranges:
+        d.vmsd_name = description.vmsd_name(d.name, d.instance) if description else None
+    q = description.qfram if description else {}
+    return SnapshotInfo(
+        path, size, "mapped" if info.mapped else "stream", info.machine,
+        info.capabilities, list(info.blocks.values()), scanner.ranges, info.sections,
+        info.commands, info.eof_offset,
+        next((s.offset for s in info.sections if s.kind == wire.SECTION_END
+              and s.name == wire.RAM_SECTION), -1),
+        bool(q), q.get("compression"), q.get("created"), where >= 0, description)
 
 
 def load(path: str, ram: Optional[RAMList] = None, *, verify: bool = True,
@@ -515,48 +566,28 @@ def load(path: str, ram: Optional[RAMList] = None, *, verify: bool = True,
     enough data to fill them — else a few scattered pages would each take 2 MiB."""
     t0 = time.perf_counter()
     fd, description, size, where = _open_snapshot(path)
-    created = ram is None
-    target = RAMList() if ram is None else ram
-    touched: Dict[str, object] = {}
-    huge_budget = [2 * size]          # bytes of huge-page blocks the file can justify
+    target = RestoreTarget(ram, fresh=zeroed, huge_budget=2 * size if huge else 0)
     try:
-        def resolve(name: str, length: int, pos: int) -> RAMBlock:
-            block = target.get(name)
-            if block is None:
-                if not created:
-                    raise FormatError(f"the snapshot has block {name!r}, the target RAM "
-                                      f"has no such block", pos)
-                thp = huge and length <= huge_budget[0]
-                huge_budget[0] -= length if thp else 0
-                block = target.add(RAMBlock.anonymous(name, length, huge=thp))
-                touched[name] = new_bitmap(length // TARGET_PAGE_SIZE)
-            elif block.used_length != length:
-                raise FormatError(f"block {name!r} is {length:#x} bytes in the snapshot, "
-                                  f"{block.used_length:#x} in the target", pos)
-            elif zeroed:
-                touched[name] = new_bitmap(length // TARGET_PAGE_SIZE)
-            return block
-
         def mapped_block(binfo: stream.BlockInfo, pos: int) -> None:
             present = stream.read_present(fd, binfo, pos)
-            pages, zeros = read_blocks(fd, target[binfo.name], binfo.pages_offset, present,
-                                       touched.get(binfo.name), threads)
+            pages, zeros = read_blocks(fd, target.ram[binfo.name], binfo.pages_offset,
+                                       present, target.touched.get(binfo.name), threads)
             binfo.pages, binfo.zero_pages = pages, zeros
 
         f = channel.fdopen(fd, "rb", owned=False)
         info = stream.StreamReader(f, on_section=stream.FooterScanner(fd, size, description),
-                                   resolve=resolve, touched=touched,
                                    mapped_block=mapped_block, file_size=size,
-                                   max_ram=None if force or not created
-                                   else memory_room()).read()
+                                   max_ram=None if force or not target.created
+                                   else memory_room(), **target.reader_options).read()
         f.close()
         _check_tail(info, size, where)
         if not info.blocks:
             raise FormatError(f"{path}: the stream holds no RAM", 0)
-        verified = _verify(target, info, description) if verify else False
+        verified = check_checksums(target.ram, [(b.name, b.used_length)
+                                                for b in info.blocks.values()],
+                                   description) if verify else False
     except BaseException:
-        if created:
-            target.close()
+        target.close_new()
         raise
     finally:
         os.close(fd)
@@ -566,7 +597,7 @@ def load(path: str, ram: Optional[RAMList] = None, *, verify: bool = True,
                         sum(b.pages for b in info.blocks.values()),
                         sum(b.zero_pages for b in info.blocks.values()),
                         time.perf_counter() - t0, verified, blocks)
-    return target, result
+    return target.ram, result
 
 
 def read_blocks(fd: int, block: RAMBlock, pages_offset: int, present: bytes,
@@ -596,18 +627,3 @@ def read_blocks(fd: int, block: RAMBlock, pages_offset: int, present: bytes,
     return sum(r[0] for r in results), sum(r[1] for r in results)
 
 
-def _verify(ram: RAMList, info: stream.StreamInfo, description: Optional[Description]) -> bool:
-    """Check each block against the checksum saved with it.  False: nothing to check."""
-    saved = description.blocks if description else {}
-    if not saved:
-        return False
-    for name, binfo in info.blocks.items():
-        entry = saved.get(name)
-        if entry is None or entry.used_length != binfo.used_length:
-            raise ChecksumError(f"block {name!r} is not described by the snapshot's "
-                                f"checksums")
-        got = checksum(ram[name].region, binfo.used_length)
-        if got != entry.xxh3_64:
-            raise ChecksumError(f"block {name!r}: restored contents hash to {got}, the "
-                                f"snapshot recorded {entry.xxh3_64}")
-    return True

@@ -221,21 +221,42 @@ class BlockInfo:
     # mapped layout
     bitmap_offset: int = -1
     pages_offset: int = -1
+    xxh3_64: Optional[str] = None    # the checksum qfram recorded, when it wrote the file
 
     @property
     def npages(self) -> int:
         return self.used_length // TARGET_PAGE_SIZE
 
+    @property
+    def absent_pages(self) -> int:
+        return max(0, self.npages - self.pages - self.zero_pages)
+
     def as_dict(self) -> dict:
         d = {"name": self.name, "used_length": self.used_length, "pages": self.pages,
-             "zero_pages": self.zero_pages, "absent_pages": max(
-                 0, self.npages - self.pages - self.zero_pages)}
+             "zero_pages": self.zero_pages, "absent_pages": self.absent_pages}
         if self.compressed_pages:
             d["compressed_pages"] = self.compressed_pages
         if self.pages_offset >= 0:
             d["pages_offset"] = self.pages_offset
             d["bitmap_offset"] = self.bitmap_offset
+        if self.xxh3_64 is not None:
+            d["xxh3_64"] = self.xxh3_64
         return d
+
+
+@dataclass
+class DeviceSection:
+    """A device section found in a stream: its byte range (footer included), measured,
+    never interpreted."""
+
+    type: str
+    id: int
+    name: str
+    instance: int
+    version: int
+    offset: int
+    end: int
+    vmsd_name: Optional[str] = None
 
 
 @dataclass
@@ -656,7 +677,7 @@ class FooterScanner:
         self.expected = description.device_names if description else []
         self.seen = 0                      # devices found so far (index into expected)
         self.known_ids: Dict[int, str] = {}
-        self.ranges: List[dict] = []
+        self.ranges: List[DeviceSection] = []
 
     def __call__(self, section: Section, f) -> bool:
         start = f.tell()                   # first payload byte
@@ -665,10 +686,9 @@ class FooterScanner:
         if section.kind in (SECTION_START, SECTION_FULL):
             self.known_ids[section.section_id] = section.name
             self.seen += 1
-        self.ranges.append({"type": SECTION_NAMES[section.kind],
-                            "id": section.section_id, "name": section.name,
-                            "instance": section.instance, "version": section.version,
-                            "offset": section.offset, "end": end + 5})
+        self.ranges.append(DeviceSection(SECTION_NAMES[section.kind], section.section_id,
+                                         section.name, section.instance, section.version,
+                                         section.offset, end + 5))
         return True
 
     def _payload_end(self, section: Section, start: int) -> int:

@@ -52,7 +52,7 @@ def mapped_snap(tmp_path):
 
 
 def with_description(path, raw_json: bytes, out):
-    eof = snapshot.inspect(str(path))["eof_offset"]
+    eof = snapshot.inspect(str(path)).eof_offset
     data = path.read_bytes()[:eof + 1]
     out.write_bytes(data + b"\x06" + be32(len(raw_json)) + raw_json)
     return out
@@ -83,7 +83,7 @@ def test_a_lying_vmdescription_is_a_clear_error_everywhere(stream_snap, tmp_path
 
 def test_a_large_valid_vmdescription_is_read(stream_snap, tmp_path):
     info = snapshot.inspect(str(stream_snap))
-    raw = stream_snap.read_bytes()[info["eof_offset"] + 6:]
+    raw = stream_snap.read_bytes()[info.eof_offset + 6:]
     desc = json.loads(raw)
     desc["devices"] = [{"name": f"dev{i}", "instance_id": i, "vmsd_name": "x" * 200}
                        for i in range(80000)]                     # ~20 MiB of JSON

@@ -68,23 +68,23 @@ def test_extract_reproduces_the_guest_ram(migrated, tmp_path):
 def test_info_lists_machine_blocks_and_devices(migrated):
     work, _ = migrated
     info = snapshot.inspect(str(work / "stream.bin"))
-    assert info["machine"].startswith("pc-i440fx-")
-    blocks = {b["name"]: b for b in info["blocks"]}
+    assert info.machine.startswith("pc-i440fx-")
+    blocks = {b.name: b for b in info.blocks}
     ram = blocks["pc.ram"]
-    assert ram["used_length"] == MEM
-    assert ram["pages"] + ram["zero_pages"] == MEM // 4096 and ram["pages"] >= 256
-    names = [d["name"] for d in info["devices"]]
-    assert "cpu" in names and "globalstate" in names and info["vmdescription"]
+    assert ram.used_length == MEM
+    assert ram.pages + ram.zero_pages == MEM // 4096 and ram.pages >= 256
+    names = [d.name for d in info.devices]
+    assert "cpu" in names and "globalstate" in names and info.vmdescription
     # device byte ranges tile the stream from the end of RAM to EOF
-    for a, b in zip(info["devices"], info["devices"][1:]):
-        assert a["end"] == b["offset"]
-    assert info["devices"][-1]["end"] == info["eof_offset"]
+    for a, b in zip(info.devices, info.devices[1:]):
+        assert a.end == b.offset
+    assert info.devices[-1].end == info.eof_offset
 
 
 def test_extraction_does_not_need_the_vmdescription(migrated, tmp_path):
     work, pattern = migrated
     data = (work / "stream.bin").read_bytes()
-    eof = snapshot.inspect(str(work / "stream.bin"))["eof_offset"]
+    eof = snapshot.inspect(str(work / "stream.bin")).eof_offset
     (tmp_path / "bare.bin").write_bytes(data[:eof + 1])          # as a postcopy stream
     qemu.extract(str(tmp_path / "bare.bin"), str(tmp_path / "out"))
     ram = (tmp_path / "out" / "pc.ram").read_bytes()
@@ -182,10 +182,10 @@ def test_qfram_reads_qemus_mapped_ram_files(newer_qemu, tmp_path):
         guest.pmemsave(str(tmp_path / "truth.bin"), MEM)
         guest.migrate_to_file(str(tmp_path / "mapped.bin"), mapped=True)
     info = snapshot.inspect(str(tmp_path / "mapped.bin"))
-    assert info["layout"] == "mapped" and "mapped-ram" in info["capabilities"]
-    assert info["machine"] == machine_of(qemu_bin)
-    ram = {b["name"]: b for b in info["blocks"]}["pc.ram"]
-    assert ram["pages"] + ram["zero_pages"] == MEM // 4096 and ram["pages"] >= 256
+    assert info.layout == "mapped" and "mapped-ram" in info.capabilities
+    assert info.machine == machine_of(qemu_bin)
+    ram = {b.name: b for b in info.blocks}["pc.ram"]
+    assert ram.pages + ram.zero_pages == MEM // 4096 and ram.pages >= 256
     qemu.extract(str(tmp_path / "mapped.bin"), str(tmp_path / "out"))
     got = (tmp_path / "out" / "pc.ram").read_bytes()
     assert same_ram(got, (tmp_path / "truth.bin").read_bytes())

@@ -61,7 +61,7 @@ def test_a_target_must_have_the_blocks_of_the_snapshot(tmp_path, layout):
     snapshot.save(ram, path, layout=layout)
     with pytest.raises(FormatError, match="no such block"):
         snapshot.load(path, RAMList([RAMBlock.anonymous("other", 1 << 20)]))
-    with pytest.raises(FormatError, match="bytes in the snapshot"):
+    with pytest.raises(FormatError, match="bytes in the stream"):
         snapshot.load(path, RAMList([RAMBlock.anonymous("pc.ram", 2 << 20)]))
 
 
@@ -106,7 +106,7 @@ def test_the_mapped_layout_is_qemus_mapped_ram(tmp_path):
     path = tmp_path / "snap"
     snapshot.save(ram, str(path), layout="mapped")
     info = snapshot.inspect(str(path))
-    block = info["blocks"][0]
+    block = info.blocks[0]
     data = path.read_bytes()
     # the mapped-ram header follows the block's MEM_SIZE entry: be32 version, be64 page
     # size, be64 bitmap offset (right after the header), be64 pages offset (1 MiB)
@@ -114,8 +114,8 @@ def test_the_mapped_layout_is_qemus_mapped_ram(tmp_path):
     version, page_size, bitmap_offset, pages_offset = struct.unpack(
         ">IQQQ", data[entry:entry + 28])
     assert (version, page_size) == (1, PAGE)
-    assert bitmap_offset == entry + 28 == block["bitmap_offset"]
-    assert pages_offset % (1 << 20) == 0 and pages_offset == block["pages_offset"]
+    assert bitmap_offset == entry + 28 == block.bitmap_offset
+    assert pages_offset % (1 << 20) == 0 and pages_offset == block.pages_offset
     bitmap = data[bitmap_offset:bitmap_offset + (4 << 20) // PAGE // 8]
     region = ram["pc.ram"].region
     for i in range((4 << 20) // PAGE):
@@ -126,7 +126,7 @@ def test_the_mapped_layout_is_qemus_mapped_ram(tmp_path):
             assert data[pages_offset + i * PAGE:pages_offset + (i + 1) * PAGE] == page
     # zero pages are holes: the file allocates less than its pages span
     st = os.stat(path)
-    assert st.st_blocks * 512 < st.st_size - block["zero_pages"] * PAGE // 2
+    assert st.st_blocks * 512 < st.st_size - block.zero_pages * PAGE // 2
 
 
 @pytest.mark.parametrize("codec", ["zlib", "lz4"])
@@ -136,7 +136,7 @@ def test_compressed_snapshots_round_trip(tmp_path, codec):
     plain = snapshot.save(ram, str(tmp_path / "plain"))
     saved = snapshot.save(ram, path, compress=codec)
     assert saved.file_bytes < plain.file_bytes
-    assert snapshot.inspect(path)["compression"] == codec
+    assert snapshot.inspect(path).compression == codec
     restored, result = snapshot.load(path)
     assert result.verified and restored["pc.ram"].region[:] == ram["pc.ram"].region[:]
 
@@ -309,7 +309,7 @@ def small_snapshot(tmp_path, layout):
 def test_truncated_files_stop_with_a_clear_error(tmp_path, layout):
     path, original = small_snapshot(tmp_path, layout)
     data = path.read_bytes()
-    eof = snapshot.inspect(str(path))["eof_offset"]
+    eof = snapshot.inspect(str(path)).eof_offset
     cut = tmp_path / "cut"
     lengths = set(range(0, len(data), max(1, len(data) // 97))) | {eof, eof + 1, eof + 3}
     for length in sorted(lengths):

@@ -24,7 +24,7 @@ def stream_with_devices(tmp_path, payloads, description=True):
     ram = RAMList([RAMBlock.from_buffer("pc.ram", bytearray(b"\x01" * 8192))])
     snapshot.save(ram, str(tmp_path / "plain"))
     data = (tmp_path / "plain").read_bytes()
-    eof = snapshot.inspect(str(tmp_path / "plain"))["eof_offset"]
+    eof = snapshot.inspect(str(tmp_path / "plain")).eof_offset
     devices = b"".join(device_section(10 + i, name, p) for i, (name, p) in enumerate(payloads))
     desc = {"page_size": 4096, "devices": [{"name": n, "instance_id": 0, "vmsd_name": n}
                                            for n, _ in payloads]}
@@ -42,12 +42,13 @@ def test_device_sections_are_measured_by_their_footers(tmp_path):
     path, eof = stream_with_devices(tmp_path, [("timer", b"abc" + decoy + b"xyz"),
                                                ("cpu", b"\x00" * 40)])
     info = snapshot.inspect(str(path))
-    timer, cpu = info["devices"]
-    assert (timer["name"], cpu["name"]) == ("timer", "cpu")
-    assert timer["offset"] == eof and timer["end"] == cpu["offset"]
-    assert timer["end"] - timer["offset"] == len(device_section(10, "timer", b"abc" + decoy + b"xyz"))
+    timer, cpu = info.devices
+    assert (timer.name, cpu.name) == ("timer", "cpu")
+    assert timer.offset == eof and timer.end == cpu.offset
+    assert timer.end - timer.offset == len(device_section(10, "timer",
+                                                          b"abc" + decoy + b"xyz"))
     state = qemu.device_state(str(path))
-    assert state.sections == (path.read_bytes()[eof:cpu["end"]])
+    assert state.sections == (path.read_bytes()[eof:cpu.end])
 
 
 def test_a_device_section_without_a_footer_is_a_format_error(tmp_path):

@@ -30,7 +30,7 @@ def good_and_bad_snapshots(tmp_path, names=("pc.ram",)):
     snapshot.save(ram, str(good))
     info = snapshot.inspect(str(good))
     data = good.read_bytes()
-    digest = info["blocks"][0]["xxh3_64"]
+    digest = info.blocks[0].xxh3_64
     bad = tmp_path / "bad"
     bad.write_bytes(data.replace(digest.encode(), b"0" * len(digest)))
     return good, bad, ram

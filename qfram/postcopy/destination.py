@@ -26,7 +26,8 @@ from qfram.faults import percentiles
 from qfram.postcopy import messages as msg
 from qfram.description import Description
 from qfram.description import parse as parse_description
-from qfram.ram import RAMBlock, RAMList, new_bitmap, set_bits
+from qfram.ram import RAMList, set_bits
+from qfram.targets import RestoreTarget
 from qfram.wire import TARGET_PAGE_SIZE
 
 MAX_TRAILER = 1 << 20          # a postcopy VMDESCRIPTION: this, plus a byte per page
@@ -57,8 +58,10 @@ class Destination:
             raise ValueError("on_failure is 'exit' or 'raise'")
         self.sock = sock
         self.preempt = preempt
-        self.ram = ram if ram is not None else RAMList()
-        self.created = ram is None
+        # blocks the source announces: the caller's (fresh, zeroed memory) or new 4 KiB
+        # anonymous memory (userfaultfd places pages one by one: huge pages would not help)
+        self.target = RestoreTarget(ram, fresh=True, track_received=True)
+        self.ram = self.target.ram
         self.workload_factory = workload
         self.workload = None
         self.window_pages = window_pages
@@ -66,10 +69,6 @@ class Destination:
         self.verify = verify
         self.timeout = timeout
         self.on_failure = on_failure
-        # per block: pages whose memory was written (the rest is new zero memory), and
-        # pages that arrived (zero or not); both cost nothing until pages arrive
-        self.touched: Dict[str, object] = {}
-        self.received: Dict[str, object] = {}
         self.stats: Dict[str, object] = {"role": "destination"}
         self.confirm = False           # the source releases only what we confirm
         self.send_confirmations = confirm
@@ -132,26 +131,12 @@ class Destination:
 
     # -- precopy ------------------------------------------------------------------------
 
-    def _resolve(self, name: str, length: int, pos: int) -> RAMBlock:
-        block = self.ram.get(name)
-        if block is None:
-            if not self.created:
-                raise FormatError(f"the source sends block {name!r}; the target has none", pos)
-            # 4 KiB pages: userfaultfd places pages one by one
-            block = self.ram.add(RAMBlock.anonymous(name, length, huge=False))
-        elif block.used_length != length:
-            raise FormatError(f"block {name!r} is {length:#x} bytes at the source, "
-                              f"{block.used_length:#x} here", pos)
-        self.touched[name] = new_bitmap(length // TARGET_PAGE_SIZE)
-        self.received[name] = new_bitmap(length // TARGET_PAGE_SIZE)
-        return block
-
     def _precopy(self, f, rp) -> bool:
         """The stream up to LISTEN (True) or EOF (a precopy-only migration: False): the
         stream walker places the RAM, commands are answered on the return path."""
         reader = stream.StreamReader(
-            f, resolve=self._resolve, touched=self.touched, received=self.received,
-            on_command=lambda cmd, data, pos: self._command(cmd, data, pos, rp, f))
+            f, on_command=lambda cmd, data, pos: self._command(cmd, data, pos, rp, f),
+            **self.target.reader_options)
         reader.read()
         return reader.stopped
 
@@ -187,8 +172,8 @@ class Destination:
                 # new zero memory again, and not here: its page comes after the switch
                 block.discard(start, length)
                 first, count = start // TARGET_PAGE_SIZE, length // TARGET_PAGE_SIZE
-                set_bits(self.touched[name], first, count, False)
-                set_bits(self.received[name], first, count, False)
+                set_bits(self.target.touched[name], first, count, False)
+                set_bits(self.target.received[name], first, count, False)
         else:
             raise FormatError(f"unexpected command {cmd}", pos)
         return None
@@ -200,7 +185,7 @@ class Destination:
         server = FaultServer(self.window_pages, self.spin_us)
         server.exit_on_failure = self.on_failure == "exit"
         for block in self.ram:
-            server.add_area(block.region, name=block.name, present=self.received[block.name])
+            server.add_area(block.region, name=block.name, present=self.target.received[block.name])
         server.set_remote(rp.channel.fd, self.timeout)
         from qfram.postcopy.source import POSTCOPY_SOCKET_BUFFER
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, POSTCOPY_SOCKET_BUFFER)
