@@ -303,16 +303,17 @@ def load_lazy(args: argparse.Namespace) -> int:
             out_ram.close()
             files.commit()
     out = stats.as_dict()
-    out.update(workload_first_touch=touched, snapshot=args.snapshot, target=args.target,
+    out.update(workload_first_touch=touched.as_dict(), snapshot=args.snapshot,
+               target=args.target,
                ram_bytes=sum(b.used_length for b in lazy.ram))
     lat = stats.handler_latency
     emit(args, out,
          f"lazily restored {human(out['ram_bytes'])} from {args.snapshot} in "
          f"{stats.seconds:.3f} s: {stats.faults} faults served ({stats.fault_pages} pages), "
          f"{stats.background_pages} pages in the background, {stats.zero_pages} zero pages\n"
-         f"fault service p50 {lat['p50_us']} us, p99 {lat['p99_us']} us, max "
-         f"{lat['max_us']} us; the workload's touches p50 {touched['p50_us']} us, p99 "
-         f"{touched['p99_us']} us; "
+         f"fault service p50 {lat.p50_us} us, p99 {lat.p99_us} us, max "
+         f"{lat.max_us} us; the workload's touches p50 {touched.p50_us} us, p99 "
+         f"{touched.p99_us} us; "
          + ("checksums verified" if stats.verified else "no checksums to verify"))
     return 0
 
@@ -405,15 +406,15 @@ def cmd_send(args: argparse.Namespace) -> int:
                           max_rounds=args.rounds, converge_pages=args.converge_pages,
                           switch_after=args.switch_after, workload=workload,
                           postcopy=not args.precopy_only, timeout=args.timeout)
-    stats.update(rss_before=before, rss_after=rss())
-    emit(args, stats,
-         f"sent {human(stats['ram_bytes'])} to {args.to} in {stats['seconds']} s: "
-         f"{stats['precopy_rounds']} precopy rounds ({stats['precopy_pages']} pages), "
-         f"{stats['postcopy_pages']} pages after the switch ({stats['requested_pages']} "
-         f"requested), downtime here {stats.get('downtime_source_ms')} ms; dirty "
-         f"tracking {stats['dirty_tracking']}"
-         + (f"; released {human(stats['released_bytes'])}, RSS {human(before)} -> "
-            f"{human(stats['rss_after'])}" if args.release else ""))
+    after = rss()
+    emit(args, dict(stats.as_dict(), rss_before=before, rss_after=after),
+         f"sent {human(stats.ram_bytes)} to {args.to} in {stats.seconds} s: "
+         f"{stats.precopy_rounds} precopy rounds ({stats.precopy_pages} pages), "
+         f"{stats.postcopy_pages} pages after the switch ({stats.requested_pages} "
+         f"requested), downtime here {stats.downtime_source_ms} ms; dirty "
+         f"tracking {stats.dirty_tracking}"
+         + (f"; released {human(stats.released_bytes)}, RSS {human(before)} -> "
+            f"{human(after)}" if args.release else ""))
     ram.close()
     return 0
 
@@ -429,14 +430,13 @@ def cmd_receive(args: argparse.Namespace) -> int:
     ram, stats = postcopy.receive(args.listen, preempt=not args.no_preempt,
                                   timeout=args.timeout, workload=factory,
                                   window_pages=args.window, spin_us=args.spin_us)
-    lat = stats.get("fault_latency", {})
-    emit(args, stats,
-         f"received {human(ram.total_size)} on {args.listen} in {stats['seconds']} s: "
-         f"{stats.get('faults', 0)} faults, {stats.get('requested_pages', 0)} pages "
-         f"requested, fault latency p50 {lat.get('p50_us')} us p99 {lat.get('p99_us')} us "
-         f"max {lat.get('max_us')} us; downtime here {stats.get('downtime_destination_ms')} "
-         f"ms; " + ("verified against the source" if stats.get("verified") else
-                    "not verified"))
+    lat = stats.fault_latency
+    emit(args, stats.as_dict(),
+         f"received {human(ram.total_size)} on {args.listen} in {stats.seconds} s: "
+         f"{stats.faults} faults, {stats.requested_pages} pages requested, fault latency "
+         f"p50 {lat.p50_us} us p99 {lat.p99_us} us max {lat.max_us} us; downtime here "
+         f"{stats.downtime_destination_ms} ms; "
+         + ("verified against the source" if stats.verified else "not verified"))
     ram.close()
     return 0
 

@@ -15,24 +15,15 @@ import mmap
 import os
 import threading
 import time
-from dataclasses import dataclass
-from typing import Dict, List, Optional
+from dataclasses import asdict, dataclass
+from typing import List, Optional
 
 from qfram import snapshot
 from qfram.errors import FormatError
+from qfram.latency import Latency, percentiles
 from qfram.ram import RAMBlock, RAMList, bitmap_bytes, memory_room
 from qfram.wire import TARGET_PAGE_SIZE
 from qfram.stream import TooLarge
-
-
-def percentiles(values_ns: List[int]) -> Dict[str, float]:
-    """p50 / p99 / max of latencies, in microseconds."""
-    if not values_ns:
-        return {"p50_us": 0.0, "p99_us": 0.0, "max_us": 0.0, "count": 0}
-    ordered = sorted(values_ns)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
-    return {"p50_us": round(pick(0.50) / 1000, 1), "p99_us": round(pick(0.99) / 1000, 1),
-            "max_us": round(ordered[-1] / 1000, 1), "count": len(ordered)}
 
 
 @dataclass
@@ -44,10 +35,10 @@ class LazyStats:
     eexist: int
     seconds: float
     verified: bool
-    handler_latency: Dict[str, float]
+    handler_latency: Latency
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        return asdict(self)
 
 
 class LazyRestore:
@@ -176,7 +167,7 @@ class LazyRestore:
 
 
 def touch_workload(ram: RAMList, touches: int = 2000, threads: int = 4,
-                   seed: int = 1) -> Dict[str, float]:
+                   seed: int = 1) -> Latency:
     """A workload that touches memory the way a guest would on wake-up: several threads
     reading random pages.  Returns the first-touch latency percentiles it saw."""
     import random

@@ -331,16 +331,16 @@ def _child(role: str, o: dict) -> None:
         _emit("migration-start")
         stats = postcopy.send(ram, o["address"], release=o.get("release", False),
                               max_rounds=1)
-        _emit("migration-end", **{k: stats[k] for k in ("bytes_sent", "released_bytes",
-                                                         "precopy_rounds")})
-        print(json.dumps(stats), flush=True)
+        _emit("migration-end", bytes_sent=stats.bytes_sent,
+              released_bytes=stats.released_bytes, precopy_rounds=stats.precopy_rounds)
+        print(json.dumps(stats.as_dict()), flush=True)
         time.sleep(0.3)
     elif role == "receive":
         from qfram import postcopy
         factory = lambda r: postcopy.Workload(r, kinds=("read",), pause_us=50)  # noqa: E731
         ram, stats = postcopy.receive(o["address"], workload=factory)
-        _emit("switch", t_switch=stats.get("downtime_destination_ms"))
-        _emit("received", faults=stats.get("faults", 0), verified=stats.get("verified"))
+        _emit("switch", t_switch=stats.downtime_destination_ms)
+        _emit("received", faults=stats.faults, verified=stats.verified)
         time.sleep(0.3)
         ram.close()
     else:

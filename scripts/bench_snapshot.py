@@ -70,6 +70,7 @@ def child_load(path: str, huge: bool, verify: bool) -> dict:
 
 def child_lazy(path: str, background: bool, touches: int, spin_us: float) -> dict:
     from qfram import faults
+    from qfram.latency import percentiles
     with faults.LazyRestore(path, background=background, spin_us=spin_us) as lazy:
         block = next(iter(lazy.ram))
         windows = list(range(block.npages // 16))
@@ -84,7 +85,7 @@ def child_lazy(path: str, background: bool, touches: int, spin_us: float) -> dic
             region[off]
             lat.append(time.perf_counter_ns() - t0)
         stats = lazy.wait()
-    return {"touch": faults.percentiles(lat), "handler": stats.handler_latency,
+    return {"touch": percentiles(lat).as_dict(), "handler": stats.handler_latency.as_dict(),
             "faults": stats.faults, "verified": stats.verified, "seconds": stats.seconds}
 
 

@@ -242,7 +242,7 @@ from qfram import postcopy
 from qfram.postcopy import Workload
 ram, stats = postcopy.receive(sys.argv[1], confirm=sys.argv[2] == "1", timeout=5,
                               workload=lambda ram: Workload(ram, kinds=("read",)))
-print("received", stats["verified"])
+print("received", stats.verified)
 """
 
 
@@ -278,7 +278,7 @@ def test_postcopy_release_frees_only_confirmed_pages(tmp_path, confirming):
 
         t = threading.Thread(target=run)
         t.start()
-        while "downtime_source_ms" not in source.stats and t.is_alive():
+        while source.stats.downtime_source_ms is None and t.is_alive():
             time.sleep(0.0005)
         deadline = time.time() + 10
         while confirming and not source.releases.released_bytes and time.time() < deadline:

@@ -270,7 +270,7 @@ def test_lazy_restore_serves_the_right_bytes_to_concurrent_touches(tmp_path):
     assert not wrong
     assert stats.verified and stats.eexist == 0
     assert stats.fault_pages + stats.background_pages == len(original) // PAGE
-    assert stats.handler_latency["count"] == stats.faults
+    assert stats.handler_latency.count == stats.faults
 
 
 def test_lazy_restore_needs_the_mapped_layout(tmp_path):

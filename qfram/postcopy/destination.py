@@ -16,14 +16,15 @@ import sys
 import threading
 import time
 from array import array
-from typing import Callable, Dict, Optional
+from typing import Callable, Optional
 
 import xxhash
 
 from qfram import channel, sched, stream, wire
 from qfram.errors import FormatError
-from qfram.faults import percentiles
+from qfram.latency import percentiles
 from qfram.postcopy import messages as msg
+from qfram.postcopy.stats import DestinationStats
 from qfram.description import Description
 from qfram.description import parse as parse_description
 from qfram.ram import RAMList, set_bits
@@ -69,13 +70,13 @@ class Destination:
         self.verify = verify
         self.timeout = timeout
         self.on_failure = on_failure
-        self.stats: Dict[str, object] = {"role": "destination"}
+        self.stats = DestinationStats()
         self.confirm = False           # the source releases only what we confirm
         self.send_confirmations = confirm
 
     # -- the run ------------------------------------------------------------------------
 
-    def run(self) -> Dict[str, object]:
+    def run(self) -> DestinationStats:
         t0 = self._t0 = time.perf_counter()
         self.sock.setblocking(False)
         f = channel.socket_file(self.sock, "rb", timeout=self.timeout)
@@ -87,7 +88,7 @@ class Destination:
                 server = self._listen_and_run(f, rp)
                 self._receive_postcopy(f, server)
             description = self._trailer(f)
-            self.stats["seconds"] = round(time.perf_counter() - t0, 3)
+            self.stats.seconds = round(time.perf_counter() - t0, 3)
             if server is not None:
                 if server.placed_pages < server.total_pages:
                     raise MigrationFailed(f"the stream ended with "
@@ -102,7 +103,7 @@ class Destination:
                 self.workload.stop()
                 if getattr(self.workload, "error", None):
                     raise self.workload.error
-            self.stats["verified"] = self._verify(description) if self.verify else False
+            self.stats.verified = self._verify(description) if self.verify else False
             msg.put_return_message(rp, wire.MIG_RP_MSG_SHUT, msg.shut_payload(0))
         except BaseException as exc:
             self._fail(exc, rp, server)
@@ -144,7 +145,7 @@ class Destination:
         """One command of the precopy phase; LISTEN ends it (STOP)."""
         if cmd == wire.CMD_POSTCOPY_LISTEN:
             self._t_listen = time.perf_counter()
-            self.stats["precopy_s"] = round(self._t_listen - self._t0, 3)
+            self.stats.precopy_s = round(self._t_listen - self._t0, 3)
             if self.confirm:             # every precopy page is in place by now
                 msg.put_return_message(rp, wire.MIG_RP_MSG_QFRAM_RECEIVED,
                                        msg.received_payload(0, f.tell()))
@@ -196,7 +197,7 @@ class Destination:
         if f.get_byte() != wire.SECTION_COMMAND or f.get_be16() != wire.CMD_POSTCOPY_RUN:
             raise FormatError("LISTEN is not followed by RUN", pos)
         f.skip(f.get_be16())
-        self.stats["pages_at_switch"] = server.placed_pages
+        self.stats.pages_at_switch = server.placed_pages
         # The receiver must be in its GIL-free loop before anything can fault: a Python
         # thread waits for its page holding the GIL.
         self._receive_error: Optional[BaseException] = None
@@ -224,7 +225,7 @@ class Destination:
         if self.workload_factory is not None:
             self.workload = self.workload_factory(self.ram)
             self.workload.start()
-        self.stats["downtime_destination_ms"] = round(
+        self.stats.downtime_destination_ms = round(
             (time.perf_counter() - self._t_listen) * 1000, 2)
         return server
 
@@ -271,7 +272,7 @@ class Destination:
             self._confirming.join()
         if self._receive_error is not None:
             raise self._receive_error
-        self.stats["postcopy_s"] = round(time.perf_counter() - self._t_run, 3)
+        self.stats.postcopy_s = round(time.perf_counter() - self._t_run, 3)
 
     def _trailer(self, f) -> Optional[Description]:
         """The VMDESCRIPTION after EOF: the source's verification hashes.  Its length is
@@ -294,15 +295,14 @@ class Destination:
         return parse_description(bytes(raw), pos - 1)
 
     def _collect(self, server) -> None:
-        self.stats.update({
-            "faults": server.faults, "requests": server.requests,
-            "requested_pages": server.requested_pages,
-            "received_pages": server.received_pages + server.received_zero_pages,
-            "duplicate_pages": server.duplicate_pages, "eexist": server.eexist,
-            "fault_latency": percentiles(server.latencies_ns()),
-        })
+        st = self.stats
+        st.faults, st.requests = server.faults, server.requests
+        st.requested_pages = server.requested_pages
+        st.received_pages = server.received_pages + server.received_zero_pages
+        st.duplicate_pages, st.eexist = server.duplicate_pages, server.eexist
+        st.fault_latency = percentiles(server.latencies_ns())
         if self.workload is not None and getattr(self.workload, "touch_ns", None):
-            self.stats["workload_first_touch"] = percentiles(self.workload.touch_ns)
+            st.workload_first_touch = percentiles(self.workload.touch_ns)
 
     # -- verification -------------------------------------------------------------------
 

@@ -22,9 +22,10 @@ import xxhash
 
 from qfram import channel, core, sched, stream, wire
 from qfram.errors import FormatError
-from qfram.faults import percentiles
+from qfram.latency import percentiles
 from qfram.postcopy import messages as msg
 from qfram.postcopy.release import ConfirmedRelease
+from qfram.postcopy.stats import SourceStats
 from qfram.ram import RAMBlock, RAMList, bitmap_bytes
 from qfram.wire import TARGET_PAGE_SIZE
 
@@ -83,7 +84,7 @@ class Source:
         self._switch = threading.Event()
         self._preempt_pages = 0
         self._serve_ns: List[int] = []          # request read -> its pages written
-        self.stats: Dict[str, object] = {}
+        self.stats = SourceStats(ram_bytes=sum(b.used_length for b in self.blocks))
         # release-ram: pages go once the destination confirms them (ConfirmedRelease);
         # `claimed` per channel and block records exactly which pages a batch carried
         self.releases: Optional[ConfirmedRelease] = None
@@ -95,7 +96,7 @@ class Source:
 
     # -- the run ------------------------------------------------------------------------
 
-    def run(self) -> Dict[str, object]:
+    def run(self) -> SourceStats:
         t0 = time.perf_counter()
         if self.release:
             self.releases = ConfirmedRelease()
@@ -152,7 +153,7 @@ class Source:
                     end = f.tell()       # every page went in precopy: free all on SHUT
                     for block in self.blocks:
                         self.releases.sent(0, end, block, [(0, block.npages)])
-                self.stats["downtime_source_ms"] = round(
+                self.stats.downtime_source_ms = round(
                     (time.perf_counter() - t_stop - t_verify) * 1000, 2)
             if self.pf is not None:
                 with self._pf_lock:
@@ -192,20 +193,16 @@ class Source:
                 closer()
             except OSError:
                 pass                    # the destination closed first: all was said
-        self.stats.update({
-            "role": "source", "ram_bytes": sum(b.used_length for b in self.blocks),
-            "dirty_tracking": tracking, "precopy_rounds": rounds,
-            "precopy_pages": precopy_pages, "dirty_at_switch": remaining,
-            "postcopy_pages": postcopy_pages, "requested_pages": requested_pages,
-            "requests": self.stats.get("requests", 0),
-            "pages_sent": precopy_pages + postcopy_pages, "bytes_sent": sent_bytes,
-            "released_bytes": released,
-            "confirmations": self.releases.confirmations if self.releases else 0,
-            "preempt_channel": self.pf is not None, "verify_s": round(t_verify, 3),
-            "request_service": percentiles(self._serve_ns),
-            "seconds": round(time.perf_counter() - t0, 3),
-        })
-        return self.stats
+        st = self.stats
+        st.dirty_tracking, st.precopy_rounds, st.precopy_pages = tracking, rounds, precopy_pages
+        st.dirty_at_switch, st.postcopy_pages = remaining, postcopy_pages
+        st.requested_pages, st.pages_sent = requested_pages, precopy_pages + postcopy_pages
+        st.bytes_sent, st.released_bytes = sent_bytes, released
+        st.confirmations = self.releases.confirmations if self.releases else 0
+        st.preempt_channel, st.verify_s = self.pf is not None, round(t_verify, 3)
+        st.request_service = percentiles(self._serve_ns)
+        st.seconds = round(time.perf_counter() - t0, 3)
+        return st
 
     # -- precopy ------------------------------------------------------------------------
 
@@ -296,7 +293,7 @@ class Source:
         # Either way the main connection's buffers are kept small: a page the background
         # stream has taken waits behind what they hold, even if it is requested.
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, POSTCOPY_SOCKET_BUFFER)
-        self.stats["downtime_source_ms"] = round(
+        self.stats.downtime_source_ms = round(
             (time.perf_counter() - t_stop - t_verify) * 1000, 2)
         t_post = time.perf_counter()
         counts = {"pushed": 0, "requested": 0}
@@ -311,10 +308,10 @@ class Source:
         pushed, requested = counts["pushed"], counts["requested"]
         requested += self._preempt_pages
         seconds = time.perf_counter() - t_post
-        self.stats["postcopy_s"] = round(seconds, 3)
-        self.stats["postcopy_gbps"] = round((pushed + requested) * TARGET_PAGE_SIZE / seconds / 1e9, 3) \
-            if seconds else None
-        self.stats["postcopy_bytes"] = f.tell() - bytes_before
+        self.stats.postcopy_s = round(seconds, 3)
+        self.stats.postcopy_gbps = round((pushed + requested) * TARGET_PAGE_SIZE / seconds / 1e9,
+                                         3) if seconds else None
+        self.stats.postcopy_bytes = f.tell() - bytes_before
         return pushed + requested, requested
 
     @staticmethod
@@ -409,7 +406,7 @@ class Source:
                                           f"outside the RAM", pos)
                     last = name
                     requests += 1
-                    self.stats["requests"] = requests
+                    self.stats.requests = requests
                     if self.pf is not None:
                         t_req = time.perf_counter_ns()
                         self._serve_preempt(block, start // TARGET_PAGE_SIZE, length // TARGET_PAGE_SIZE)
