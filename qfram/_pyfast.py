@@ -21,11 +21,11 @@ from qfram.wire import (RAM_SAVE_FLAG_ZERO, RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_CO
                         RAM_SAVE_CONTROL_DELAYED, DEFAULT_IOV_MAX, DEFAULT_BUF_SIZE,
                         DEFAULT_RELEASE_MIN)
 
-IOV_MAX = os.sysconf("SC_IOV_MAX")
-PIN_LIMIT = 4096
-HOST_PAGE = os.sysconf("SC_PAGESIZE")
-MADV_DONTNEED = 4
-MADV_REMOVE = 9
+_IOV_MAX = os.sysconf("SC_IOV_MAX")
+_PIN_LIMIT = 4096
+_HOST_PAGE = os.sysconf("SC_PAGESIZE")
+_MADV_DONTNEED = 4
+_MADV_REMOVE = 9
 _ZEROS = bytes(4096)
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -137,8 +137,8 @@ class QEMUFile:
                  timeout: Optional[float] = None) -> None:
         if mode not in ("rb", "wb"):
             raise ValueError(f"QEMUFile mode must be 'rb' or 'wb', not {mode!r}")
-        if not 1 <= iov_max <= IOV_MAX:
-            raise ValueError(f"iov_max must be between 1 and {IOV_MAX}, not {iov_max}")
+        if not 1 <= iov_max <= _IOV_MAX:
+            raise ValueError(f"iov_max must be between 1 and {_IOV_MAX}, not {iov_max}")
         if buf_size < 64:
             raise ValueError(f"buf_size must be at least 64 bytes, not {buf_size}")
         if release_min < 0:
@@ -355,7 +355,7 @@ class QEMUFile:
         first = 0
         while first < len(views):
             try:
-                n = os.writev(self._fd, views[first:first + IOV_MAX])
+                n = os.writev(self._fd, views[first:first + _IOV_MAX])
             except BlockingIOError:
                 if self._wait(select.POLLOUT) < 0:
                     return -1
@@ -412,14 +412,14 @@ class QEMUFile:
             self._open_run = [0, 0]
 
     def _release_run(self, base: int, length: int) -> None:
-        start = (base + HOST_PAGE - 1) & ~(HOST_PAGE - 1)
-        end = (base + length) & ~(HOST_PAGE - 1)
+        start = (base + _HOST_PAGE - 1) & ~(_HOST_PAGE - 1)
+        end = (base + length) & ~(_HOST_PAGE - 1)
         if end <= start:
             return
-        if _libc.madvise(start, end - start, MADV_REMOVE) != 0:
+        if _libc.madvise(start, end - start, _MADV_REMOVE) != 0:
             err = ctypes.get_errno()
             if err not in (errno.EINVAL, errno.EACCES, errno.EOPNOTSUPP) or \
-                    _libc.madvise(start, end - start, MADV_DONTNEED) != 0:
+                    _libc.madvise(start, end - start, _MADV_DONTNEED) != 0:
                 self.release_failures += 1
                 return
         self.released_bytes += end - start
@@ -428,7 +428,7 @@ class QEMUFile:
     def _drop_pins_if_idle(self) -> None:
         if not self._pins or self._iov:
             return
-        if self._open_run[1] and len(self._pins) < PIN_LIMIT:
+        if self._open_run[1] and len(self._pins) < _PIN_LIMIT:
             return
         self._release_open_run()
         for pin in self._pins:
@@ -1151,20 +1151,20 @@ class QEMUFile:
 
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _libc.fallocate.restype = ctypes.c_int
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
 
 
 def _advise_free(base: int, length: int) -> int:
-    start = (base + HOST_PAGE - 1) & ~(HOST_PAGE - 1)
-    end = (base + length) & ~(HOST_PAGE - 1)
+    start = (base + _HOST_PAGE - 1) & ~(_HOST_PAGE - 1)
+    end = (base + length) & ~(_HOST_PAGE - 1)
     if end <= start:
         return 0
-    if _libc.madvise(start, end - start, MADV_REMOVE) != 0:
+    if _libc.madvise(start, end - start, _MADV_REMOVE) != 0:
         err = ctypes.get_errno()
         if err not in (errno.EINVAL, errno.EACCES, errno.EOPNOTSUPP):
             raise OSError(err, f"madvise (discard) failed: {os.strerror(err)}")
-        if _libc.madvise(start, end - start, MADV_DONTNEED) != 0:
+        if _libc.madvise(start, end - start, _MADV_DONTNEED) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"madvise (discard) failed: {os.strerror(err)}")
     return end - start
@@ -1230,7 +1230,7 @@ def write_pages_at(fd: int, region: Any, file_offset: int, present: Any, first_p
         if _all_zero(page):
             zeros += 1
             if _bit(bits, i):
-                if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset,
+                if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset,
                                    page_size) != 0:
                     err = ctypes.get_errno()
                     raise OSError(err, f"fallocate at file offset {offset}: {os.strerror(err)}")
@@ -1309,11 +1309,11 @@ def diff_pages(region: Any, old: Any, present: Any, changed: Any, nonzero: Any, 
 
 _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
                                   ctypes.c_uint]
-SYNC_FILE_RANGE_WRITE = 2
+_SYNC_FILE_RANGE_WRITE = 2
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:
-    if _libc.sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE) != 0:
+    if _libc.sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE) != 0:
         err = ctypes.get_errno()
         if err not in (errno.EINVAL, errno.ESPIPE, errno.EOPNOTSUPP):
             raise OSError(err, f"sync_file_range at file offset {offset}: {os.strerror(err)}")
@@ -1322,7 +1322,7 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
 def punch_hole(fd: int, offset: int, length: int) -> None:
     if offset < 0 or length < 0:
         raise ValueError("offset and length cannot be negative")
-    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
         return
     err = ctypes.get_errno()
     if err != errno.EOPNOTSUPP:

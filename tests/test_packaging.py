@@ -33,6 +33,31 @@ def test_the_stub_matches_the_extension():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def test_the_pure_python_twin_keeps_the_same_contract(tmp_path):
+    """The twin is checked against the extension's own stub: every name, signature and
+    default the same (only what a compiled module alone has is allowed to differ)."""
+    pytest.importorskip("mypy")
+    stubs = tmp_path / "stubs" / "qfram"
+    stubs.mkdir(parents=True)
+    (stubs / "__init__.pyi").write_text("")
+    shutil.copy(ROOT / "qfram" / "_fast.pyi", stubs / "_pyfast.pyi")
+    allow = tmp_path / "allowlist"
+    allow.write_text("qfram._pyfast.__pyx_capi__\n"       # the C entry points
+                     "qfram._pyfast.QEMUFile\n")          # a C type is a disjoint base
+    out = subprocess.run([sys.executable, "-m", "mypy.stubtest", "qfram._pyfast",
+                          "--allowlist", str(allow)], capture_output=True, text=True,
+                         cwd=tmp_path, env=dict(os.environ, MYPYPATH=str(tmp_path / "stubs")),
+                         timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_the_contract_is_what_the_stub_declares():
+    from qfram import core
+    stub = (ROOT / "qfram" / "_fast.pyi").read_text()
+    declared = set(re.findall(r"^(?:def|class) ([A-Za-z]\w*)", stub, re.M))
+    assert declared == set(core.CONTRACT)
+
+
 def test_the_compiled_core_is_the_default():
     out = run_python("import qfram; print(qfram.QEMUFile.__module__, qfram.PURE_PYTHON)")
     assert out.stdout.split() == ["qfram._fast", "False"], out.stderr
