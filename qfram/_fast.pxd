@@ -133,6 +133,7 @@ cdef class QEMUFile:
     cdef int _adopt(self, Py_buffer *view) except -1
     cdef Py_ssize_t _need(self, Py_ssize_t size) noexcept
     cdef uint64_t _get_be(self, int nbytes, str what) except? 0xFFFFFFFFFFFFFFFF
+    cdef uint64_t _get_int(self, int nbytes, str what) except? 0xFFFFFFFFFFFFFFFF
     cdef int _save_loop_hooked(self, PageLoop *loop, uint64_t block_offset) except -1
     cdef object _call_hook(self, object hook, tuple args)
     cdef tuple _control_save_page(self, uint64_t block_offset, uint64_t offset, size_t size)

@@ -50,7 +50,7 @@ import io
 import os
 import zlib
 
-from qfram import wire
+from qfram import fileargs, wire
 from qfram.errors import FormatError, StreamEnded, raised_in
 
 cdef extern from "Python.h":
@@ -257,23 +257,8 @@ cdef class QEMUFile:
                  timeout=None):
         if self.buf != NULL:
             raise RuntimeError("QEMUFile is already initialised")
-        if mode not in ("rb", "wb"):
-            # qemu_file_mode_is_not_valid(): exactly "rb" or "wb"
-            raise ValueError(f"QEMUFile mode must be 'rb' or 'wb', not {mode!r}")
-        if not 1 <= iov_max <= IOV_MAX:
-            raise ValueError(f"iov_max must be between 1 and {IOV_MAX}, not {iov_max}")
-        if buf_size < 64:
-            raise ValueError(f"buf_size must be at least 64 bytes, not {buf_size}")
-        if release_min < 0:
-            raise ValueError("release_min cannot be negative")
-        self.writable = mode == "wb"
-        fd = getattr(channel, "fd", -1)
-        if isinstance(fd, int) and fd >= 0:
-            self.fd = fd
-        elif self.writable and not callable(getattr(channel, "writev", None)):
-            raise TypeError("a writing channel needs an `fd` or a writev(views) method")
-        elif not self.writable and not callable(getattr(channel, "readinto", None)):
-            raise TypeError("a reading channel needs an `fd` or a readinto(view) method")
+        self.writable, self.fd = fileargs.check(channel, mode, iov_max, buf_size,
+                                                release_min, IOV_MAX)
         self.channel = channel
         self.batch.cap = iov_max
         self.buf_cap = buf_size
@@ -1073,33 +1058,25 @@ cdef class QEMUFile:
         self.buf_index += nbytes
         return v
 
-    def get_byte(self):
+    cdef uint64_t _get_int(self, int nbytes, str what) except? 0xFFFFFFFFFFFFFFFF:
+        """A guarded big-endian read of ``nbytes`` (the public get_* methods)."""
         self._enter(0)
         try:
-            return <int>self._get_be(1, "get_byte")
+            return self._get_be(nbytes, what)
         finally:
             self._leave()
+
+    def get_byte(self):
+        return <int>self._get_int(1, "get_byte")
 
     def get_be16(self):
-        self._enter(0)
-        try:
-            return <unsigned int>self._get_be(2, "get_be16")
-        finally:
-            self._leave()
+        return <unsigned int>self._get_int(2, "get_be16")
 
     def get_be32(self):
-        self._enter(0)
-        try:
-            return <unsigned int>self._get_be(4, "get_be32")
-        finally:
-            self._leave()
+        return <unsigned int>self._get_int(4, "get_be32")
 
     def get_be64(self):
-        self._enter(0)
-        try:
-            return self._get_be(8, "get_be64")
-        finally:
-            self._leave()
+        return self._get_int(8, "get_be64")
 
     def peek_byte(self, Py_ssize_t offset=0):
         """The byte ``offset`` bytes ahead, without consuming anything."""

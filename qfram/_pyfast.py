@@ -15,6 +15,7 @@ import select
 import zlib
 from typing import Any, List, Optional, Tuple
 
+from qfram import fileargs
 from qfram.errors import FormatError, StreamEnded, raised_in
 from qfram.wire import (RAM_SAVE_FLAG_ZERO, RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_CONTINUE,
                         RAM_CONTROL_HOOK, RAM_SAVE_CONTROL_NOT_SUPP,
@@ -135,22 +136,8 @@ class QEMUFile:
     def __init__(self, channel: Any, mode: str, *, iov_max: int = DEFAULT_IOV_MAX,
                  buf_size: int = DEFAULT_BUF_SIZE, release_min: int = DEFAULT_RELEASE_MIN,
                  timeout: Optional[float] = None) -> None:
-        if mode not in ("rb", "wb"):
-            raise ValueError(f"QEMUFile mode must be 'rb' or 'wb', not {mode!r}")
-        if not 1 <= iov_max <= _IOV_MAX:
-            raise ValueError(f"iov_max must be between 1 and {_IOV_MAX}, not {iov_max}")
-        if buf_size < 64:
-            raise ValueError(f"buf_size must be at least 64 bytes, not {buf_size}")
-        if release_min < 0:
-            raise ValueError("release_min cannot be negative")
-        self._writable = mode == "wb"
-        fd = getattr(channel, "fd", -1)
-        self._fd = fd if isinstance(fd, int) and fd >= 0 else -1
-        if self._fd < 0:
-            if self._writable and not callable(getattr(channel, "writev", None)):
-                raise TypeError("a writing channel needs an `fd` or a writev(views) method")
-            if not self._writable and not callable(getattr(channel, "readinto", None)):
-                raise TypeError("a reading channel needs an `fd` or a readinto(view) method")
+        self._writable, self._fd = fileargs.check(channel, mode, iov_max, buf_size,
+                                                  release_min, _IOV_MAX)
         self.channel = channel
         self._iov_max = iov_max
         self._cap = buf_size
@@ -437,37 +424,29 @@ class QEMUFile:
 
     # -- write side: public puts ---------------------------------------------------------
 
-    def put_byte(self, v: int) -> None:
-        _check_int(v, -(1 << 31), 1 << 31)
+    def _put_int(self, v: int, nbytes: int) -> None:
+        """A guarded big-endian put of the low ``nbytes`` of ``v`` (the put_* methods)."""
         self._enter(True)
         try:
-            self._put_byte(v)
+            self._put_be(v & ((1 << (8 * nbytes)) - 1), nbytes)
         finally:
             self._leave()
+
+    def put_byte(self, v: int) -> None:
+        _check_int(v, -(1 << 31), 1 << 31)
+        self._put_int(v, 1)
 
     def put_be16(self, v: int) -> None:
         _check_int(v, 0, 1 << 32)
-        self._enter(True)
-        try:
-            self._put_be(v & 0xFFFF, 2)
-        finally:
-            self._leave()
+        self._put_int(v, 2)
 
     def put_be32(self, v: int) -> None:
         _check_int(v, 0, 1 << 32)
-        self._enter(True)
-        try:
-            self._put_be(v & 0xFFFFFFFF, 4)
-        finally:
-            self._leave()
+        self._put_int(v, 4)
 
     def put_be64(self, v: int) -> None:
         _check_int(v, 0, 1 << 64)
-        self._enter(True)
-        try:
-            self._put_be(v, 8)
-        finally:
-            self._leave()
+        self._put_int(v, 8)
 
     def put_buffer(self, buf: Any) -> None:
         self._enter(True)

@@ -912,48 +912,8 @@ cdef class FaultServer:
 
     @property
     def counters(self):
-        """Every counter of the loops, by name."""
+        """Every counter of the loops (the Counters struct), by name."""
         return dict(self.s.n)
-
-    @property
-    def faults(self):
-        return self.s.n.faults
-
-    @property
-    def fault_pages(self):
-        return self.s.n.fault_pages
-
-    @property
-    def background_pages(self):
-        return self.s.n.background_pages
-
-    @property
-    def zero_pages(self):
-        return self.s.n.zero_pages
-
-    @property
-    def eexist(self):
-        return self.s.n.eexist
-
-    @property
-    def requests(self):
-        return self.s.n.requests
-
-    @property
-    def requested_pages(self):
-        return self.s.n.requested_pages
-
-    @property
-    def received_pages(self):
-        return self.s.n.received_pages
-
-    @property
-    def received_zero_pages(self):
-        return self.s.n.received_zero_pages
-
-    @property
-    def duplicate_pages(self):
-        return self.s.n.duplicate_pages
 
     def latencies_ns(self):
         """Time from reading each fault to its pages being in place, in ns."""

@@ -443,7 +443,7 @@ def cmd_receive(args: argparse.Namespace) -> int:
 
 def cmd_footprint(args: argparse.Namespace) -> int:
     """Run memory-footprint scenarios and write series, plots and a report."""
-    from qfram import footprint
+    from qfram.experiments import footprint
     names = list(footprint.SCENARIOS) if args.scenario == ["all"] else args.scenario
     unknown = [n for n in names if n not in footprint.SCENARIOS]
     if unknown:

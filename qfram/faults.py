@@ -140,9 +140,10 @@ class LazyRestore:
             self.ram, [(b.name, b.used_length) for b in self.info.blocks],
             self.info.description, "lazily restored")
         self._done = True
-        s = self.server
-        return LazyStats(s.faults, s.fault_pages, s.background_pages, s.zero_pages, s.eexist,
-                         seconds, verified, percentiles(s.latencies_ns()))
+        n = self.server.counters
+        return LazyStats(n["faults"], n["fault_pages"], n["background_pages"],
+                         n["zero_pages"], n["eexist"], seconds, verified,
+                         percentiles(self.server.latencies_ns()))
 
     def close(self) -> None:
         """Stop serving and unmap everything (the RAM too: a program keeps what it

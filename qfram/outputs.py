@@ -144,12 +144,6 @@ class Directory:
             os.close(self.fd)
             self.fd = -1
 
-    def __enter__(self) -> "Directory":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
 
 def _remove_stale_temporaries(directory: Directory, name: str) -> None:
     """Named temporaries of ``name`` that nobody holds locked were left by a crash."""

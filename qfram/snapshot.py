@@ -48,8 +48,19 @@ LEGACY_INCOMPLETE_MAGIC = b"QINC"  # qfram 0.1 marked a file it was updating in 
 Progress = Optional[Callable[[int, int], None]]
 
 
+class _Timed:
+    """A result with ``ram_bytes`` moved in ``seconds``: JSON gets the rate too."""
+
+    ram_bytes: int
+    seconds: float
+
+    def as_dict(self) -> dict:
+        rate = round(self.ram_bytes / self.seconds / 1e9, 3) if self.seconds else None
+        return dict(self.__dict__, gbps=rate)
+
+
 @dataclass
-class SaveResult:
+class SaveResult(_Timed):
     path: str
     layout: str
     ram_bytes: int
@@ -62,13 +73,9 @@ class SaveResult:
     checksums: Dict[str, str]
     compression: Optional[str] = None
 
-    def as_dict(self) -> dict:
-        return dict(self.__dict__, gbps=round(self.ram_bytes / self.seconds / 1e9, 3)
-                    if self.seconds else None)
-
 
 @dataclass
-class LoadResult:
+class LoadResult(_Timed):
     path: str
     layout: str
     ram_bytes: int
@@ -77,10 +84,6 @@ class LoadResult:
     seconds: float
     verified: bool
     blocks: List[dict] = field(default_factory=list)
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__, gbps=round(self.ram_bytes / self.seconds / 1e9, 3)
-                    if self.seconds else None)
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""Every name of QEMU's migration wire format that qfram speaks, once (the C loops see the
-same values through ``qfram/includes/wire.pxd``; a test checks that the two agree).
+"""Every name of QEMU's migration wire format that qfram speaks, once.  The C loops see
+the names in ``C_NAMES`` through ``qfram/includes/wire.pxd``, which setup.py generates
+from this file (tests/test_wire.py checks the compiled values against it).
 
 Sources: QEMU's migration/savevm.c (framing, commands), ram.c (page records),
 migration.c (return path), qemu-file.h (RAM control hooks).  qfram's own extensions are
@@ -117,6 +118,14 @@ SEED_RELEASE_MIN = 0
 DEFAULT_IOV_MAX = 1024
 DEFAULT_BUF_SIZE = 32768
 DEFAULT_RELEASE_MIN = 2 * 1024 * 1024
+
+
+# what the C loops use (generated into qfram/includes/wire.pxd as a cdef enum)
+C_NAMES = ("RAM_SAVE_FLAG_ZERO", "RAM_SAVE_FLAG_MEM_SIZE", "RAM_SAVE_FLAG_PAGE",
+           "RAM_SAVE_FLAG_EOS", "RAM_SAVE_FLAG_CONTINUE", "RAM_SAVE_FLAG_XBZRLE",
+           "RAM_SAVE_FLAG_HOOK", "RAM_SAVE_FLAG_COMPRESS_PAGE", "RAM_SAVE_FLAG_MULTIFD_FLUSH",
+           "SECTION_EOF", "SECTION_PART", "SECTION_END", "SECTION_COMMAND", "SECTION_FOOTER",
+           "MIG_RP_MSG_REQ_PAGES_ID", "MIG_RP_MSG_REQ_PAGES", "TARGET_PAGE_SIZE")
 
 
 def flag_names(flags: int) -> str:

@@ -24,7 +24,7 @@ echo "postcopy..." >&2
 $PY scripts/bench_postcopy.py --size "$SIZE" --repeat "$REPEAT" --json > "$out/postcopy.json"
 echo "QEMU extract..." >&2
 command -v qemu-system-x86_64 >/dev/null || apt_install qemu-system-x86
-$PY scripts/bench_extract.py --repeat "$REPEAT" --json > "$out/extract.json" \
+$PY scripts/bench_extract.py --size 512M --repeat "$REPEAT" --json > "$out/extract.json" \
     || echo '{"skipped": "analyze-migration.py or QEMU unavailable"}' > "$out/extract.json"
 mkdir -p benchmarks
 $PY - "$out" "$SIZE" "$REPEAT" > benchmarks/REPORT.md <<'PY'

@@ -13,8 +13,6 @@ scripts/fetch_analyze_migration.sh (never vendored).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -24,11 +22,12 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
-from qfram.cli import parse_size  # noqa: E402
+from benchlib import arguments, emit, parse_size  # noqa: E402
+
+from qfram._testing.qmp import Guest, find_qemu  # noqa: E402
 from qfram.demo import fill_demo  # noqa: E402
-from qfram.qmp import Guest, find_qemu  # noqa: E402
 
 
 def analyzer() -> str:
@@ -49,22 +48,18 @@ def timed(cmd, cwd) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--memory", default="512M")
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--json", action="store_true")
+    parser = arguments(__doc__, size="512M")
     args = parser.parse_args()
     if find_qemu() is None:
         raise SystemExit("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
     script = analyzer()
-    memory = parse_size(args.memory)
+    memory = parse_size(args.size)
     with tempfile.TemporaryDirectory(prefix="qfram-extract-") as tmp:
         work = Path(tmp)
         image = bytearray(memory - (32 << 20))           # leave the low 16 MiB and some room
         fill_demo(image)
         (work / "image.bin").write_bytes(image)
-        with Guest(memory=args.memory, extra=["-device", f"loader,file={work / 'image.bin'},"
+        with Guest(memory=args.size, extra=["-device", f"loader,file={work / 'image.bin'},"
                                                          f"addr={16 << 20},force-raw=on"]) as g:
             g.migrate_to_file(str(work / "stream.bin"), timeout=600)
         stream_bytes = os.path.getsize(work / "stream.bin")
@@ -85,14 +80,12 @@ def main() -> int:
               "seconds": {k: round(v, 3) for k, v in med.items()},
               "speedup": round(med["analyze-migration"] / med["qfram"], 1),
               "same_pc_ram": True, "analyze_migration": script}
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print(f"guest RAM {memory >> 20} MiB, stream {stream_bytes / 2**20:.0f} MiB, median of "
-              f"{args.repeat}, whole commands:")
-        print(f"  qfram extract               {med['qfram']:8.3f} s")
-        print(f"  analyze-migration.py -x     {med['analyze-migration']:8.3f} s")
-        print(f"  speedup {report['speedup']}x; pc.ram identical")
+    emit(args, report, [
+        f"guest RAM {memory >> 20} MiB, stream {stream_bytes / 2**20:.0f} MiB, median of "
+        f"{args.repeat}, whole commands:",
+        f"  qfram extract               {med['qfram']:8.3f} s",
+        f"  analyze-migration.py -x     {med['analyze-migration']:8.3f} s",
+        f"  speedup {report['speedup']}x; pc.ram identical"])
     return 0
 
 

@@ -23,10 +23,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from bench_throughput import build_cref, parse_size  # noqa: E402
+from benchlib import arguments, build_cref, emit, note, parse_size  # noqa: E402
 
 PY = sys.executable
 
@@ -86,18 +85,13 @@ def core_tcp(size: int) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="1G")
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--json", action="store_true")
+    parser = arguments(__doc__)
     parser.add_argument("--child-core-tcp", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_core_tcp:
         child_core_tcp(int(args.child_core_tcp[0]), int(args.child_core_tcp[1]))
         return 0
     size = parse_size(args.size)
-    note = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     post, pre, core = [], [], []
     for _ in range(args.repeat):
         src, dst, wall = migrate(args.size, ["--rounds", "0", "--release"],
@@ -128,20 +122,17 @@ def main() -> int:
         "verified": all(d["verified"] for _, d, _ in post + pre),
     }
     report["background_ratio"] = round(report["background_gbps"] / report["core_tcp_gbps"], 3)
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print(f"RAM {size >> 20} MiB over loopback TCP, median of {args.repeat}; "
-              f"verified: {report['verified']}")
-        print(f"postcopy: fault latency p50 {report['fault_p50_us']} us, p99 "
-              f"{report['fault_p99_us']} us, max {report['fault_max_us']} us "
-              f"({report['faults']} faults); background {report['background_gbps']} GB/s = "
-              f"{report['background_ratio']}x the core's TCP throughput "
-              f"({report['core_tcp_gbps']} GB/s); total {report['total_s']} s; downtime "
-              f"{report['downtime_ms']:.1f} ms")
-        print(f"precopy-only: total {report['precopy_only_total_s']} s; downtime "
-              f"{report['precopy_only_downtime_ms']} ms (the program stopped for the last "
-              f"round)")
+    emit(args, report, [
+        f"RAM {size >> 20} MiB over loopback TCP, median of {args.repeat}; "
+        f"verified: {report['verified']}",
+        f"postcopy: fault latency p50 {report['fault_p50_us']} us, p99 "
+        f"{report['fault_p99_us']} us, max {report['fault_max_us']} us "
+        f"({report['faults']} faults); background {report['background_gbps']} GB/s = "
+        f"{report['background_ratio']}x the core's TCP throughput "
+        f"({report['core_tcp_gbps']} GB/s); total {report['total_s']} s; downtime "
+        f"{report['downtime_ms']:.1f} ms",
+        f"precopy-only: total {report['precopy_only_total_s']} s; downtime "
+        f"{report['precopy_only_downtime_ms']} ms (the program stopped for the last round)"])
     return 0
 
 

@@ -29,7 +29,6 @@ import json
 import mmap
 import os
 import random
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,10 +36,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from bench_throughput import build_cref, load_image, parse_size, run_json  # noqa: E402
+from benchlib import (arguments, build_cref, emit, load_image, median_gbps, note,  # noqa: E402
+                      parse_size, run_json, spread)
 
 PAGE = mmap.PAGESIZE
 
@@ -97,22 +96,9 @@ def fresh(path: Path) -> None:
         path.unlink()
 
 
-def median_gbps(runs) -> float:
-    return round(statistics.median(r["bytes"] / r["seconds"] / 1e9 for r in runs), 3)
-
-
-def spread(runs) -> str:
-    rates = sorted(r["bytes"] / r["seconds"] / 1e9 for r in runs)
-    return f"{rates[0]:.2f}-{rates[-1]:.2f}"
-
-
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="1G")
-    parser.add_argument("--repeat", type=int, default=5)
+    parser = arguments(__doc__, repeat=5)
     parser.add_argument("--touches", type=int, default=2000)
-    parser.add_argument("--json", action="store_true")
     parser.add_argument("--dir", default="/dev/shm",
                         help="where the files go (default tmpfs; a disk shows what the "
                              "syncs of a release save cost)")
@@ -134,7 +120,6 @@ def main() -> int:
     cref = build_cref()
     me = [sys.executable, __file__, "--child"]
     rows = []
-    note = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="qfram-bench-", dir=args.dir) as tmp:
         work = Path(tmp)
         image = work / "image"
@@ -211,22 +196,18 @@ def main() -> int:
 
     report = {"size": size, "repeat": args.repeat, "dir": args.dir, "rows": rows,
               "lazy": lazy}
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print(f"RAM {size >> 20} MiB (30% zero pages), files in {args.dir}, median of "
-              f"{args.repeat}")
-        print(f"{'group':12} {'what':15} {'GB/s':>7} {'ratio':>6}  reference")
-        for r in rows:
-            print(f"{r['group']:12} {r['what']:15} {r['gbps']:7.3f} {r['ratio']:6.2f}  "
-                  f"{r['reference']}")
-        print("lazy restore, first touch of a missing page (us):")
-        for r in lazy:
-            t, h = r["touch"], r["handler"]
-            print(f"  background={str(r['background']):5} spin={r['spin_us']:4.0f}us  touch "
-                  f"p50 {t['p50_us']:6.1f} p99 {t['p99_us']:6.1f} max {t['max_us']:8.1f}   "
-                  f"handler p50 {h['p50_us']:6.1f} p99 {h['p99_us']:6.1f}  verified "
-                  f"{r['verified']}")
+    lines = [f"RAM {size >> 20} MiB (30% zero pages), files in {args.dir}, median of "
+             f"{args.repeat}", f"{'group':12} {'what':15} {'GB/s':>7} {'ratio':>6}  reference"]
+    lines += [f"{r['group']:12} {r['what']:15} {r['gbps']:7.3f} {r['ratio']:6.2f}  "
+              f"{r['reference']}" for r in rows]
+    lines.append("lazy restore, first touch of a missing page (us):")
+    for r in lazy:
+        t, h = r["touch"], r["handler"]
+        lines.append(f"  background={str(r['background']):5} spin={r['spin_us']:4.0f}us  "
+                     f"touch p50 {t['p50_us']:6.1f} p99 {t['p99_us']:6.1f} max "
+                     f"{t['max_us']:8.1f}   handler p50 {h['p50_us']:6.1f} p99 "
+                     f"{h['p99_us']:6.1f}  verified {r['verified']}")
+    emit(args, report, lines)
     return 0
 
 

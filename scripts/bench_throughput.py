@@ -41,43 +41,14 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from benchlib import (arguments, build_cref, emit, load_image, note, parse_size,  # noqa: E402
+                      pinner, run_json)
 
 PAGE = mmap.PAGESIZE
-BUILD = ROOT / "scripts" / ".build"
 PURE_LIMIT = 128 << 20
-
-
-def build_cref() -> Path:
-    """Compile the C reference (cc -O2) into scripts/.build, once per source change."""
-    src = ROOT / "scripts" / "cref_writer.c"
-    exe = BUILD / "cref_writer"
-    if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
-        BUILD.mkdir(exist_ok=True)
-        subprocess.run(["cc", "-O2", "-Wall", "-o", str(exe), str(src)], check=True)
-    return exe
-
-
-def parse_size(text: str) -> int:
-    from qfram.cli import parse_size as parse
-    return parse(text)
-
-
-# --------------------------------------------------------------------------------------
-# children: one process per measured writer or reader, so each starts clean
-# --------------------------------------------------------------------------------------
-
-
-def load_image(path: str, limit: int = 0) -> mmap.mmap:
-    """The image in private anonymous memory, every page faulted in (outside timing)."""
-    size = os.path.getsize(path)
-    if limit:
-        size = min(size, limit)
-    region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    with open(path, "rb") as f:
-        f.readinto(memoryview(region))
-    return region
 
 
 def child_write(writer: str, image: str, fd: int) -> dict:
@@ -137,20 +108,6 @@ def child_read(stream: str, size: int, huge: bool) -> dict:
 # --------------------------------------------------------------------------------------
 
 
-def pinner(cpu):
-    if cpu is None:
-        return None
-    return lambda: os.sched_setaffinity(0, {cpu})
-
-
-def run_json(cmd, pass_fds=(), cpu=None) -> dict:
-    out = subprocess.run(cmd, pass_fds=pass_fds, capture_output=True, text=True,
-                         preexec_fn=pinner(cpu), timeout=900)
-    if out.returncode != 0:
-        raise RuntimeError(f"{cmd[:3]} failed: {out.stderr.strip()[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def writer_cmd(cref: Path, writer: str, image: Path, fd: int):
     if writer == "c":
         return [str(cref), "write", str(image), str(fd), "64", "32768"]
@@ -204,15 +161,11 @@ def digest(path: str) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="1G", help="RAM size (default 1G)")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser = arguments(__doc__)
     parser.add_argument("--writers", default="c,batch,tuned,loop,pure")
     parser.add_argument("--sinks", default="pipe,socket,file")
     parser.add_argument("--placements", default="split,free")
     parser.add_argument("--no-read", action="store_true", help="skip the restore rows")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--child-write", help=argparse.SUPPRESS)
     parser.add_argument("--child-read", help=argparse.SUPPRESS)
     parser.add_argument("--image", help=argparse.SUPPRESS)
@@ -241,7 +194,6 @@ def main() -> int:
         with open(image, "r+b") as f:
             with mmap.mmap(f.fileno(), 0) as m:
                 fill_demo(m)
-        note = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
         run_writer(cref, "c", "file", image, workdir, "free")      # the warm-up
         for placement in args.placements.split(","):
             for sink in args.sinks.split(","):
@@ -292,16 +244,14 @@ def main() -> int:
         r["ratio"] = round(r["gbps"] / ref, 3) if ref else None
     report = {"size": size, "repeat": args.repeat, "identical_streams": identical,
               "cpu": os.cpu_count(), "rows": rows}
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print(f"RAM {size >> 20} MiB, median of {args.repeat}; streams identical across "
-              f"writers: {identical}")
-        print(f"{'placement':10} {'sink':18} {'writer':7} {'GB/s':>7} {'ratio':>6}")
-        for r in rows:
-            ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else "-"
-            print(f"{r['placement']:10} {r['sink']:18} {r['writer']:7} {r['gbps']:7.3f} "
-                  f"{ratio:>6}")
+    lines = [f"RAM {size >> 20} MiB, median of {args.repeat}; streams identical across "
+             f"writers: {identical}",
+             f"{'placement':10} {'sink':18} {'writer':7} {'GB/s':>7} {'ratio':>6}"]
+    for r in rows:
+        ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else "-"
+        lines.append(f"{r['placement']:10} {r['sink']:18} {r['writer']:7} {r['gbps']:7.3f} "
+                     f"{ratio:>6}")
+    emit(args, report, lines)
     return 0 if identical else 1
 
 

@@ -62,7 +62,7 @@ fi
 
 # the compiled core: (re)built when its sources are newer than the extension
 so=$(ls qfram/_fast*.so 2>/dev/null | head -n 1 || true)
-if [ -z "$so" ] || [ -n "$(find qfram -name '*.pyx' -newer "$so" -o -name '*.pxd' -newer "$so" -o -name '*.pxi' -newer "$so" | head -n 1)" ] \
+if [ -z "$so" ] || [ -n "$(find qfram -name '*.pyx' -newer "$so" -o -name '*.pxd' -newer "$so" -o -name '*.pxi' -newer "$so" -o -name wire.py -newer "$so" | head -n 1)" ] \
         || ! $VPY -c 'import qfram' >/dev/null 2>&1; then
     echo "setup: building qfram's core" >&2
     $VPY -m pip install -q --disable-pip-version-check --no-build-isolation -e . >&2

@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from qfram import footprint
+from qfram.experiments import footprint
 
 MIB = 1 << 20
 

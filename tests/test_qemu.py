@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from qfram import qemu, snapshot
-from qfram.qmp import Guest, find_qemu, qemu_command
+from qfram._testing.qmp import Guest, find_qemu, qemu_command
 from qfram.ram import RAMBlock, RAMList
 
 MEM = 64 << 20
@@ -154,7 +154,7 @@ NEWER = os.path.join(ROOT, ".cache", "qemu-backports", "root")
 
 @pytest.fixture(scope="module")
 def newer_qemu():
-    from qfram.qmp import qemu_version
+    from qfram._testing.qmp import qemu_version
     for qemu_bin, firmware in ((find_qemu(), None),
                                (os.path.join(NEWER, "usr/bin/qemu-system-x86_64"),
                                 os.path.join(NEWER, "usr/share/qemu"))):
@@ -167,7 +167,7 @@ def newer_qemu():
 
 
 def machine_of(qemu_bin) -> str:
-    from qfram.qmp import qemu_version
+    from qfram._testing.qmp import qemu_version
     major, minor = qemu_version(qemu_bin)
     return f"pc-i440fx-{major}.{minor}"
 

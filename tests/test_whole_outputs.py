@@ -204,8 +204,9 @@ def test_an_incremental_save_that_dies_while_applying_is_finished_by_the_next_op
     assert not os.path.exists(journal.journal_path(str(path)))
 
 
-def test_an_uncommitted_journal_is_dropped_and_the_old_snapshot_stands(tmp_path,
-                                                                       monkeypatch):
+def journal_left_by_a_crash(tmp_path, monkeypatch):
+    """An incremental save killed after its journal was written, before it was applied:
+    the snapshot (old), the bytes of its journal, and the RAM it was saving (new)."""
     from qfram import journal
     path, old, new = incremental_pair(tmp_path)
     monkeypatch.setattr(journal, "_replay", lambda *a: (_ for _ in ()).throw(
@@ -213,26 +214,22 @@ def test_an_uncommitted_journal_is_dropped_and_the_old_snapshot_stands(tmp_path,
     with pytest.raises(OSError):
         snapshot.save(RAMList([RAMBlock.from_buffer("pc.ram", new)]), str(path),
                       layout="mapped", incremental=True)
-    jpath = journal.journal_path(str(path))
-    data = open(jpath, "rb").read()
-    open(jpath, "wb").write(data[:-12])                 # its commit record never made it
     monkeypatch.undo()
+    jpath = journal.journal_path(str(path))
+    return path, old, jpath, open(jpath, "rb").read()
+
+
+def test_an_uncommitted_journal_is_dropped_and_the_old_snapshot_stands(tmp_path,
+                                                                       monkeypatch):
+    path, old, jpath, data = journal_left_by_a_crash(tmp_path, monkeypatch)
+    open(jpath, "wb").write(data[:-12])                 # its commit record never made it
     assert loaded(path) == bytes(old)
     assert not os.path.exists(jpath)
 
 
 def test_a_journal_left_beside_a_replaced_snapshot_is_never_applied(tmp_path, monkeypatch):
-    from qfram import journal
-    path, old, new = incremental_pair(tmp_path)
-    monkeypatch.setattr(journal, "_replay", lambda *a: (_ for _ in ()).throw(
-        OSError(5, "killed before applying")))
-    with pytest.raises(OSError):
-        snapshot.save(RAMList([RAMBlock.from_buffer("pc.ram", new)]), str(path),
-                      layout="mapped", incremental=True)
-    monkeypatch.undo()
+    path, _, jpath, kept = journal_left_by_a_crash(tmp_path, monkeypatch)
     other = bytearray(os.urandom(64 * PAGE))
-    jpath = journal.journal_path(str(path))
-    kept = open(jpath, "rb").read()
     snapshot.save(RAMList([RAMBlock.from_buffer("pc.ram", other)]), str(path), layout="mapped")
     open(jpath, "wb").write(kept)                        # as a crash would have left it
     assert loaded(path) == bytes(other)

@@ -1,5 +1,6 @@
-"""Every name of QEMU's wire format is written once in Python (qfram/wire.py) and once
-for the C loops (qfram/includes/wire.pxd): the two agree, and nothing else spells them."""
+"""Every name of QEMU's wire format is written once, in qfram/wire.py; the C loops get
+theirs from qfram/includes/wire.pxd, which setup.py generates from it: the compiled values
+agree, and nothing else spells them."""
 from __future__ import annotations
 
 import re

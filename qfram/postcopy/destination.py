@@ -296,10 +296,11 @@ class Destination:
 
     def _collect(self, server) -> None:
         st = self.stats
-        st.faults, st.requests = server.faults, server.requests
-        st.requested_pages = server.requested_pages
-        st.received_pages = server.received_pages + server.received_zero_pages
-        st.duplicate_pages, st.eexist = server.duplicate_pages, server.eexist
+        n = server.counters
+        st.faults, st.requests, st.requested_pages = n["faults"], n["requests"], \
+            n["requested_pages"]
+        st.received_pages = n["received_pages"] + n["received_zero_pages"]
+        st.duplicate_pages, st.eexist = n["duplicate_pages"], n["eexist"]
         st.fault_latency = percentiles(server.latencies_ns())
         if self.workload is not None and getattr(self.workload, "touch_ns", None):
             st.workload_first_touch = percentiles(self.workload.touch_ns)

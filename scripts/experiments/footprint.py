@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from qfram import footprint  # noqa: E402
+from qfram.experiments import footprint  # noqa: E402
 from qfram.cli import parse_size  # noqa: E402
 
 

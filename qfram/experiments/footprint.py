@@ -181,7 +181,7 @@ SCENARIOS = {
 
 
 def _child_command(role: str, **options) -> List[str]:
-    return [sys.executable, "-m", "qfram.footprint", "--child", role, json.dumps(options)]
+    return [sys.executable, "-m", "qfram.experiments.footprint", "--child", role, json.dumps(options)]
 
 
 def _pump(proc: subprocess.Popen, label: str, sampler: Sampler, lines: List[dict]) -> None:

@@ -1,0 +1,1 @@
+"""Experiments about qfram, apart from the library: the memory-footprint harness."""
