@@ -126,6 +126,7 @@ cdef class QEMUFile:
     cdef int _enter(self, int want_write) except -1
     cdef int _leave(self) except -1
     cdef void _record(self, int err, object exc) noexcept
+    cdef int _channel_failed(self, BaseException exc) noexcept
     cdef int _raise_error(self) except -1
     cdef int _raise_short(self, int64_t start, Py_ssize_t wanted, Py_ssize_t got,
                           str what) except -1

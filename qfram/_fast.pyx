@@ -320,6 +320,16 @@ cdef class QEMUFile:
             self.last_error = -err if err > 0 else -EIO
             self.last_exc = exc
 
+    cdef int _channel_failed(self, BaseException exc) noexcept:
+        """A Python channel raised: its OSError becomes the sticky error; anything else
+        is kept to be raised once to the caller, with an OSError saying where."""
+        if isinstance(exc, OSError):
+            self._record(exc.errno or EIO, exc)
+        else:
+            self._record(EIO, raised_in(EIO, repr(self.channel), exc))
+            self.pending_exc = exc
+        return -1
+
     cdef int _fail_errno(self, int err, const char *what) noexcept nogil:
         # No GIL here (a thread may fault on memory this file fills while holding it):
         # keep the errno and the operation's name; `error` makes the exception.
@@ -593,13 +603,8 @@ cdef class QEMUFile:
                     if result is None or result <= 0:
                         raise OSError(EIO, f"{self.channel!r}.writev made no progress")
                     _advance(&v, &cnt, <size_t>result)
-            except OSError as exc:
-                self._record(exc.errno or EIO, exc)
-                return -1
             except BaseException as exc:
-                self._record(EIO, raised_in(EIO, repr(self.channel), exc))
-                self.pending_exc = exc
-                return -1
+                return self._channel_failed(exc)
         return 0
 
     # -- write side: releasing pages -----------------------------------------------------
@@ -962,13 +967,8 @@ cdef class QEMUFile:
                 if n < 0 or n > room:
                     raise OSError(EIO, f"{self.channel!r}.readinto returned {n}")
                 return n
-            except OSError as exc:
-                self._record(exc.errno or EIO, exc)
-                return -1
             except BaseException as exc:
-                self._record(EIO, raised_in(EIO, repr(self.channel), exc))
-                self.pending_exc = exc
-                return -1
+                return self._channel_failed(exc)
 
     cdef Py_ssize_t _fill_buffer(self) noexcept nogil:
         """QEMU's qemu_fill_buffer: keep the unread bytes, read more after them.
@@ -1020,6 +1020,8 @@ cdef class QEMUFile:
         return size if size < pending else pending
 
     cdef Py_ssize_t _get_into(self, unsigned char *dst, Py_ssize_t size) noexcept nogil:
+        """Consume `size` bytes into `dst` (NULL: skip them); fewer only at the end or
+        on an error."""
         cdef Py_ssize_t done = 0
         cdef Py_ssize_t res
         cdef Py_ssize_t want
@@ -1030,7 +1032,8 @@ cdef class QEMUFile:
             res = self._peek(want, 0)
             if res == 0:
                 break
-            memcpy(dst + done, self.buf + self.buf_index, res)
+            if dst != NULL:
+                memcpy(dst + done, self.buf + self.buf_index, res)
             self.buf_index += res
             done += res
         return done
@@ -1185,19 +1188,7 @@ cdef class QEMUFile:
             self._leave()
 
     cdef Py_ssize_t _skip(self, Py_ssize_t size) noexcept nogil:
-        cdef Py_ssize_t done = 0
-        cdef Py_ssize_t res
-        cdef Py_ssize_t want
-        while done < size:
-            want = size - done
-            if want > self.buf_cap:
-                want = self.buf_cap
-            res = self._peek(want, 0)
-            if res == 0:
-                break
-            self.buf_index += res
-            done += res
-        return done
+        return self._get_into(NULL, size)
 
     def skip(self, Py_ssize_t size):
         """Consume ``size`` bytes."""

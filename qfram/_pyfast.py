@@ -895,16 +895,9 @@ class QEMUFile:
                     _set_bit(got_bits, index, True)
                 if flags == RAM_SAVE_FLAG_PAGE and written is not None:
                     _set_bit(written, index, True)
-                if flags == RAM_SAVE_FLAG_PAGE and page is None:
-                    start = self._read_pos()
-                    got = self._skip(page_size)
-                    if got < page_size:
-                        self._raise_short(start, page_size, got, "load_pages")
-                        return (hdr, pages, zeros)
-                    pages += 1
-                elif flags == RAM_SAVE_FLAG_PAGE:
-                    start = self._read_pos()
-                    got = self._get_into(page)
+                if flags == RAM_SAVE_FLAG_PAGE:
+                    start = self._read_pos()       # counting only: the page is skipped
+                    got = self._skip(page_size) if page is None else self._get_into(page)
                     if got < page_size:
                         self._raise_short(start, page_size, got, "load_pages")
                         return (hdr, pages, zeros)

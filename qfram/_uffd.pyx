@@ -137,10 +137,26 @@ cdef struct Server:
     int64_t format_offset
 
 
+ctypedef int (*Loop)(Server *s) noexcept nogil
+
+
 # The placing sink's context: which server, which area the records are for.
 cdef struct Receiving:
     Server *s
     Area *a
+
+
+cdef int _register(int uffd, uint64_t base, uint64_t length, uint64_t mode,
+                   str what) except -1:
+    """UFFDIO_REGISTER [base, base+length) in ``mode``."""
+    cdef uffdio_register reg
+    memset(&reg, 0, sizeof(reg))
+    reg.range.start = base
+    reg.range.len = length
+    reg.mode = mode
+    if ioctl(uffd, UFFDIO_REGISTER, &reg) != 0:
+        raise OSError(errno, f"UFFDIO_REGISTER ({what}): {os.strerror(errno)}")
+    return 0
 
 
 def open_userfaultfd():
@@ -666,7 +682,6 @@ cdef class FaultServer:
         cdef Py_buffer *r
         cdef Py_buffer *src
         cdef Py_buffer pview
-        cdef uffdio_register reg
         cdef Area *a
         cdef bytes encoded
         if self.s.nareas >= MAX_AREAS:
@@ -710,12 +725,7 @@ cdef class FaultServer:
             a.fault_ns = <uint64_t *>calloc(a.npages, 8)
             if a.fault_ns == NULL:
                 raise MemoryError()
-        memset(&reg, 0, sizeof(reg))
-        reg.range.start = a.base
-        reg.range.len = a.length
-        reg.mode = UFFDIO_REGISTER_MODE_MISSING
-        if ioctl(self.s.uffd, UFFDIO_REGISTER, &reg) != 0:
-            raise OSError(errno, f"UFFDIO_REGISTER: {os.strerror(errno)}")
+        _register(self.s.uffd, a.base, a.length, UFFDIO_REGISTER_MODE_MISSING, "missing")
         if source is None and present is not None:
             self._mark_present(a, present)
         self.s.total_pages += a.npages
@@ -786,29 +796,28 @@ cdef class FaultServer:
 
     # -- the loops --------------------------------------------------------------------------
 
-    def serve_faults(self):
-        """Serve faults until stop(); run it on a thread of its own (GIL released)."""
+    cdef int _run(self, Loop loop, const char *doing, str name) except -1:
+        """Run a GIL-free loop; on a failure end the process (exit_on_failure: threads
+        waiting for pages it claimed could never be woken) or raise."""
         cdef int rc
         with nogil:
-            rc = _serve_loop(&self.s)
+            rc = loop(&self.s)
             if rc < 0 and self.s.exit_on_failure:
-                _die(&self.s, None, b"serving faults")
+                _die(&self.s, None, doing)
         if rc < 0:
-            raise OSError(self.s.error, f"fault server: {self._failure()}")
+            raise OSError(self.s.error, f"{name}: {self._failure()}")
+        return 0
+
+    def serve_faults(self):
+        """Serve faults until stop(); run it on a thread of its own (GIL released)."""
+        self._run(_serve_loop, b"serving faults", "fault server")
 
     def fill_background(self):
         """Place every page not placed yet, in order (GIL released); returns when all
         are in place or stop() was called.  Local areas only (a remote area's pages
         arrive through receive())."""
-        cdef int rc
         self._require(AREA_LOCAL, "fill_background")
-        with nogil:
-            rc = _fill_loop(&self.s)
-            # pages it claimed and could not place would be waited for forever
-            if rc < 0 and self.s.exit_on_failure:
-                _die(&self.s, None, b"filling in the background")
-        if rc < 0:
-            raise OSError(self.s.error, f"background fill: {self._failure()}")
+        self._run(_fill_loop, b"filling in the background", "background fill")
 
     def receive(self, QEMUFile f not None, int channel=0):
         """Place the pages of a postcopy stream as they arrive on ``f`` (GIL released):
@@ -907,10 +916,6 @@ cdef class FaultServer:
         return self.s.total_pages
 
     @property
-    def window_pages(self):
-        return self.s.window_pages
-
-    @property
     def counters(self):
         """Every counter of the loops (the Counters struct), by name."""
         return dict(self.s.n)
@@ -944,7 +949,6 @@ cdef class DirtyTracker:
 
     def __init__(self, region):
         cdef uffdio_api api
-        cdef uffdio_register reg
         cdef uffdio_writeprotect wp
         PyObject_GetBuffer(region, &self.view, PyBUF_SIMPLE)
         self.have_view = True
@@ -963,12 +967,7 @@ cdef class DirtyTracker:
         if ioctl(self.uffd, UFFDIO_API, &api) != 0 or not (api.features & UFFD_FEATURE_WP_ASYNC):
             raise OSError(errno or EINVAL, "userfaultfd asynchronous write protection is not "
                                            "available (Linux 6.7+)")
-        memset(&reg, 0, sizeof(reg))
-        reg.range.start = self.base
-        reg.range.len = self.length
-        reg.mode = UFFDIO_REGISTER_MODE_WP
-        if ioctl(self.uffd, UFFDIO_REGISTER, &reg) != 0:
-            raise OSError(errno, f"UFFDIO_REGISTER (write protect): {os.strerror(errno)}")
+        _register(self.uffd, self.base, self.length, UFFDIO_REGISTER_MODE_WP, "write protect")
         memset(&wp, 0, sizeof(wp))
         wp.range.start = self.base
         wp.range.len = self.length
