@@ -365,7 +365,7 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
     """Read a stream, replace block contents, write it again (either layout); the
     device sections and machine type are carried over byte for byte."""
     devices = qemu.device_state(args.input)
-    ram, loaded = snapshot.load(args.input, verify=not args.no_verify, huge=False)
+    ram, _ = snapshot.load(args.input, verify=not args.no_verify, huge=False)
     for spec in args.set or []:
         name, sep, path = spec.partition("=")
         if not sep or name not in ram:

@@ -4,7 +4,7 @@ paths only inside their own directory.
 A block name is data from a file or a peer, never a path: :func:`block_components` is the
 one place that turns it into path components (``..``, control characters and empty names
 refused; ``/``, ``//`` and ``./`` folded, so an absolute name stays inside), and
-:func:`plan_block_paths` refuses two names that would land on the same file.  Files are
+:class:`PathPlan` refuses two names that would land on the same file.  Files are
 created relative to a directory fd, each directory below it opened with ``O_NOFOLLOW``,
 so a planted or dangling symlink is never followed.
 
@@ -20,7 +20,7 @@ import errno
 import fcntl
 import os
 import secrets
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from qfram.errors import FormatError
 
@@ -71,12 +71,6 @@ class PathPlan:
                                   f"block {name!r} is a file there", offset)
         self.owner[parts] = name
         return parts
-
-
-def plan_block_paths(names: Iterable[str]) -> Dict[str, Tuple[str, ...]]:
-    """Each block name's path components, all names checked together (PathPlan)."""
-    plan = PathPlan()
-    return {name: plan.add(name) for name in names}
 
 
 class Directory:

@@ -26,7 +26,6 @@ from qfram.wire import HOST_PAGE_SIZE, TARGET_PAGE_SIZE
 
 MFD_HUGETLB = 0x0004
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
-HUGETLBFS_MAGIC = 0x958458F6
 
 
 def bitmap_bytes(npages: int) -> int:

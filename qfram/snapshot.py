@@ -6,13 +6,16 @@
 * ``mapped``: QEMU's mapped-ram layout: every page at a fixed offset (``pages_offset +
   offset``, ``pages_offset`` aligned to 1 MiB), zero pages are holes, a bitmap per block
   says which pages are present.  Written with pwrite from several threads (GIL
-  released), optionally with O_DIRECT; updated in place by ``incremental`` saves;
-  restored by reading only the present pages — eagerly, or lazily on first touch.
+  released), optionally with O_DIRECT; updated in place by ``incremental`` saves
+  (through qfram.journal); restored by reading only the present pages — eagerly, or
+  lazily on first touch (qfram.faults).
 
-Every save goes to a temporary name, is fsync'd and renamed, so a crash leaves the old
-snapshot or the new one.  Each block's xxh3-64 checksum is kept in the VMDESCRIPTION JSON
-(QEMU's loader ignores it) and checked on restore; a restore that fails raises and the
-memory it was writing is not reported good.
+Every save goes to an unnamed file that is fsync'd and renamed into place
+(qfram.outputs), so a crash leaves the old snapshot or the new one; with release, pages
+go only once durable, and come back if the save fails (qfram.durable).  Each block's
+xxh3-64 checksum is kept in the VMDESCRIPTION JSON (QEMU's loader ignores it) and checked
+on restore; a restore that fails raises and the memory it was writing is not reported
+good.
 """
 from __future__ import annotations
 

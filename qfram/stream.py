@@ -382,7 +382,6 @@ class RAMSectionReader:
         self.targets: Dict[str, RAMBlock] = {}
         self.last: Optional[BlockInfo] = None
         self.setup_done = False
-        self.codec_decompress = None
 
     @classmethod
     def for_blocks(cls, f, blocks: List[RAMBlock]) -> "RAMSectionReader":

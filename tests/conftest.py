@@ -5,7 +5,7 @@ import ctypes
 import mmap
 import os
 import threading
-from typing import Callable, List
+from typing import List
 
 import pytest
 
@@ -19,7 +19,6 @@ class Core:
 
     def __init__(self, name: str, module) -> None:
         self.name = name
-        self.mod = module
         self.QEMUFile = module.QEMUFile
 
     def fdopen(self, fd: int, mode: str, **kw):
@@ -138,7 +137,3 @@ class RecordingChannel:
         self.iovecs.append(len(views))
         return n
 
-
-@pytest.fixture
-def recording() -> Callable[[], RecordingChannel]:
-    return RecordingChannel

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Tuple, Union
+from typing import Tuple
 
 from qfram.postcopy.destination import Destination, MigrationFailed
 from qfram.postcopy.source import Source
@@ -16,9 +16,6 @@ from qfram.postcopy.workload import Workload
 
 __all__ = ["Source", "Destination", "Workload", "MigrationFailed", "send", "receive",
            "parse_address", "listen", "connect"]
-
-Address = Union[str, Tuple[str, int]]
-
 
 def parse_address(text: str) -> Tuple[int, object]:
     """'host:port' -> (AF_INET/AF_INET6, (host, port)); a path -> (AF_UNIX, path)."""
