@@ -62,6 +62,9 @@ cdef uint64_t PAGE = TARGET_PAGE_SIZE
 cdef enum:
     MAX_AREAS = 64
     MAX_LATENCIES = 1 << 20
+    # Arrived pages are placed in runs of up to this many, one UFFDIO_COPY (or ZEROPAGE)
+    # a run: the background stream at link speed instead of one ioctl per page
+    RUN_PAGES = 128
 
 # Where an area's pages come from: a local source (a snapshot mapping, placed by the
 # fault and fill loops) or a remote one (asked for on a return path, placed by receive).
@@ -144,6 +147,13 @@ ctypedef int (*Loop)(Server *s) noexcept nogil
 cdef struct Receiving:
     Server *s
     Area *a
+    # the run of pages staged to be placed with one ioctl: [first, first + count) of
+    # `run_area`, all data (their bytes in `stage`) or all zero
+    Area *run_area
+    uint64_t first
+    uint64_t count
+    bint zero
+    unsigned char *stage          # RUN_PAGES pages
 
 
 cdef int _register(int uffd, uint64_t base, uint64_t length, uint64_t mode,
@@ -449,22 +459,53 @@ cdef int _request(Server *s, Area *a, uint64_t page, uint64_t t0) noexcept nogil
 
 
 cdef int _place_received(void *ctx, uint64_t offset, const unsigned char *page) noexcept nogil:
-    """The record parser's sink for postcopy: place one arrived page (``page`` NULL: a
-    zero page) unless it is in place already."""
+    """The record parser's sink for postcopy: stage an arrived page (``page`` NULL: a zero
+    page) in the current run, placing the run first when this page does not extend it."""
     cdef Receiving *r = <Receiving *>ctx
-    cdef Server *s = r.s
-    cdef Area *a = r.a
     cdef uint64_t index = offset // PAGE
-    if not qf_claim_bit(a.claimed, index):
-        qf_add(&s.n.duplicate_pages, 1)     # in place already: its bytes are skipped
+    cdef bint zero = page == NULL
+    if qf_bit_atomic(r.a.claimed, index):
+        qf_add(&r.s.n.duplicate_pages, 1)   # in place already: its bytes are skipped
         return 0
-    if _place(s, a.base + offset, <uint64_t>page, 1, page == NULL) < 0:
-        return -1
-    qf_add(&s.n.received_zero_pages if page == NULL else &s.n.received_pages, 1)
-    qf_add(&a.placed, 1)
-    qf_add(&s.placed_pages, 1)
-    if a.fault_ns[index]:
-        _note_latency(s, qf_now_ns() - a.fault_ns[index])
+    if r.count and (r.run_area != r.a or index != r.first + r.count or zero != r.zero
+                    or r.count == RUN_PAGES):
+        if _place_run(r) < 0:
+            return -1
+    if r.count == 0:
+        r.run_area, r.first, r.zero = r.a, index, zero
+    if not zero:
+        memcpy(r.stage + r.count * PAGE, page, PAGE)
+    r.count += 1
+    return 0
+
+
+cdef int _place_run(Receiving *r) noexcept nogil:
+    """Place the staged run: claim its pages (one a faulting thread asked for may have
+    come on the other channel meanwhile: it is skipped) and place each stretch of claimed
+    pages with one ioctl, waking whoever waits on them."""
+    cdef Server *s = r.s
+    cdef Area *a = r.run_area
+    cdef uint64_t i = 0, j, k, now
+    while i < r.count:
+        if not qf_claim_bit(a.claimed, r.first + i):
+            qf_add(&s.n.duplicate_pages, 1)
+            i += 1
+            continue
+        j = i + 1
+        while j < r.count and qf_claim_bit(a.claimed, r.first + j):
+            j += 1
+        if _place(s, a.base + (r.first + i) * PAGE, <uint64_t>(r.stage + i * PAGE), j - i,
+                  r.zero) < 0:
+            return -1
+        qf_add(&s.n.received_zero_pages if r.zero else &s.n.received_pages, j - i)
+        qf_add(&a.placed, j - i)
+        qf_add(&s.placed_pages, j - i)
+        now = qf_now_ns()
+        for k in range(r.first + i, r.first + j):
+            if a.fault_ns[k]:
+                _note_latency(s, now - a.fault_ns[k])
+        i = j
+    r.count = 0
     return 0
 
 
@@ -474,7 +515,8 @@ cdef int _bad(Server *s, QEMUFile f, int what) noexcept nogil:
     return -1
 
 
-cdef int _receive_sections(Server *s, QEMUFile f, uint64_t *upto) noexcept nogil:
+cdef int _receive_sections(Server *s, QEMUFile f, uint64_t *upto,
+                           unsigned char *stage) noexcept nogil:
     """PART/END sections of RAM page records (and COMMANDs, skipped) until EOF; the
     records of each block go through the core's record parser into _place_received."""
     cdef unsigned char kind
@@ -483,7 +525,9 @@ cdef int _receive_sections(Server *s, QEMUFile f, uint64_t *upto) noexcept nogil
     cdef LoadLoop loop
     cdef Receiving ctx
     cdef Area *a = NULL
+    memset(&ctx, 0, sizeof(ctx))
     ctx.s = s
+    ctx.stage = stage
     while True:
         if qf_read(f, &kind, 1) < 0:
             return -1
@@ -529,7 +573,7 @@ cdef int _receive_sections(Server *s, QEMUFile f, uint64_t *upto) noexcept nogil
                 s.format_error = PAGE_PAST_BLOCK if loop.reason == 1 else BAD_RECORD
                 s.format_offset = loop.bad_pos
                 return -1
-            if loop.status < 0:
+            if loop.status < 0 or (ctx.count and _place_run(&ctx) < 0):
                 return -1                           # the stream ended, or placing failed
             header = loop.header
         if qf_peek_byte(f) == SECTION_FOOTER and qf_skip(f, 5) < 0:
@@ -828,16 +872,20 @@ cdef class FaultServer:
         if not 0 <= channel < 2:
             raise ValueError("channel is 0 or 1")
         self._require(AREA_REMOTE, "receive")
+        cdef unsigned char *stage = <unsigned char *>malloc(RUN_PAGES * PAGE)
+        if stage == NULL:
+            raise MemoryError()
         qf_begin_gil_free(f)
         try:
             with nogil:
                 qf_add_int(&self.s.receiving, 1)
-                rc = _receive_sections(&self.s, f, &self.s.upto[channel])
+                rc = _receive_sections(&self.s, f, &self.s.upto[channel], stage)
                 if rc < 0 and self.s.exit_on_failure:
                     _die(&self.s, f, b"receiving pages")
                 qf_add_int(&self.s.receiving, -1)
         finally:
             qf_end_gil_free(f)
+            free(stage)
         if rc == 0:
             return
         if self.s.format_error:

@@ -188,8 +188,10 @@ class Destination:
         for block in self.ram:
             server.add_area(block.region, name=block.name, present=self.target.received[block.name])
         server.set_remote(rp.channel.fd, self.timeout)
-        from qfram.postcopy.source import POSTCOPY_SOCKET_BUFFER
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, POSTCOPY_SOCKET_BUFFER)
+        if self.preempt is None:
+            # requests queue behind the main connection's buffers: keep them short
+            from qfram.postcopy.source import POSTCOPY_SOCKET_BUFFER
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, POSTCOPY_SOCKET_BUFFER)
         self._fault_thread = threading.Thread(target=self._guarded, args=(server.serve_faults,),
                                               daemon=True, name="qfram-faults")
         self._fault_thread.start()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import queue
 import socket
+import sys
 import threading
 import time
 from array import array
@@ -30,17 +31,20 @@ from qfram.ram import RAMBlock, RAMList, bitmap_bytes
 from qfram.wire import TARGET_PAGE_SIZE
 
 PRECOPY_CHUNK = 16384          # pages per PART in precopy (64 MiB)
-# In postcopy a requested page the background stream has already taken waits behind
-# whatever the main connection's buffers hold: at ~1 GB/s a 4 MiB buffer each side is
-# ~8 ms.  Small buffers bound that wait, preempt channel or not (measured here on
-# loopback TCP, 1 GiB: p99 fault latency 14 ms with 4 MiB buffers, 0.35-0.6 ms with
-# 128 KiB, for ~25% less background throughput).
+# Without a preempt channel a requested page waits behind whatever the main connection's
+# buffers hold: at ~1 GB/s a 4 MiB buffer each side is ~8 ms.  Small buffers bound that
+# wait (measured here on loopback TCP, 1 GiB: p99 fault latency 14 ms with 4 MiB
+# buffers, 0.35-0.6 ms with 128 KiB, for ~25% less background throughput).
 POSTCOPY_SOCKET_BUFFER = 128 << 10
-POSTCOPY_CHUNK = 64            # pages per background batch in postcopy (256 KiB): a
-                               # request on the main channel waits at most one batch
-PREEMPT_CHUNK = 128            # with a preempt channel requests skip the queue; what the
-                               # background stream has taken ahead of them stays short
+POSTCOPY_CHUNK = 64            # pages per background batch without preempt (256 KiB): a
+                               # request queued on the main channel waits at most one
+# With a preempt channel the faulting page always goes there at once, even when the
+# background stream has sent it already (it may sit in the main connection's buffers):
+# one duplicate page per fault buys a latency that no longer depends on the background
+# stream, which can then use big buffers and big batches.
+PREEMPT_CHUNK = 1024           # pages per background batch with preempt (4 MiB)
 HASH_CHUNK = 64                # pages per verification hash
+SWITCH_INTERVAL = 0.0002       # seconds a thread may hold the GIL while another waits
 
 
 class Source:
@@ -83,6 +87,7 @@ class Source:
         self.rp_error: Optional[BaseException] = None
         self._switch = threading.Event()
         self._preempt_pages = 0
+        self._resent_pages = 0         # faulting pages sent again on the preempt channel
         self._serve_ns: List[int] = []          # request read -> its pages written
         self.stats = SourceStats(ram_bytes=sum(b.used_length for b in self.blocks))
         # release-ram: pages go once the destination confirms them (ConfirmedRelease);
@@ -98,6 +103,9 @@ class Source:
 
     def run(self) -> SourceStats:
         t0 = time.perf_counter()
+        # The thread serving page requests needs the GIL the moment one arrives; the
+        # default 5 ms switch interval would be its worst-case wait behind the others.
+        sys.setswitchinterval(SWITCH_INTERVAL)
         if self.release:
             self.releases = ConfirmedRelease()
             self._claimed = [{b.name: bytearray(bitmap_bytes(b.npages)) for b in self.blocks}
@@ -290,9 +298,9 @@ class Source:
             end = listen_end
             for block, clean in clean_at_switch:
                 self.releases.sent(0, end, block, core.impl.bitmap_runs(clean, block.npages))
-        # Either way the main connection's buffers are kept small: a page the background
-        # stream has taken waits behind what they hold, even if it is requested.
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, POSTCOPY_SOCKET_BUFFER)
+        if self.pf is None:
+            # requests queue behind what the main connection's buffers hold: keep it short
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, POSTCOPY_SOCKET_BUFFER)
         self.stats.downtime_source_ms = round(
             (time.perf_counter() - t_stop - t_verify) * 1000, 2)
         t_post = time.perf_counter()
@@ -326,6 +334,8 @@ class Source:
         """Send every page still dirty: requested ones first (without a preempt channel
         they are queued here), then the scan, which goes on from the last requested page
         so that its neighbours follow."""
+        if self.pf is not None:
+            sched.background()      # bulk: the thread serving requests must come first
         scan = {b.name: 0 for b in self.blocks}
         order = list(self.blocks)
         current = 0
@@ -377,11 +387,21 @@ class Source:
 
     def _serve_preempt(self, block: RAMBlock, first: int, count: int) -> None:
         """A request, sent at once on the preempt channel (from the return path's
-        thread; the dirty bitmap's atomic claims keep the two senders apart)."""
+        thread; the dirty bitmap's atomic claims keep the two senders apart).  The
+        faulting page goes even if the background stream sent it already: it may still
+        sit in that connection's buffers (the destination keeps whichever comes first)."""
+        dirty = self.dirty[block.name]
+        sent_before = not (dirty[first >> 3] >> (first & 7)) & 1
         with self._pf_lock:
             if getattr(self, "_pf_done", False):
                 return
             self._preempt_pages += self._send_range(self.pf, block, first, count, channel=1)
+            if sent_before:
+                with stream.ram_part(self.pf, wire.RAM_SECTION_ID):
+                    self.pf.save_pages(block.region, first, 1, 0, wire.RAM_SAVE_FLAG_CONTINUE,
+                                       idstr=block.name)
+                self.pf.flush()
+                self._resent_pages += 1
         self.requests.put((block.name, first, count))    # a hint for the scan
 
     def _block_dirty(self, block: RAMBlock) -> bool:
