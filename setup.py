@@ -28,6 +28,8 @@ write_wire_pxd()
 extensions = [
     Extension("qfram._fast", ["qfram/_fast.pyx"], extra_compile_args=["-O2"]),
     Extension("qfram._uffd", ["qfram/_uffd.pyx"], extra_compile_args=["-O2"]),
+    Extension("qfram._tls", ["qfram/_tls.pyx"], extra_compile_args=["-O2"],
+              libraries=["ssl", "crypto"]),
 ]
 
 setup(

@@ -27,6 +27,18 @@ cdef struct Batch:
     Py_ssize_t pins_cap
 
 
+# A byte transport the core reads and writes without the GIL, for channels that are not a
+# plain fd (TLS: qfram._tls).  read/write move up to n bytes: > 0 moved; 0 the peer
+# closed; -1 with errno (EAGAIN: poll `fd` for *wait, then call again with the same bytes).
+ctypedef ssize_t (*TransportIO)(void *ctx, void *buf, size_t n, short *wait) noexcept nogil
+
+cdef struct Transport:
+    void *ctx
+    TransportIO read
+    TransportIO write
+    int fd
+
+
 # What a save loop emits and where it stopped.
 cdef struct PageLoop:
     const unsigned char *base
@@ -80,6 +92,8 @@ cdef class QEMUFile:
     # --- channel ---
     cdef readonly object channel
     cdef int fd                      # >= 0: syscalls straight on this fd, GIL released
+    cdef Transport *transport        # or, when set, through this (fd: what to poll)
+    cdef unsigned char *gather       # writing through a transport: small iovecs joined
     cdef bint writable
     cdef bint is_shutdown
     cdef bint is_closed
@@ -156,6 +170,8 @@ cdef class QEMUFile:
     cdef int _flush_batch(self) noexcept nogil
     cdef int _write_iov(self) noexcept nogil
     cdef int _write_iov_python(self) noexcept nogil
+    cdef int _write_iov_transport(self) noexcept nogil
+    cdef int _transport_write(self, const unsigned char *p, size_t n) noexcept nogil
     cdef void _commit_release(self) noexcept nogil
     cdef void _release_open_run(self) noexcept nogil
     cdef void _release_run(self, Run run) noexcept nogil
@@ -171,7 +187,8 @@ cdef class QEMUFile:
 
 # -- entry points for other Cython modules: read a stream without the GIL -----------------
 
-# Make `f` usable from a GIL-free loop (fd channels only; the caller holds the GIL).
+# Make `f` usable from a GIL-free loop (fd and transport channels only; the caller holds
+# the GIL).
 cdef int qf_begin_gil_free(QEMUFile f) except -1
 cdef void qf_end_gil_free(QEMUFile f) noexcept
 # Exactly n bytes into dst: 0, or -1 at the end of the stream or on an error (sticky).

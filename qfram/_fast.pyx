@@ -28,6 +28,7 @@ from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE,
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.memoryview cimport PyMemoryView_FromMemory
+from cpython.pycapsule cimport PyCapsule_GetPointer
 from libc.errno cimport (errno, EINTR, EAGAIN, EINVAL, EIO, EACCES, EOPNOTSUPP, ESPIPE,
                          ETIMEDOUT, ENOMEM)
 from libc.stdint cimport uint8_t, uint64_t, int64_t, uintptr_t
@@ -61,6 +62,9 @@ cdef extern from "Python.h":
 # How many buffer exports a file may hold while a release run is still open before it
 # releases early: bounds memory when many tiny may_free puts coalesce.
 cdef Py_ssize_t PIN_LIMIT = 4096
+# Writing through a transport (TLS), iovecs shorter than this are joined in one buffer
+# of this size first: one record each instead of one per header.
+cdef size_t GATHER_SIZE = 64 * 1024
 
 cdef size_t HOST_PAGE = <size_t>sysconf(_SC_PAGESIZE)
 # Zero pages are found with memcmp against this (fastest measured here: ~19 GB/s on
@@ -229,7 +233,9 @@ cdef class QEMUFile:
     """A buffered, zero-copy migration stream over one channel, in one direction.
 
     ``channel`` either has an ``fd`` attribute (an int >= 0: the core makes the
-    syscalls itself, GIL released) or, for custom channels, ``writev(views) -> int``
+    syscalls itself, GIL released), or a ``c_transport`` capsule (a TLS connection: read
+    and written through it, GIL released too) or, for custom channels,
+    ``writev(views) -> int``
     (bytes written, must not keep the views) for writing and ``readinto(view) -> int``
     (0 at end) for reading.  Optional: ``close()``, ``shutdown() -> bool``,
     ``set_blocking(flag)``, ``return_path() -> channel | None``.
@@ -246,6 +252,8 @@ cdef class QEMUFile:
         self.fd = -1
         self.timeout_ms = -1
         self.buf = NULL
+        self.transport = NULL
+        self.gather = NULL
         self.batch.iov = NULL
         self.batch.may_free = NULL
         self.batch.pins = NULL
@@ -260,6 +268,14 @@ cdef class QEMUFile:
         self.writable, self.fd = fileargs.check(channel, mode, iov_max, buf_size,
                                                 release_min, IOV_MAX)
         self.channel = channel
+        capsule = getattr(channel, "c_transport", None)
+        if capsule is not None:
+            self.transport = <Transport *>PyCapsule_GetPointer(capsule, "qfram.transport")
+            self.fd = self.transport.fd
+            if self.writable:
+                self.gather = <unsigned char *>malloc(GATHER_SIZE)
+                if self.gather == NULL:
+                    raise MemoryError()
         self.batch.cap = iov_max
         self.buf_cap = buf_size
         self.min_release = release_min
@@ -277,6 +293,7 @@ cdef class QEMUFile:
         free(self.batch.pins)
         free(self.batch.runs)
         free(self.buf)
+        free(self.gather)
         free(self.batch.iov)
         free(self.batch.may_free)
 
@@ -563,6 +580,8 @@ cdef class QEMUFile:
         cdef iovec *v = self.batch.iov
         cdef int cnt = self.batch.count
         cdef ssize_t n
+        if self.transport != NULL:
+            return self._write_iov_transport()
         while cnt > 0:
             n = writev(self.fd, v, cnt if cnt < IOV_MAX else IOV_MAX)
             if n < 0:
@@ -583,6 +602,45 @@ cdef class QEMUFile:
             # must run now, or the next writev could block forever.
             if cnt > 0 and self._check_signals() < 0:
                 return -1
+        return 0
+
+    cdef int _write_iov_transport(self) noexcept nogil:
+        """The batch through the transport: small iovecs (headers, zero-page markers)
+        joined in the gather buffer, big ones (pages) written from where they are."""
+        cdef size_t held = 0
+        cdef size_t length
+        cdef int i
+        for i in range(self.batch.count):
+            length = self.batch.iov[i].iov_len
+            if length >= GATHER_SIZE // 4 or held + length > GATHER_SIZE:
+                if held and self._transport_write(self.gather, held) < 0:
+                    return -1
+                held = 0
+            if length >= GATHER_SIZE // 4:
+                if self._transport_write(<const unsigned char *>self.batch.iov[i].iov_base,
+                                         length) < 0:
+                    return -1
+            else:
+                memcpy(self.gather + held, self.batch.iov[i].iov_base, length)
+                held += length
+        if held and self._transport_write(self.gather, held) < 0:
+            return -1
+        return 0
+
+    cdef int _transport_write(self, const unsigned char *p, size_t n) noexcept nogil:
+        cdef ssize_t k
+        cdef short wait = 0
+        while n > 0:
+            k = self.transport.write(self.transport.ctx, <void *>p, n, &wait)
+            if k > 0:
+                self.writev_calls += 1
+                p += k
+                n -= <size_t>k
+            elif k < 0 and errno == EAGAIN:
+                if self._wait(wait) < 0:
+                    return -1
+            else:
+                return self._fail_errno(errno if k < 0 else EIO, "TLS write")
         return 0
 
     cdef int _write_iov_python(self) noexcept nogil:
@@ -979,9 +1037,21 @@ cdef class QEMUFile:
             memmove(self.buf, self.buf + self.buf_index, pending)
         self.buf_index = 0
         self.buf_fill = pending
+        cdef short wait = 0
         if self.last_error or pending >= self.buf_cap:
             return 0
-        if self.fd >= 0:
+        if self.transport != NULL:
+            while True:
+                n = self.transport.read(self.transport.ctx, self.buf + pending,
+                                        self.buf_cap - pending, &wait)
+                if n >= 0:
+                    break
+                if errno != EAGAIN:
+                    self._fail_errno(errno, "TLS read")
+                    return 0
+                if self._wait(wait) < 0:
+                    return 0
+        elif self.fd >= 0:
             while True:
                 n = read(self.fd, self.buf + pending, self.buf_cap - pending)
                 if n >= 0:
@@ -1318,7 +1388,7 @@ cdef class QEMUFile:
     def set_offset(self, int64_t offset):
         """Reposition an fd channel (QEMU's qemu_set_offset): a writer flushes first, a
         reader drops what it had read ahead; tell() then counts from ``offset``."""
-        if self.fd < 0:
+        if self.fd < 0 or self.transport != NULL:
             raise io.UnsupportedOperation("set_offset needs a channel with an fd")
         self._enter(1 if self.writable else 0)
         try:

@@ -27,6 +27,8 @@ REQ_PAGES, and ``receive`` places them).
 protection + PAGEMAP_SCAN, Linux 6.7+), for precopy rounds.
 """
 
+from cpython.pycapsule cimport PyCapsule_GetPointer
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
 from libc.errno cimport errno, EINTR, EAGAIN, EEXIST, EINVAL, EPIPE, ETIMEDOUT, EFAULT
 from libc.stdint cimport uint32_t, uint64_t, int64_t
@@ -48,7 +50,7 @@ from qfram.includes.wire cimport (RAM_SAVE_FLAG_ZERO, RAM_SAVE_FLAG_PAGE, RAM_SA
                                   SECTION_EOF, SECTION_PART, SECTION_END, SECTION_COMMAND,
                                   SECTION_FOOTER, MIG_RP_MSG_REQ_PAGES_ID,
                                   MIG_RP_MSG_REQ_PAGES, TARGET_PAGE_SIZE)
-from qfram._fast cimport (QEMUFile, LoadLoop, qf_begin_gil_free, qf_end_gil_free, qf_read,
+from qfram._fast cimport (Transport, QEMUFile, LoadLoop, qf_begin_gil_free, qf_end_gil_free, qf_read,
                           qf_read_be64, qf_skip, qf_peek_byte, qf_position, qf_errno,
                           qf_load_records)
 
@@ -128,7 +130,11 @@ cdef struct Server:
     int error                     # errno of the first failure in a loop
     uint64_t fail_addr            # where a page could not be placed (0: not that)
     # remote source
-    int request_fd
+    int request_fd                # the return path: this fd (-1: none, or the link is down)
+    Transport *rp_transport       # or, when set, this transport (TLS) over request_fd
+    bint resumable                # a failed return path pauses (requests wait for
+    int link_down                 # resume_remote()) instead of failing the loop
+    int resume_pending            # the fault thread must ask again for what is missing
     int last_request_area
     int request_timeout_ms
     int rp_lock                   # one writer at a time on the return path
@@ -299,6 +305,11 @@ cdef int _serve_loop(Server *s) noexcept nogil:
     fds[1].events = POLLIN
     spin_until = 0
     while not qf_load_int(&s.stopping):
+        if qf_load_int(&s.resume_pending):
+            read(s.stop_fd, &t0, 8)            # the wake-up resume_remote() wrote
+            qf_store_int(&s.resume_pending, 0)
+            if _request_again(s) < 0:
+                return -1
         n = read(s.uffd, msgs, sizeof(msgs))
         if n < 0:
             if errno == EINTR:
@@ -336,6 +347,28 @@ cdef int _serve_loop(Server *s) noexcept nogil:
             s.n.fault_pages += placed
             _note_latency(s, qf_now_ns() - t0)
         spin_until = qf_now_ns() + s.spin_ns
+    return 0
+
+
+cdef int _request_again(Server *s) noexcept nogil:
+    """After a resume: what was asked for on the lost link may never have arrived, so
+    every page a thread faulted on and that is not in place yet is asked for again (on
+    the fault thread, the only one that touches the request bits)."""
+    cdef int i
+    cdef uint64_t p
+    cdef Area *a
+    for i in range(s.nareas):
+        a = &s.areas[i]
+        if a.kind != AREA_REMOTE:
+            continue
+        for p in range(a.npages):
+            if qf_bit(a.requested, p) and not qf_bit_atomic(a.claimed, p):
+                qf_set_bit(a.requested, p, False)
+        for p in range(a.npages):
+            if a.fault_ns[p] and not qf_bit_atomic(a.claimed, p) \
+                    and not qf_bit(a.requested, p):
+                if _request(s, a, p, a.fault_ns[p]) < 0:
+                    return -1
     return 0
 
 
@@ -401,12 +434,50 @@ cdef int _write_all(int fd, const unsigned char *p, size_t n, int timeout_ms) no
     return 0
 
 
+cdef int _write_transport(Transport *t, const unsigned char *p, size_t n,
+                          int timeout_ms) noexcept nogil:
+    """_write_all through a transport."""
+    cdef ssize_t k
+    cdef short wait = 0
+    cdef pollfd pfd
+    while n > 0:
+        k = t.write(t.ctx, <void *>p, n, &wait)
+        if k > 0:
+            p += k
+            n -= k
+        elif k < 0 and errno == EAGAIN:
+            pfd.fd = t.fd
+            pfd.events = wait
+            pfd.revents = 0
+            if poll(&pfd, 1, timeout_ms) == 0:
+                qf_set_errno(ETIMEDOUT)
+                return -1
+        else:
+            if k == 0:
+                qf_set_errno(EPIPE)
+            return -1
+    return 0
+
+
 cdef int _send(Server *s, const unsigned char *msg, size_t n) noexcept nogil:
     """Write one whole return path message; the fault thread and Python senders share
-    the fd, so messages never interleave."""
+    the return path, so messages never interleave.  While a resumable link is down the
+    message is dropped (resume_remote() asks again for every page still missing)."""
     cdef int rc
     qf_lock(&s.rp_lock)
-    rc = _write_all(s.request_fd, msg, n, s.request_timeout_ms)
+    if s.request_fd < 0:
+        rc = 0 if s.resumable else -1
+        if rc < 0:
+            qf_set_errno(EPIPE)
+    elif s.rp_transport != NULL:
+        rc = _write_transport(s.rp_transport, msg, n, s.request_timeout_ms)
+    else:
+        rc = _write_all(s.request_fd, msg, n, s.request_timeout_ms)
+    if rc < 0 and s.resumable:
+        s.request_fd = -1
+        s.rp_transport = NULL
+        qf_store_int(&s.link_down, 1)
+        rc = 0
     qf_unlock(&s.rp_lock)
     return rc
 
@@ -642,6 +713,7 @@ cdef class FaultServer:
     cdef Py_buffer views[2 * MAX_AREAS]
     cdef int nviews
     cdef readonly uint64_t features
+    cdef object remote           # the return path's channel (its transport lives in it)
 
     def __cinit__(self):
         self.s.uffd = -1
@@ -816,10 +888,52 @@ cdef class FaultServer:
         self.s.placed_pages += n
         return 0
 
-    def set_remote(self, int request_fd, double timeout=10.0):
-        """Faults on remote areas become page requests written to ``request_fd``."""
-        self.s.request_fd = request_fd
+    def set_remote(self, remote, double timeout=10.0, bint resumable=False):
+        """Faults on remote areas become page requests written to ``remote``: an fd, or
+        a channel (its ``c_transport`` when it has one, else its ``fd``).
+        ``resumable``: when the return path fails, requests wait for
+        :meth:`resume_remote` instead of failing the fault server."""
+        cdef Transport *transport = NULL
+        cdef int fd
+        capsule = getattr(remote, "c_transport", None)
+        if capsule is not None:
+            transport = <Transport *>PyCapsule_GetPointer(capsule, "qfram.transport")
+            fd = transport.fd
+        else:
+            fd = remote if isinstance(remote, int) else remote.fd
+        if fd < 0:
+            raise ValueError(f"{remote!r} has no file descriptor")
+        qf_lock(&self.s.rp_lock)
+        self.s.request_fd = fd
+        self.s.rp_transport = transport
+        self.s.last_request_area = -1
         self.s.request_timeout_ms = <int>(timeout * 1000)
+        self.s.resumable = resumable
+        qf_store_int(&self.s.link_down, 0)
+        qf_unlock(&self.s.rp_lock)
+        self.remote = remote           # the transport lives in it
+
+    def pause_remote(self):
+        """The link is down: requests wait (dropped now, asked again on resume)."""
+        qf_lock(&self.s.rp_lock)
+        self.s.request_fd = -1
+        self.s.rp_transport = NULL
+        qf_store_int(&self.s.link_down, 1)
+        qf_unlock(&self.s.rp_lock)
+        self.remote = None
+
+    @property
+    def link_down(self):
+        """A resumable return path failed (or was paused): requests wait."""
+        return bool(qf_load_int(&self.s.link_down))
+
+    def resume_remote(self, remote, double timeout=10.0):
+        """Requests go to ``remote`` again; every page asked for and not yet in place is
+        asked for again (what was sent on the lost link may never have arrived)."""
+        cdef uint64_t one = 1
+        self.set_remote(remote, timeout, True)
+        qf_store_int(&self.s.resume_pending, 1)
+        write(self.s.stop_fd, &one, 8)         # wake the fault thread to do it
 
     cdef int _require(self, AreaKind kind, str what) except -1:
         cdef int i
@@ -876,11 +990,16 @@ cdef class FaultServer:
         if stage == NULL:
             raise MemoryError()
         qf_begin_gil_free(f)
+        qf_store(&self.s.upto[channel], 0)      # offsets in this stream
         try:
             with nogil:
                 qf_add_int(&self.s.receiving, 1)
                 rc = _receive_sections(&self.s, f, &self.s.upto[channel], stage)
-                if rc < 0 and self.s.exit_on_failure:
+                # a lost link is survivable when the return path is resumable (the
+                # pages come again on the next link); a broken stream or a page that
+                # could not be placed never is
+                if rc < 0 and self.s.exit_on_failure and not (
+                        self.s.resumable and not self.s.format_error and not self.s.error):
                     _die(&self.s, f, b"receiving pages")
                 qf_add_int(&self.s.receiving, -1)
         finally:
@@ -923,12 +1042,29 @@ cdef class FaultServer:
         cdef const unsigned char *p = <const unsigned char *>msg
         cdef size_t n = len(msg)
         cdef int rc
-        if self.s.request_fd < 0:
+        if self.s.request_fd < 0 and not self.s.resumable:
             raise ValueError("no return path: set_remote() first")
         with nogil:
             rc = _send(&self.s, p, n)
         if rc < 0:
             raise OSError(errno, f"return path: {os.strerror(errno)}")
+
+    def received_bitmap(self, str name):
+        """The pages of remote area ``name`` that are in place (or known to be zero): a
+        bitmap of little-endian 64-bit words, as QEMU's RECV_BITMAP carries it."""
+        cdef int i
+        cdef Area *a
+        for i in range(self.s.nareas):
+            a = &self.s.areas[i]
+            if a.kind == AREA_REMOTE and a.name[:a.name_len] == name.encode():
+                words = (a.npages + 63) // 64
+                out = bytearray(words * 8)
+                for j in range((a.npages + 7) // 8):
+                    out[j] = a.claimed[j] | a.zero_known[j]
+                if a.npages % 8:                # bits past the end stay clear
+                    out[a.npages // 8] &= (1 << (a.npages % 8)) - 1
+                return bytes(out)
+        raise KeyError(name)
 
     def placed_upto(self, int channel):
         """The offset in ``channel``'s stream (0: main, 1: preempt) before which every
@@ -971,6 +1107,50 @@ cdef class FaultServer:
     def latencies_ns(self):
         """Time from reading each fault to its pages being in place, in ns."""
         return [self.s.lat[i] for i in range(min(self.s.nlat, <uint64_t>MAX_LATENCIES))]
+
+
+# ---------------------------------------------------------------------------------------
+# touching memory that may fault, without the GIL
+# ---------------------------------------------------------------------------------------
+
+# A thread that touches a missing page waits until its page is placed; if it held the GIL
+# meanwhile, nothing in Python could run — not the code that accepts a resumed link.  So
+# programs (and qfram's Workload) touch such memory through these.
+
+def read_memory(region, Py_ssize_t offset, Py_ssize_t length):
+    """A copy of ``region[offset:offset+length]``, read with the GIL released."""
+    cdef Py_buffer view
+    cdef bytes out
+    cdef char *dst
+    PyObject_GetBuffer(region, &view, PyBUF_SIMPLE)
+    try:
+        if offset < 0 or length < 0 or offset + length > view.len:
+            raise ValueError("the range lies outside the region")
+        out = PyBytes_FromStringAndSize(NULL, length)
+        dst = PyBytes_AS_STRING(out)
+        with nogil:
+            memcpy(dst, <char *>view.buf + offset, length)
+        return out
+    finally:
+        PyBuffer_Release(&view)
+
+
+def write_memory(region, Py_ssize_t offset, data):
+    """``region[offset:offset+len(data)] = data``, with the GIL released."""
+    cdef Py_buffer view
+    cdef Py_buffer src
+    PyObject_GetBuffer(region, &view, PyBUF_WRITABLE)
+    try:
+        PyObject_GetBuffer(data, &src, PyBUF_SIMPLE)
+        try:
+            if offset < 0 or offset + src.len > view.len:
+                raise ValueError("the range lies outside the region")
+            with nogil:
+                memcpy(<char *>view.buf + offset, src.buf, src.len)
+        finally:
+            PyBuffer_Release(&src)
+    finally:
+        PyBuffer_Release(&view)
 
 
 # ---------------------------------------------------------------------------------------

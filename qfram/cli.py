@@ -405,7 +405,9 @@ def cmd_send(args: argparse.Namespace) -> int:
     stats = postcopy.send(ram, args.to, preempt=not args.no_preempt, release=args.release,
                           max_rounds=args.rounds, converge_pages=args.converge_pages,
                           switch_after=args.switch_after, workload=workload,
-                          postcopy=not args.precopy_only, timeout=args.timeout)
+                          postcopy=not args.precopy_only, timeout=args.timeout,
+                          deadline=args.deadline, resume=not args.no_resume,
+                          tls_creds=args.tls_creds, tls_hostname=args.tls_hostname)
     after = rss()
     emit(args, dict(stats.as_dict(), rss_before=before, rss_after=after),
          f"sent {human(stats.ram_bytes)} to {args.to} in {stats.seconds} s: "
@@ -429,7 +431,10 @@ def cmd_receive(args: argparse.Namespace) -> int:
                                                 pause_us=args.workload_pause_us)
     ram, stats = postcopy.receive(args.listen, preempt=not args.no_preempt,
                                   timeout=args.timeout, workload=factory,
-                                  window_pages=args.window, spin_us=args.spin_us)
+                                  window_pages=args.window, spin_us=args.spin_us,
+                                  tls_creds=args.tls_creds, tls_authz=args.tls_authz or (),
+                                  insecure=args.insecure, deadline=args.deadline,
+                                  max_ram=args.max_ram, resume=not args.no_resume)
     lat = stats.fault_latency
     emit(args, stats.as_dict(),
          f"received {human(ram.total_size)} on {args.listen} in {stats.seconds} s: "
@@ -439,6 +444,51 @@ def cmd_receive(args: argparse.Namespace) -> int:
          + ("verified against the source" if stats.verified else "not verified"))
     ram.close()
     return 0
+
+
+def cmd_tls_init(args: argparse.Namespace) -> int:
+    """Make a CA, server and client certificates for TLS migration (QEMU's layout)."""
+    from qfram import tlscreds
+    paths = tlscreds.init(args.directory, host=args.host, force=args.force)
+    emit(args, {"directory": args.directory, "files": paths},
+         f"wrote {len(paths)} files to {args.directory} (server certificate for "
+         f"{args.host}); give --tls-creds {args.directory} to both `qfram send` and "
+         f"`qfram receive`, or dir={args.directory} to QEMU's tls-creds-x509")
+    return 0
+
+
+# The options of a migration's connections: who has each, its argparse keywords, its help.
+LINK_OPTIONS = [
+    ("both", "--tls-creds", {"metavar": "DIR"}),
+    ("receive", "--tls-authz", {"action": "append", "metavar": "SUBJECT"}),
+    ("receive", "--insecure", {"action": "store_true"}),
+    ("receive", "--max-ram", {"type": parse_size, "metavar": "SIZE"}),
+    ("send", "--tls-hostname", {"metavar": "NAME"}),
+    ("both", "--deadline", {"type": float, "metavar": "SECONDS"}),
+    ("both", "--no-resume", {"action": "store_true"}),
+]
+LINK_HELP = {
+    "--tls-creds": "TLS on every channel, both ends verified: a QEMU tls-creds-x509 "
+                   "directory (`qfram tls-init DIR` makes one)",
+    "--tls-authz": "accept only a client certificate with this subject (RFC 2253, e.g. "
+                   "'CN=qfram client of HOST,O=qfram'); repeatable",
+    "--insecure": "accept a migration in the clear on an address other machines can "
+                  "reach (loopback and unix sockets need no TLS)",
+    "--max-ram": "refuse a source that declares more RAM than this (default: what this "
+                 "machine has available, less a tenth)",
+    "--tls-hostname": "the name the destination's certificate must carry (default: the "
+                      "host in --to)",
+    "--deadline": "give up when the whole migration (waits for the peer included) takes "
+                  "longer than this",
+    "--no-resume": "a link lost after the switch ends the migration (default: reconnect "
+                   "and resume, until --deadline or --timeout)",
+}
+
+
+def add_link_options(p: argparse.ArgumentParser, side: str) -> None:
+    for who, flag, keywords in LINK_OPTIONS:
+        if who in ("both", side):
+            p.add_argument(flag, help=LINK_HELP[flag], **keywords)
 
 
 def cmd_footprint(args: argparse.Namespace) -> int:
@@ -543,6 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requested pages queue on the main connection (no second one)")
     p.add_argument("--timeout", type=float, default=30.0,
                    help="seconds without progress before the migration is given up")
+    add_link_options(p, "send")
     add_output_options(p)
     p.set_defaults(func=cmd_send)
 
@@ -556,9 +607,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spin-us", type=float, default=0.0,
                    help="fault thread busy-waits this long before sleeping")
     p.add_argument("--no-preempt", action="store_true")
-    p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds a wait on the source may last (a resume too, without "
+                        "--deadline)")
+    add_link_options(p, "receive")
     add_output_options(p)
     p.set_defaults(func=cmd_receive)
+
+    p = sub.add_parser("tls-init", help="make TLS certificates for migration (QEMU's "
+                                        "tls-creds-x509 layout)")
+    p.add_argument("directory")
+    p.add_argument("--host", default="localhost",
+                   help="the destination's host name or address (its certificate is for "
+                        "it, and for localhost)")
+    p.add_argument("--force", action="store_true", help="replace existing credentials")
+    add_output_options(p)
+    p.set_defaults(func=cmd_tls_init)
 
     p = sub.add_parser("footprint", help="measure what moving RAM costs in memory")
     p.add_argument("scenario", nargs="+",

@@ -28,11 +28,14 @@ class RestoreTarget:
     Without ``ram`` new blocks are made: in new ``files`` when given (anonymous memory
     first when it fits ``memory_budget``, written out by the caller), else anonymous
     memory.  ``huge_budget``: bytes of new anonymous blocks that may use transparent
-    huge pages.  ``track_received``: keep the bitmap of pages that arrived."""
+    huge pages.  ``track_received``: keep the bitmap of pages that arrived.
+    ``max_bytes``: new blocks may add up to this much (a stream that declares more is
+    refused before anything is mapped)."""
 
     def __init__(self, ram: Optional[RAMList] = None, *, fresh: bool = False,
                  files: Optional[BlockFiles] = None, huge_budget: int = 0,
-                 memory_budget: Optional[int] = None, track_received: bool = False) -> None:
+                 memory_budget: Optional[int] = None, track_received: bool = False,
+                 max_bytes: Optional[int] = None) -> None:
         self.created = ram is None
         self.ram = RAMList() if ram is None else ram
         self.fresh = fresh or self.created
@@ -40,6 +43,8 @@ class RestoreTarget:
         self.huge_budget = huge_budget
         self.memory_budget = memory_budget
         self.track_received = track_received
+        self.max_bytes = max_bytes
+        self.new_bytes = 0
         self.touched: Dict[str, object] = {}
         self.received: Dict[str, object] = {}
 
@@ -49,6 +54,11 @@ class RestoreTarget:
             if not self.created:
                 raise FormatError(f"the stream has block {name!r}, the target RAM has no "
                                   f"such block", offset)
+            if self.max_bytes is not None and self.new_bytes + length > self.max_bytes:
+                raise FormatError(f"block {name!r} would bring the RAM to "
+                                  f"{self.new_bytes + length} bytes; at most "
+                                  f"{self.max_bytes} are allowed here (--max-ram)", offset)
+            self.new_bytes += length
             block = self.ram.add(self._new_block(name, length, offset))
         elif block.used_length != length:
             raise FormatError(f"block {name!r} is {length:#x} bytes in the stream, "

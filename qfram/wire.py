@@ -90,7 +90,14 @@ CMD_POSTCOPY_LISTEN = 4
 CMD_POSTCOPY_RUN = 5
 CMD_POSTCOPY_RAM_DISCARD = 6
 CMD_PACKAGED = 7
+CMD_RECV_BITMAP = 10           # postcopy recovery: send me your received bitmap (name)
+CMD_POSTCOPY_RESUME = 9        # postcopy recovery: go on (answered by RESUME_ACK)
 CMD_QFRAM_CONFIRM = 0x7F01     # qfram extension: confirm what you placed (release-ram)
+CMD_QFRAM_SESSION = 0x7F02     # qfram extension: this migration's 16-byte session token
+CMD_QFRAM_RESUME = 0x7F03      # qfram extension: opens a resumed main channel (the token)
+
+SESSION_TOKEN_BYTES = 16
+RECV_BITMAP_ENDING = 0x0123456789ABCDEF   # ends a RECV_BITMAP on the return path
 
 DISCARD_VERSION = 0            # RAM_DISCARD payload: u8 version, counted name, pairs
 
@@ -104,7 +111,8 @@ MIG_RP_MSG_RECV_BITMAP = 5
 MIG_RP_MSG_RESUME_ACK = 6
 MIG_RP_MSG_QFRAM_RECEIVED = 0x7F01   # qfram extension: u8 channel, be64 offset placed
 
-PREEMPT_MAGIC = b"QFRAMPRE"    # opens qfram's preempt channel (the main one opens QEVM)
+PREEMPT_MAGIC = b"QFRAMPRE"    # opens qfram's preempt channel (the main one opens QEVM),
+                               # then the session token
 
 # -- the core's flush points ----------------------------------------------------------------
 

@@ -25,8 +25,9 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >&2
 }
 
-# a C compiler and the Python headers for the compiled core
+# a C compiler, the Python headers and OpenSSL's (TLS for the migration channels)
 command -v cc >/dev/null 2>&1 || apt_install gcc libc6-dev
+[ -f /usr/include/openssl/ssl.h ] || apt_install libssl-dev
 if ! "$PYTHON" -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
     apt_install python3-dev
 fi
@@ -60,10 +61,15 @@ print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requi
     echo "$want" > "$stamp"
 fi
 
-# the compiled core: (re)built when its sources are newer than the extension
-so=$(ls qfram/_fast*.so 2>/dev/null | head -n 1 || true)
-if [ -z "$so" ] || [ -n "$(find qfram -name '*.pyx' -newer "$so" -o -name '*.pxd' -newer "$so" -o -name '*.pxi' -newer "$so" -o -name wire.py -newer "$so" | head -n 1)" ] \
-        || ! $VPY -c 'import qfram' >/dev/null 2>&1; then
+# the compiled modules: (re)built when one is missing or its sources are newer
+stale=0
+for module in _fast _uffd _tls; do
+    so=$(ls qfram/$module*.so 2>/dev/null | head -n 1 || true)
+    if [ -z "$so" ] || [ -n "$(find qfram -name '*.pyx' -newer "$so" -o -name '*.pxd' -newer "$so" -o -name '*.pxi' -newer "$so" -o -name wire.py -newer "$so" | head -n 1)" ]; then
+        stale=1
+    fi
+done
+if [ "$stale" -eq 1 ] || ! $VPY -c 'import qfram' >/dev/null 2>&1; then
     echo "setup: building qfram's core" >&2
     $VPY -m pip install -q --disable-pip-version-check --no-build-isolation -e . >&2
 fi

@@ -195,20 +195,46 @@ def two_hosts():
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
-def test_migration_across_two_network_namespaces(two_hosts, tmp_path):
+def test_migration_across_two_network_namespaces_over_tls(two_hosts, tmp_path):
     a, b = two_hosts
+    creds = str(tmp_path / "tls")
+    subprocess.run(qfram("tls-init", creds, "--host", "10.213.0.2"), check=True,
+                   capture_output=True)
     recv = subprocess.Popen(["ip", "netns", "exec", b] + qfram(
-        "receive", "--listen", "10.213.0.2:47000", "--json", "--workload", "scan,read"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        "receive", "--listen", "10.213.0.2:47000", "--json", "--workload", "scan,read",
+        "--tls-creds", creds), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(1.0)
     send = subprocess.run(["ip", "netns", "exec", a] + qfram(
         "send", "--demo", "64M", "--to", "10.213.0.2:47000", "--rounds", "2", "--workload",
-        "--release", "--json"), capture_output=True, text=True, timeout=120)
+        "--release", "--json", "--tls-creds", creds), capture_output=True, text=True,
+        timeout=120)
     r_out, r_err = recv.communicate(timeout=120)
     assert send.returncode == 0, send.stderr
     assert recv.returncode == 0, r_err
     assert json.loads(r_out)["verified"] is True
+    assert json.loads(r_out)["tls"].startswith("TLSv1.3")
+    assert json.loads(send.stdout)["tls"].startswith("TLSv1.3")
     assert json.loads(send.stdout)["released_bytes"] == 64 << 20
+
+
+def test_a_receiver_beyond_loopback_needs_tls_or_insecure(two_hosts):
+    a, b = two_hosts
+    refused = subprocess.run(["ip", "netns", "exec", b] + qfram(
+        "receive", "--listen", "10.213.0.2:47001"), capture_output=True, text=True,
+        timeout=60)
+    assert refused.returncode == 1
+    assert "--tls-creds" in refused.stderr and "--insecure" in refused.stderr
+    assert "Traceback" not in refused.stderr and "usage:" not in refused.stderr
+    recv = subprocess.Popen(["ip", "netns", "exec", b] + qfram(
+        "receive", "--listen", "10.213.0.2:47001", "--insecure", "--json"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    send = subprocess.run(["ip", "netns", "exec", a] + qfram(
+        "send", "--demo", "16M", "--to", "10.213.0.2:47001", "--rounds", "1", "--json"),
+        capture_output=True, text=True, timeout=120)
+    r_out, r_err = recv.communicate(timeout=120)
+    assert send.returncode == 0 and recv.returncode == 0, send.stderr + r_err
+    assert json.loads(r_out)["verified"] is True and json.loads(r_out)["tls"] is None
 
 
 # -- pieces ---------------------------------------------------------------------------------

@@ -265,8 +265,8 @@ def test_postcopy_release_frees_only_confirmed_pages(tmp_path, confirming):
     try:
         while not os.path.exists(address):
             time.sleep(0.01)
-        source = postcopy.Source(RAMList([block]), postcopy.connect(address),
-                                 preempt=postcopy.connect(address), release=True,
+        source = postcopy.Source(RAMList([block]), postcopy.link.connect(address),
+                                 preempt=postcopy.link.connect(address), release=True,
                                  max_rounds=0, timeout=2)
         outcome = {}
 

@@ -1,84 +1,79 @@
 """Postcopy RAM streaming: precopy rounds, then demand paging over a return path.
 
 ``send(ram, "host:port")`` and ``receive("host:port")`` (or a unix socket path) move a
-program's RAM to another process or host while it keeps running; ``Source`` and
-``Destination`` are the same with every knob.
+program's RAM to another process or host while it keeps running, over TLS when given a
+QEMU tls-creds-x509 directory; ``Source`` and ``Destination`` are the same with every
+knob, and :mod:`qfram.postcopy.link` makes their connections.
 """
 from __future__ import annotations
 
-import os
-import socket
-from typing import Tuple
+import time
+from typing import Optional, Sequence
 
+import psutil
+
+from qfram.postcopy import link
 from qfram.postcopy.destination import Destination, MigrationFailed
 from qfram.postcopy.source import Source
 from qfram.postcopy.workload import Workload
 
 __all__ = ["Source", "Destination", "Workload", "MigrationFailed", "send", "receive",
-           "parse_address", "listen", "connect"]
+           "link", "default_max_ram"]
 
-def parse_address(text: str) -> Tuple[int, object]:
-    """'host:port' -> (AF_INET/AF_INET6, (host, port)); a path -> (AF_UNIX, path)."""
-    if "/" in text or ":" not in text:
-        return socket.AF_UNIX, text
-    host, _, port = text.rpartition(":")
-    host = host.strip("[]")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return family, (host, int(port))
+def default_max_ram() -> int:
+    """What a destination accepts by default: the memory this machine has available,
+    less a tenth for everything else."""
+    return int(psutil.virtual_memory().available * 0.9)
 
 
-def listen(address: str) -> socket.socket:
-    family, addr = parse_address(address)
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    if family == socket.AF_UNIX:
-        if os.path.exists(addr):      # type: ignore[arg-type]
-            os.unlink(addr)           # type: ignore[arg-type]
-    else:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(addr)
-    sock.listen(1)
-    return sock
-
-
-def connect(address: str, timeout: float = 30.0) -> socket.socket:
-    family, addr = parse_address(address)
-    sock = socket.create_connection(addr, timeout=timeout) if family != socket.AF_UNIX \
-        else socket.socket(socket.AF_UNIX)
-    if family == socket.AF_UNIX:
-        sock.settimeout(timeout)
-        sock.connect(addr)
-    sock.settimeout(None)
-    if family != socket.AF_UNIX:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
-
-
-def send(ram, address: str, preempt: bool = True, **options):
+def send(ram, address: str, preempt: bool = True, *, tls_creds: Optional[str] = None,
+         tls_hostname: Optional[str] = None, resume: bool = True,
+         timeout: float = 30.0, **options):
     """Migrate ``ram`` to the destination listening at ``address`` (with a preempt
-    channel for requested pages unless ``preempt=False``; the destination must agree)."""
-    sock = connect(address)
-    second = connect(address) if preempt else None
-    return Source(ram, sock, preempt=second, **options).run()
+    channel for requested pages unless ``preempt=False``; the destination must agree).
+    ``tls_creds``: a QEMU tls-creds-x509 directory: every channel is TLS, both ends
+    verified.  ``resume``: a link lost after the switch is reconnected (until
+    ``deadline``, else ``timeout``)."""
+    security = link.Security(tls_creds, hostname=tls_hostname) if tls_creds else None
+
+    def connect() -> link.Link:
+        return link.connect(address, security, timeout)
+
+    main = connect()
+    second = connect() if preempt else None
+    return Source(ram, main, preempt=second, reconnect=connect if resume else None,
+                  timeout=timeout, **options).run()
 
 
-def receive(address: str, preempt: bool = True, timeout: float = 30.0, **options):
-    """Listen at ``address`` for one migration; returns (ram, stats)."""
-    server = listen(address)
-    server.settimeout(None)
-    conns = []
+def receive(address: str, preempt: bool = True, timeout: float = 30.0, *,
+            tls_creds: Optional[str] = None, tls_authz: Sequence[str] = (),
+            insecure: bool = False, deadline: Optional[float] = None,
+            max_ram: Optional[int] = None, hello_timeout: float = link.HELLO_TIMEOUT,
+            **options):
+    """Listen at ``address`` for one migration; returns (ram, stats).
+
+    Beyond loopback and unix sockets the channels must be TLS (``tls_creds``; with
+    ``tls_authz`` the client subjects allowed) unless ``insecure``.  Connections that
+    are not the source's channels are dropped and the listener goes on.  ``deadline``
+    (seconds) bounds everything, the wait for the source included; ``max_ram`` the RAM
+    it may declare (default: :func:`default_max_ram`)."""
+    if tls_creds is None and not insecure and not link.is_local(address):
+        raise link.LinkError(f"{address} can be reached from other machines: anyone who "
+                             f"connects could write this RAM.  Give --tls-creds DIR "
+                             f"(`qfram tls-init DIR` makes one), or --insecure to accept "
+                             f"a migration in the clear")
+    security = link.Security(tls_creds, tls_authz) if tls_creds else None
+    started = time.monotonic()
+    acceptor = link.Acceptor(link.listen(address), security,
+                             hello_timeout=min(hello_timeout, timeout))
     try:
-        conns.append(server.accept()[0])
-        if preempt:
-            server.settimeout(timeout)
-            conns.append(server.accept()[0])
+        main = acceptor.wait([link.MAIN], None if deadline is None else started + deadline)
+        left = None if deadline is None else max(0.0, deadline - (time.monotonic() - started))
+        dest = Destination(main, preempt=True if preempt else None, acceptor=acceptor,
+                           timeout=timeout, deadline=left,
+                           max_ram=default_max_ram() if max_ram is None else max_ram,
+                           **options)
+        stats = dest.run()
     finally:
-        server.close()
-    for c in conns:
-        if c.family != socket.AF_UNIX:
-            c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    # which is which: the main channel opens with "QEVM", the preempt one with its magic
-    conns.sort(key=lambda c: c.recv(4, socket.MSG_PEEK) != b"QEVM")
-    dest = Destination(conns[0], preempt=conns[1] if preempt else None, timeout=timeout,
-                       **options)
-    stats = dest.run()
+        acceptor.close()
     return dest.ram, stats

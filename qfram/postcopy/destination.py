@@ -16,13 +16,15 @@ import sys
 import threading
 import time
 from array import array
-from typing import Callable, Optional
+from typing import Callable, Dict, List, Optional
 
 import xxhash
 
-from qfram import channel, sched, stream, wire
+from qfram import sched, stream, wire
 from qfram.errors import FormatError
 from qfram.latency import percentiles
+from qfram.outputs import printable
+from qfram.postcopy import link
 from qfram.postcopy import messages as msg
 from qfram.postcopy.stats import DestinationStats
 from qfram.description import Description
@@ -40,28 +42,41 @@ class MigrationFailed(RuntimeError):
 
 
 class Destination:
-    """Receive a migration on ``sock`` (connected) into new memory, or into ``ram``
-    (blocks matched by name and length; they must be fresh, zeroed memory).
+    """Receive a migration on ``main`` (a connected socket or :class:`Link`) into new
+    memory, or into ``ram`` (blocks matched by name and length; they must be fresh,
+    zeroed memory).
 
+    ``preempt``: the preempt channel (a socket or Link), or True to take it from
+    ``acceptor`` at LISTEN.  ``acceptor`` (a :class:`link.Acceptor`) also brings the
+    resumed link when the connection drops after the switch (``resume``): the RAM and
+    the threads faulting on it wait — until ``deadline``, else ``timeout`` seconds.
     ``workload(ram)`` makes the program's workload (an object with ``start()`` and
-    ``stop()``), started at RUN.  ``on_failure``: "exit" ends the process with status 1
-    when the migration breaks after RUN (threads faulting on pages that will never
-    arrive cannot be woken safely); "raise" raises instead (only safe when nothing
-    else touches the memory)."""
+    ``stop()``), started at RUN; it must touch the memory without holding the GIL to
+    survive a resume (qfram's Workload does).  ``timeout`` bounds each wait,
+    ``deadline`` (seconds) the whole migration; ``max_ram`` the RAM the source may
+    declare.  ``on_failure``: "exit" ends the process with status 1 when the migration
+    breaks after RUN (threads faulting on pages that will never arrive cannot be woken
+    safely); "raise" raises instead (only safe when nothing else touches the memory)."""
 
-    def __init__(self, sock: socket.socket, *, preempt: Optional[socket.socket] = None,
+    def __init__(self, main, *, preempt=None, acceptor: Optional[link.Acceptor] = None,
                  ram: Optional[RAMList] = None,
                  workload: Optional[Callable[[RAMList], object]] = None,
                  window_pages: int = 16, spin_us: float = 50.0, verify: bool = True,
-                 timeout: float = 30.0, on_failure: str = "exit",
-                 confirm: bool = True) -> None:
+                 timeout: float = 30.0, deadline: Optional[float] = None,
+                 max_ram: Optional[int] = None, on_failure: str = "exit",
+                 confirm: bool = True, resume: bool = True) -> None:
         if on_failure not in ("exit", "raise"):
             raise ValueError("on_failure is 'exit' or 'raise'")
-        self.sock = sock
-        self.preempt = preempt
+        self.main = link.as_link(main)
+        self.preempt = None if preempt in (None, False, True) else link.as_link(preempt)
+        self.want_preempt = preempt not in (None, False)
+        if preempt is True and acceptor is None:
+            raise ValueError("preempt=True takes the channel from an acceptor")
+        self.acceptor = acceptor
+        self.resumable = resume and acceptor is not None
         # blocks the source announces: the caller's (fresh, zeroed memory) or new 4 KiB
         # anonymous memory (userfaultfd places pages one by one: huge pages would not help)
-        self.target = RestoreTarget(ram, fresh=True, track_received=True)
+        self.target = RestoreTarget(ram, fresh=True, track_received=True, max_bytes=max_ram)
         self.ram = self.target.ram
         self.workload_factory = workload
         self.workload = None
@@ -69,24 +84,35 @@ class Destination:
         self.spin_us = spin_us
         self.verify = verify
         self.timeout = timeout
+        self.deadline = deadline
+        self._deadline_at = None if deadline is None else time.monotonic() + deadline
+        self.expired = False
         self.on_failure = on_failure
         self.stats = DestinationStats()
         self.confirm = False           # the source releases only what we confirm
         self.send_confirmations = confirm
+        self.stats.tls = self.main.security
+        self.session: Optional[bytes] = None     # the source's token (CMD_QFRAM_SESSION)
+        self._discarded: Dict[str, int] = {}     # per block: where RAM_DISCARD got to
+        self._links = [self.main] + ([self.preempt] if self.preempt else [])
 
     # -- the run ------------------------------------------------------------------------
 
     def run(self) -> DestinationStats:
         t0 = self._t0 = time.perf_counter()
-        self.sock.setblocking(False)
-        f = channel.socket_file(self.sock, "rb", timeout=self.timeout)
+        watchdog = None
+        if self.deadline is not None:
+            watchdog = threading.Timer(self.deadline, self._expire)
+            watchdog.daemon = True
+            watchdog.start()
+        f = self.main.file("rb", self.timeout)
         rp = f.get_return_path()
         server = None
         try:
             switched = self._precopy(f, rp)
             if switched:
                 server = self._listen_and_run(f, rp)
-                self._receive_postcopy(f, server)
+                f, rp = self._receive_postcopy(f, rp, server)
             description = self._trailer(f)
             self.stats.seconds = round(time.perf_counter() - t0, 3)
             if server is not None:
@@ -106,9 +132,14 @@ class Destination:
             self.stats.verified = self._verify(description) if self.verify else False
             msg.put_return_message(rp, wire.MIG_RP_MSG_SHUT, msg.shut_payload(0))
         except BaseException as exc:
+            if self.expired:
+                exc = TimeoutError(f"the migration did not finish within its deadline "
+                                   f"({self.deadline:g} s): {exc}")
             self._fail(exc, rp, server)
-            raise
+            raise exc
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
             if server is not None:
                 self._collect(server)
                 server.close()
@@ -119,6 +150,12 @@ class Destination:
                 pass
         return self.stats
 
+    def _expire(self) -> None:
+        """The deadline passed: end every wait at once (the failure path says why)."""
+        self.expired = True
+        for each in list(self._links):
+            each.shutdown()
+
     def _fail(self, exc: BaseException, rp, server) -> None:
         try:
             msg.put_return_message(rp, wire.MIG_RP_MSG_SHUT, msg.shut_payload(1))
@@ -126,8 +163,8 @@ class Destination:
             pass
         if server is not None and self.on_failure == "exit":
             # Threads may be faulting on pages that will never come: end the process.
-            print(f"qfram receive: migration failed after the switch: {exc}",
-                  file=sys.stderr, flush=True)
+            print(f"qfram receive: migration failed after the switch: "
+                  f"{printable(str(exc))}", file=sys.stderr, flush=True)
             os._exit(1)
 
     # -- precopy ------------------------------------------------------------------------
@@ -155,29 +192,44 @@ class Destination:
         if cmd == wire.CMD_QFRAM_CONFIRM:
             self.confirm = self.send_confirmations
             return None
-        if cmd == wire.CMD_PING:
+        if cmd == wire.CMD_QFRAM_SESSION:
+            if len(data) != wire.SESSION_TOKEN_BYTES or self.session is not None:
+                raise FormatError("a broken or second QFRAM_SESSION", pos)
+            self.session = data
+        elif cmd == wire.CMD_PING:
             msg.put_return_message(rp, wire.MIG_RP_MSG_PONG, data[:4])
         elif cmd == wire.CMD_POSTCOPY_ADVISE:
             if len(data) >= 16 and int.from_bytes(data[8:16], "big") != TARGET_PAGE_SIZE:
                 raise FormatError("the source's target page size is not 4 KiB", pos)
         elif cmd == wire.CMD_POSTCOPY_RAM_DISCARD:
-            name, ranges = msg.parse_discard(data, pos)
-            block = self.ram.get(name)
-            if block is None:
-                raise FormatError(f"RAM_DISCARD for unknown block {name!r}", pos)
-            for start, length in ranges:
-                if start % TARGET_PAGE_SIZE or length % TARGET_PAGE_SIZE or \
-                        start + length > block.used_length:
-                    raise FormatError(f"RAM_DISCARD range {start:#x}+{length:#x} outside "
-                                      f"{name!r}", pos)
-                # new zero memory again, and not here: its page comes after the switch
-                block.discard(start, length)
-                first, count = start // TARGET_PAGE_SIZE, length // TARGET_PAGE_SIZE
-                set_bits(self.target.touched[name], first, count, False)
-                set_bits(self.target.received[name], first, count, False)
+            self._discard(*msg.parse_discard(data, pos), pos)
         else:
             raise FormatError(f"unexpected command {cmd}", pos)
         return None
+
+    def _discard(self, name: str, ranges, pos: int) -> None:
+        """RAM_DISCARD: new zero memory again, and not here (its page comes after the
+        switch).  Ranges must go up through the block without overlap, as QEMU sends
+        them: the work they cost is then bounded by the block's size."""
+        block = self.ram.get(name)
+        if block is None:
+            raise FormatError(f"RAM_DISCARD for unknown block {printable(name)!r}", pos)
+        done = self._discarded.get(name, 0)
+        for start, length in ranges:
+            if start % TARGET_PAGE_SIZE or length % TARGET_PAGE_SIZE or \
+                    start + length > block.used_length:
+                raise FormatError(f"RAM_DISCARD range {start:#x}+{length:#x} outside "
+                                  f"{printable(name)!r}", pos)
+            if start < done:
+                raise FormatError(f"RAM_DISCARD range {start:#x}+{length:#x} of "
+                                  f"{printable(name)!r} is not above the last one "
+                                  f"(ending at {done:#x})", pos)
+            done = start + length
+            block.discard(start, length)
+            first, count = start // TARGET_PAGE_SIZE, length // TARGET_PAGE_SIZE
+            set_bits(self.target.touched[name], first, count, False)
+            set_bits(self.target.received[name], first, count, False)
+        self._discarded[name] = done
 
     # -- the switch and postcopy ----------------------------------------------------------
 
@@ -187,11 +239,14 @@ class Destination:
         server.exit_on_failure = self.on_failure == "exit"
         for block in self.ram:
             server.add_area(block.region, name=block.name, present=self.target.received[block.name])
-        server.set_remote(rp.channel.fd, self.timeout)
-        if self.preempt is None:
+        if self.session is None:
+            self.resumable = False      # a source that cannot resume (QEMU's token-less)
+        server.set_remote(rp.channel, self.timeout, resumable=self.resumable)
+        if not self.want_preempt:
             # requests queue behind the main connection's buffers: keep them short
             from qfram.postcopy.source import POSTCOPY_SOCKET_BUFFER
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, POSTCOPY_SOCKET_BUFFER)
+            self.main.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF,
+                                      POSTCOPY_SOCKET_BUFFER)
         self._fault_thread = threading.Thread(target=self._guarded, args=(server.serve_faults,),
                                               daemon=True, name="qfram-faults")
         self._fault_thread.start()
@@ -200,17 +255,40 @@ class Destination:
             raise FormatError("LISTEN is not followed by RUN", pos)
         f.skip(f.get_be16())
         self.stats.pages_at_switch = server.placed_pages
-        # The receiver must be in its GIL-free loop before anything can fault: a Python
-        # thread waits for its page holding the GIL.
-        self._receive_error: Optional[BaseException] = None
-        files = [f]
-        if self.preempt is not None:
-            self.preempt.setblocking(False)
-            pf = channel.socket_file(self.preempt, "rb", timeout=self.timeout)
-            if pf.get_buffer(len(wire.PREEMPT_MAGIC)) != wire.PREEMPT_MAGIC:
-                raise FormatError("the preempt channel does not start with its magic", 0)
-            files.append(pf)
-        self._receivers = [threading.Thread(target=self._receive, args=(x, server, i),
+        files = [f] + ([self._preempt_file()] if self.want_preempt else [])
+        # The receivers must be in their GIL-free loops before anything can fault: a
+        # Python thread may wait for its page holding the GIL.
+        self._start_receivers(files, server)
+        self._t_run = time.perf_counter()
+        if self.workload_factory is not None:
+            self.workload = self.workload_factory(self.ram)
+            self.workload.start()
+        self.stats.downtime_destination_ms = round(
+            (time.perf_counter() - self._t_listen) * 1000, 2)
+        return server
+
+    def _preempt_file(self):
+        """The preempt channel's file, past its magic and the session's token."""
+        if self.preempt is None:
+            self.preempt = self.acceptor.wait([link.PREEMPT], self._wait_until(),
+                                              "the source's preempt channel")
+            self._links.append(self.preempt)
+        pf = self.preempt.file("rb", self.timeout)
+        if pf.get_buffer(len(wire.PREEMPT_MAGIC)) != wire.PREEMPT_MAGIC:
+            raise FormatError("the preempt channel does not start with its magic", 0)
+        if self.session is not None and \
+                pf.get_buffer(wire.SESSION_TOKEN_BYTES) != self.session:
+            raise FormatError("the preempt channel belongs to another migration", 8)
+        return pf
+
+    def _wait_until(self) -> float:
+        """Until when to wait for a source's connection: the deadline, or a timeout."""
+        return self._deadline_at if self._deadline_at is not None else \
+            time.monotonic() + self.timeout
+
+    def _start_receivers(self, files, server) -> None:
+        self._receive_errors: List[BaseException] = []
+        self._receivers = [threading.Thread(target=self._receive, args=(x, server, i, files),
                                             daemon=True, name="qfram-receive")
                            for i, x in enumerate(files)]
         for t in self._receivers:
@@ -223,23 +301,22 @@ class Destination:
                                                 args=(server, len(files)), daemon=True,
                                                 name="qfram-confirm")
             self._confirming.start()
-        self._t_run = time.perf_counter()
-        if self.workload_factory is not None:
-            self.workload = self.workload_factory(self.ram)
-            self.workload.start()
-        self.stats.downtime_destination_ms = round(
-            (time.perf_counter() - self._t_listen) * 1000, 2)
-        return server
 
-    def _receive(self, f, server, channel: int) -> None:
-        if channel == 0 and self.preempt is not None:
+    def _receive(self, f, server, channel: int, files) -> None:
+        if channel == 0 and len(files) > 1:
             sched.background()       # the bulk stream yields to the requested pages
         else:
             sched.short_slice()
         try:
             server.receive(f, channel)   # until EOF, in C
         except BaseException as exc:
-            self._receive_error = exc
+            self._receive_errors.append(exc)
+            for other in files:          # one channel lost: the others end too
+                if other is not f:
+                    try:
+                        other.shutdown()
+                    except OSError:
+                        pass
 
     def _guarded(self, loop) -> None:
         sched.short_slice()          # the fault thread: woken by every fault
@@ -254,6 +331,8 @@ class Destination:
         sent = [0] * channels
         while True:
             done = not any(t.is_alive() for t in self._receivers)
+            if server.link_down:
+                return
             for ch in range(channels):
                 upto = server.placed_upto(ch)
                 if upto > sent[ch]:
@@ -267,14 +346,77 @@ class Destination:
                 return
             time.sleep(CONFIRM_INTERVAL)
 
-    def _receive_postcopy(self, f, server) -> None:
-        for t in self._receivers:
-            t.join()
-        if self._confirming is not None:
-            self._confirming.join()
-        if self._receive_error is not None:
-            raise self._receive_error
+    def _receive_postcopy(self, f, rp, server):
+        """Until the main stream's EOF; a link lost on the way is resumed (when it can
+        be).  Returns the main stream's file and return path as they are then."""
+        while True:
+            for t in self._receivers:
+                t.join()
+            if self._confirming is not None:
+                self._confirming.join()
+            if not self._receive_errors:
+                break
+            error = self._receive_errors[0]
+            if not self.resumable or self.expired or isinstance(error, FormatError):
+                raise error
+            f, rp = self._resume(server, f, rp, error)
         self.stats.postcopy_s = round(time.perf_counter() - self._t_run, 3)
+        return f, rp
+
+    def _resume(self, server, f, rp, error: BaseException):
+        """The link dropped after the switch: keep the RAM and the faulting threads
+        waiting, take the source's resumed link, tell it what arrived (RECV_BITMAP per
+        block), RESUME_ACK, and go on.  Returns the new main file and return path."""
+        server.pause_remote()
+        for old in [f, rp] + self._links:
+            try:
+                old.close()
+            except OSError:
+                pass
+        self._links = []
+        self.preempt = None
+        print(f"qfram receive: the link dropped after the switch ({printable(str(error))});"
+              f" waiting for the source to resume", file=sys.stderr, flush=True)
+        while True:
+            main = self.acceptor.wait([link.RESUME], self._wait_until(),
+                                      "the source (to resume)")
+            if main.hello[3:5] == b"\x00" + bytes([wire.SESSION_TOKEN_BYTES]) and \
+                    main.peek(5 + wire.SESSION_TOKEN_BYTES, self.timeout)[5:] == \
+                    self.session and self.session is not None:
+                break
+            print("qfram receive: dropped a resume for another migration", file=sys.stderr,
+                  flush=True)
+            main.close()
+        self.main = main
+        self._links.append(main)
+        f = main.file("rb", self.timeout)
+        rp = f.get_return_path()
+        f.skip(5 + wire.SESSION_TOKEN_BYTES)         # the QFRAM_RESUME command
+        while True:
+            pos = f.tell()
+            if f.get_byte() != wire.SECTION_COMMAND:
+                raise FormatError("a resumed link must open with commands", pos)
+            cmd = f.get_be16()
+            data = f.get_buffer(f.get_be16())
+            if cmd == wire.CMD_RECV_BITMAP:
+                name = msg.parse_counted_name(data, pos)
+                try:
+                    bitmap = server.received_bitmap(name)
+                except KeyError:
+                    raise FormatError(f"RECV_BITMAP for unknown block "
+                                      f"{printable(name)!r}", pos) from None
+                msg.put_received_bitmap(rp, name, bitmap)
+            elif cmd == wire.CMD_POSTCOPY_RESUME:
+                msg.put_return_message(rp, wire.MIG_RP_MSG_RESUME_ACK,
+                                       (1).to_bytes(4, "big"))
+                break
+            else:
+                raise FormatError(f"unexpected command {cmd} while resuming", pos)
+        files = [f] + ([self._preempt_file()] if self.want_preempt else [])
+        server.resume_remote(rp.channel, self.timeout)
+        self._start_receivers(files, server)
+        self.stats.resumes += 1
+        return f, rp
 
     def _trailer(self, f) -> Optional[Description]:
         """The VMDESCRIPTION after EOF: the source's verification hashes.  Its length is

@@ -91,3 +91,47 @@ def parse_page_request(msg_type: int, payload: bytes, last_block: Optional[str],
             raise FormatError("REQ_PAGES before any REQ_PAGES_ID", pos)
         block = last_block
     return block, start, length
+
+
+# -- postcopy recovery ----------------------------------------------------------------------
+
+def counted_name(name: str) -> bytes:
+    """A block name as QEMU's commands carry it: u8 length, bytes."""
+    raw = name.encode()
+    if not 0 < len(raw) < 256:
+        raise ValueError(f"a block name of {len(raw)} bytes")
+    return bytes([len(raw)]) + raw
+
+
+def parse_counted_name(data: bytes, pos: int) -> str:
+    if not data or len(data) != 1 + data[0] or data[0] == 0:
+        raise FormatError("a broken block name", pos)
+    return data[1:].decode("utf-8", "replace")
+
+
+def bitmap_wire_bytes(npages: int) -> int:
+    """A RECV_BITMAP's size: whole little-endian 64-bit words."""
+    return (npages + 63) // 64 * 8
+
+
+def put_received_bitmap(rp, name: str, bitmap: bytes) -> None:
+    """RECV_BITMAP on the return path: the message names the block, the bitmap follows
+    (be64 size, the words, be64 RECV_BITMAP_ENDING), as QEMU sends it."""
+    f = rp
+    put_return_message(f, wire.MIG_RP_MSG_RECV_BITMAP, counted_name(name))
+    f.put_be64(len(bitmap))
+    f.put_buffer(bitmap)
+    f.put_be64(wire.RECV_BITMAP_ENDING)
+    f.flush()
+
+
+def read_received_bitmap(rp, npages: int) -> bytes:
+    """The bitmap after a RECV_BITMAP message, checked: its size must be the block's."""
+    pos = rp.tell()
+    size = rp.get_be64()
+    if size != bitmap_wire_bytes(npages):
+        raise FormatError(f"a received bitmap of {size} bytes for {npages} pages", pos)
+    bitmap = rp.get_buffer(size)
+    if rp.get_be64() != wire.RECV_BITMAP_ENDING:
+        raise FormatError("a received bitmap without its ending mark", pos)
+    return bitmap

@@ -50,6 +50,14 @@ class ConfirmedRelease:
                 self._confirmed[channel] = offset
                 self._cond.notify()
 
+    def forget_pending(self) -> None:
+        """The link was lost: what was sent and not confirmed stays (the destination's
+        received bitmap will say what it holds); new streams count from offset 0."""
+        with self._cond:
+            for queue in self._pending:
+                queue.clear()
+            self._confirmed = [0, 0]
+
     def confirm_all(self) -> None:
         """The destination has everything (it said so when it shut down cleanly)."""
         with self._cond:

@@ -6,24 +6,29 @@ program's workload is stopped, the still-dirty pages are announced (RAM_DISCARD)
 destination is told to LISTEN and RUN, and the remaining pages follow: the ones the
 destination asks for (REQ_PAGES on the return path) first, then the scan goes on from the
 requested page so its neighbours follow.  With ``release`` every page leaves the source's
-memory once it is at the destination.
+memory once it is at the destination.  A link lost after the switch is reconnected
+(``reconnect``): the destination says which pages it has (RECV_BITMAP), and only the
+others are sent again.
 """
 from __future__ import annotations
 
 import base64
-import queue
+import collections
+import secrets
 import socket
 import sys
 import threading
 import time
 from array import array
-from typing import Dict, List, Optional
+from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 import xxhash
 
-from qfram import channel, core, sched, stream, wire
+from qfram import core, sched, stream, wire
 from qfram.errors import FormatError
 from qfram.latency import percentiles
+from qfram.errors import QFramError
+from qfram.postcopy import link
 from qfram.postcopy import messages as msg
 from qfram.postcopy.release import ConfirmedRelease
 from qfram.postcopy.stats import SourceStats
@@ -45,10 +50,17 @@ POSTCOPY_CHUNK = 64            # pages per background batch without preempt (256
 PREEMPT_CHUNK = 1024           # pages per background batch with preempt (4 MiB)
 HASH_CHUNK = 64                # pages per verification hash
 SWITCH_INTERVAL = 0.0002       # seconds a thread may hold the GIL while another waits
+# A destination may ask for pages far faster than they can go: requests are hints (the
+# background scan sends every page anyway), so at most this many wait, duplicates and
+# pages already sent are dropped, and the faulting page is sent again once at most.
+MAX_REQUEST_HINTS = 4096
+MAX_SERVICE_SAMPLES = 1 << 20
+RECONNECT_INTERVAL = 0.2       # seconds between attempts to resume
 
 
 class Source:
-    """Send ``ram`` over ``sock`` (connected), precopy then postcopy.
+    """Send ``ram`` over ``main`` (a connected socket or :class:`link.Link`), precopy
+    then postcopy.
 
     ``workload``: started when sending starts and stopped at the switch (an object with
     ``start()``/``stop()``, e.g. ``postcopy.workload.Workload``).  ``max_rounds``,
@@ -56,18 +68,27 @@ class Source:
     0: no precopy at all); ``switch()`` does it at once.  ``postcopy=False`` migrates by precopy only (the workload is
     stopped for a last round).  ``preempt``: a second connected socket on which
     requested pages go out at once, ahead of the background stream (QEMU's
-    postcopy-preempt); without it they are queued between background batches."""
+    postcopy-preempt); without it they are queued between background batches.
+    ``reconnect()``: makes a new connection to the destination (a Link), to resume a
+    link lost after the switch — tried until ``deadline`` (seconds from the start),
+    else for ``timeout`` seconds."""
 
-    def __init__(self, ram: RAMList, sock: socket.socket, *, preempt: Optional[socket.socket] = None,
-                 release: bool = False,
+    def __init__(self, ram: RAMList, main, *, preempt=None,
+                 reconnect: Optional[Callable[[], "link.Link"]] = None,
+                 deadline: Optional[float] = None, release: bool = False,
                  max_rounds: int = 10, converge_pages: int = 1024,
                  switch_after: Optional[float] = None, workload=None, verify: bool = True,
                  postcopy: bool = True, timeout: float = 30.0,
                  machine: str = "pc-i440fx-7.2") -> None:
         self.ram = ram
         self.blocks: List[RAMBlock] = list(ram)
-        self.sock = sock
-        self.preempt = preempt
+        self.main = link.as_link(main)
+        self.preempt = None if preempt is None else link.as_link(preempt)
+        self.reconnect = reconnect
+        self.deadline = deadline
+        self._deadline_at: Optional[float] = None
+        self.session = secrets.token_bytes(wire.SESSION_TOKEN_BYTES)
+        self.f = None                  # the main channel's file (new after a resume)
         self.pf = None                 # the preempt channel's file
         self._pf_lock = threading.Lock()
         self.release = release
@@ -81,7 +102,10 @@ class Source:
         self.machine = machine
         self.dirty: Dict[str, bytearray] = {b.name: bytearray(bitmap_bytes(b.npages))
                                             for b in self.blocks}
-        self.requests: "queue.SimpleQueue" = queue.SimpleQueue()
+        self.requests: Deque[Tuple[str, int, int]] = collections.deque(
+            maxlen=MAX_REQUEST_HINTS)
+        self._resent: Dict[str, bytearray] = {b.name: bytearray(bitmap_bytes(b.npages))
+                                              for b in self.blocks}
         self.shut = threading.Event()
         self.shut_status: Optional[int] = None
         self.rp_error: Optional[BaseException] = None
@@ -89,11 +113,13 @@ class Source:
         self._preempt_pages = 0
         self._resent_pages = 0         # faulting pages sent again on the preempt channel
         self._serve_ns: List[int] = []          # request read -> its pages written
-        self.stats = SourceStats(ram_bytes=sum(b.used_length for b in self.blocks))
+        self.stats = SourceStats(ram_bytes=sum(b.used_length for b in self.blocks),
+                                 tls=self.main.security)
         # release-ram: pages go once the destination confirms them (ConfirmedRelease);
         # `claimed` per channel and block records exactly which pages a batch carried
         self.releases: Optional[ConfirmedRelease] = None
         self._claimed: List[Dict[str, bytearray]] = []
+        self._bytes_before = 0         # sent on links lost since
 
     def switch(self) -> None:
         """Switch to postcopy at the end of the current chunk (a command)."""
@@ -110,21 +136,20 @@ class Source:
             self.releases = ConfirmedRelease()
             self._claimed = [{b.name: bytearray(bitmap_bytes(b.npages)) for b in self.blocks}
                              for _ in range(2)]
-        self.sock.setblocking(False)
-        f = channel.socket_file(self.sock, "wb", timeout=self.timeout)
-        rp = f.get_return_path()
+        if self.deadline is not None:
+            self._deadline_at = time.monotonic() + self.deadline
+        f = self.f = self.main.file("wb", self.timeout)
+        rp = self.rp = f.get_return_path()
         rp.set_timeout(None)
-        reader = threading.Thread(target=self._read_return_path, args=(rp,), daemon=True,
-                                  name="qfram-return-path")
+        reader = self._reader = threading.Thread(target=self._read_return_path, args=(rp,),
+                                                 daemon=True, name="qfram-return-path")
         trackers, tracking = self._trackers()
         if self.preempt is not None:
-            self.preempt.setblocking(False)
-            self.pf = channel.socket_file(self.preempt, "wb", timeout=self.timeout)
-            self.pf.put_buffer(wire.PREEMPT_MAGIC)
-            self.pf.flush()
+            self.pf = self._open_preempt(self.preempt)
         try:
             stream.put_header(f, self.machine)
             stream.put_command(f, wire.CMD_OPEN_RETURN_PATH)
+            stream.put_command(f, wire.CMD_QFRAM_SESSION, self.session)
             if self.releases is not None:
                 stream.put_command(f, wire.CMD_QFRAM_CONFIRM)  # release only what it confirms
             if self.postcopy:
@@ -152,8 +177,11 @@ class Source:
                 tv = time.perf_counter()
                 hashes = self._chunk_hashes()
                 t_verify = time.perf_counter() - tv
+            tail = {"page_size": TARGET_PAGE_SIZE, "devices": [],
+                    "qfram": {"postcopy": True, "hash_chunk_pages": HASH_CHUNK,
+                              "chunk_hashes": hashes}}
             if self.postcopy:
-                postcopy_pages, requested_pages = self._postcopy(f, t_stop, t_verify)
+                postcopy_pages, requested_pages = self._postcopy(t_stop, t_verify, tail)
             else:
                 precopy_pages += self._send_all_dirty(f)
                 postcopy_pages = requested_pages = 0
@@ -163,40 +191,21 @@ class Source:
                         self.releases.sent(0, end, block, [(0, block.npages)])
                 self.stats.downtime_source_ms = round(
                     (time.perf_counter() - t_stop - t_verify) * 1000, 2)
-            if self.pf is not None:
-                with self._pf_lock:
-                    self.pf.put_byte(wire.SECTION_EOF)
-                    self.pf.flush()
-                    self._pf_done = True
-            stream.put_ram_tail(f, wire.RAM_SECTION_ID, description={
-                "page_size": TARGET_PAGE_SIZE, "devices": [],
-                "qfram": {"postcopy": True, "hash_chunk_pages": HASH_CHUNK,
-                          "chunk_hashes": hashes}})
-            f.flush()
-            if not self.shut.wait(self.timeout):
-                raise TimeoutError(f"the destination did not confirm within {self.timeout} s")
-            if self.rp_error is not None:
-                raise self.rp_error
-            if self.shut_status:
-                raise RuntimeError(f"the destination failed (status {self.shut_status})")
+                self._finish(tail)
             if self.releases is not None:
                 self.releases.confirm_all()      # SHUT(0): it holds and verified everything
         except BaseException:
-            for file in (f, self.pf):
-                try:
-                    if file is not None:
-                        file.shutdown()   # the peer sees the end at once; our reader wakes
-                except OSError:
-                    pass
+            self._shutdown_channels()
             raise
         finally:
             for tracker in trackers:
                 if tracker is not None:
                     tracker.close()
-            reader.join(5)
+            self._reader.join(5)
             released = self.releases.stop() if self.releases is not None else 0
-        sent_bytes = f.tell() + (self.pf.tell() if self.pf is not None else 0)
-        for closer in (f.close, rp.close) + ((self.pf.close,) if self.pf else ()):
+        sent_bytes = self._bytes_before + self.f.tell() + \
+            (self.pf.tell() if self.pf is not None else 0)
+        for closer in (self.f.close, self.rp.close) + ((self.pf.close,) if self.pf else ()):
             try:
                 closer()
             except OSError:
@@ -280,7 +289,8 @@ class Source:
 
     # -- postcopy -----------------------------------------------------------------------
 
-    def _postcopy(self, f, t_stop: float, t_verify: float):
+    def _postcopy(self, t_stop: float, t_verify: float, tail: dict):
+        f = self.f
         clean_at_switch = [(b, bytes(x ^ 0xFF for x in self.dirty[b.name]))
                            for b in self.blocks]
         for block in self.blocks:
@@ -298,29 +308,159 @@ class Source:
             end = listen_end
             for block, clean in clean_at_switch:
                 self.releases.sent(0, end, block, core.impl.bitmap_runs(clean, block.npages))
-        if self.pf is None:
-            # requests queue behind what the main connection's buffers hold: keep it short
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, POSTCOPY_SOCKET_BUFFER)
+        self._short_send_buffer()
         self.stats.downtime_source_ms = round(
             (time.perf_counter() - t_stop - t_verify) * 1000, 2)
         t_post = time.perf_counter()
         counts = {"pushed": 0, "requested": 0}
         bytes_before = f.tell()
-        error: List[BaseException] = []
-        streamer = threading.Thread(target=self._guard, args=(self._background, f, counts, error),
-                                    name="qfram-background", daemon=True)
-        streamer.start()
-        streamer.join()
-        if error:
-            raise error[0]
+        while True:
+            try:
+                self._send_remaining(counts)
+                self._finish(tail)
+                break
+            except Exception as exc:
+                if not self._resumable(exc):
+                    raise
+                bytes_before -= self.f.tell()
+                self._resume(exc)
+                bytes_before += self.f.tell()
         pushed, requested = counts["pushed"], counts["requested"]
         requested += self._preempt_pages
         seconds = time.perf_counter() - t_post
         self.stats.postcopy_s = round(seconds, 3)
         self.stats.postcopy_gbps = round((pushed + requested) * TARGET_PAGE_SIZE / seconds / 1e9,
                                          3) if seconds else None
-        self.stats.postcopy_bytes = f.tell() - bytes_before
+        self.stats.postcopy_bytes = self.f.tell() - bytes_before
         return pushed + requested, requested
+
+    def _short_send_buffer(self) -> None:
+        if self.pf is None:
+            # requests queue behind what the main connection's buffers hold: keep it short
+            self.main.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
+                                      POSTCOPY_SOCKET_BUFFER)
+
+    def _send_remaining(self, counts: Dict[str, int]) -> None:
+        """Every page still dirty, on a niced thread of its own."""
+        error: List[BaseException] = []
+        streamer = threading.Thread(target=self._guard,
+                                    args=(self._background, self.f, counts, error),
+                                    name="qfram-background", daemon=True)
+        streamer.start()
+        streamer.join()
+        if error:
+            raise error[0]
+
+    def _finish(self, tail: dict) -> None:
+        """The end of the streams, the verification hashes, and the destination's word."""
+        if self.pf is not None:
+            with self._pf_lock:
+                self.pf.put_byte(wire.SECTION_EOF)
+                self.pf.flush()
+                self._pf_done = True
+        stream.put_ram_tail(self.f, wire.RAM_SECTION_ID, description=tail)
+        self.f.flush()
+        if not self.shut.wait(self.timeout):
+            raise NoConfirmation(f"the destination did not confirm within {self.timeout} s")
+        if self.rp_error is not None:
+            raise self.rp_error
+        if self.shut_status:
+            raise NoConfirmation(f"the destination failed (status {self.shut_status})")
+
+    def _shutdown_channels(self) -> None:
+        """End both directions of every channel now: the peer sees it at once and our
+        return path reader wakes."""
+        for file in (self.f, self.pf):
+            try:
+                if file is not None:
+                    file.shutdown()
+            except OSError:
+                pass
+
+    # -- resuming a lost link -----------------------------------------------------------
+
+    def _resumable(self, exc: BaseException) -> bool:
+        """A lost link (not a broken peer, not a refusal) can be resumed."""
+        return (self.reconnect is not None and isinstance(exc, OSError)
+                and not isinstance(exc, (NoConfirmation, link.LinkError)))
+
+    def _resume(self, error: BaseException) -> None:
+        """Reconnect, learn what the destination holds (RECV_BITMAP per block), send
+        POSTCOPY_RESUME and wait for RESUME_ACK; what it lacks is dirty again."""
+        self._shutdown_channels()
+        self._reader.join()
+        self._bytes_before += self.f.tell() + (self.pf.tell() if self.pf else 0)
+        for each in (self.f, self.rp, self.pf):
+            try:
+                if each is not None:
+                    each.close()
+            except OSError:
+                pass
+        if self.releases is not None:
+            self.releases.forget_pending()    # unconfirmed: the bitmap will say
+        until = self._deadline_at if self._deadline_at is not None else \
+            time.monotonic() + self.timeout
+        print(f"qfram send: the link dropped after the switch ({error}); resuming",
+              file=sys.stderr, flush=True)
+        while True:
+            try:
+                self.main = self.reconnect()
+                f = self.f = self.main.file("wb", self.timeout)
+                rp = self.rp = f.get_return_path()
+                rp.set_timeout(self.timeout)
+                self._exchange_bitmaps(f, rp)
+                break
+            except (OSError, QFramError) as exc:
+                if isinstance(exc, FormatError) or time.monotonic() >= until:
+                    raise link.LinkError(f"could not resume the migration: {exc}") from None
+                time.sleep(RECONNECT_INTERVAL)
+        rp.set_timeout(None)
+        self.pf = self._open_preempt(self.reconnect()) if self.pf is not None else None
+        self._pf_done = False
+        self._short_send_buffer()
+        self.shut.clear()
+        self.rp_error = None
+        self.requests.clear()
+        for bits in list(self._resent.values()) + [
+                bits for per_channel in self._claimed for bits in per_channel.values()]:
+            bits[:] = bytes(len(bits))
+        self._reader = threading.Thread(target=self._read_return_path, args=(rp,),
+                                        daemon=True, name="qfram-return-path")
+        self._reader.start()
+        self.stats.resumes += 1
+
+    def _exchange_bitmaps(self, f, rp) -> None:
+        stream.put_command(f, wire.CMD_QFRAM_RESUME, self.session)
+        for block in self.blocks:
+            stream.put_command(f, wire.CMD_RECV_BITMAP, msg.counted_name(block.name))
+        f.flush()
+        for block in self.blocks:
+            pos = rp.tell()
+            kind, payload = msg.read_return_message(rp)
+            if kind != wire.MIG_RP_MSG_RECV_BITMAP or \
+                    msg.parse_counted_name(payload, pos) != block.name:
+                raise FormatError(f"expected the received bitmap of {block.name!r}", pos)
+            received = msg.read_received_bitmap(rp, block.npages)
+            dirty = self.dirty[block.name]
+            dirty[:] = bytes(~b & 0xFF for b in received[:len(dirty)])
+            if block.npages % 8:
+                dirty[-1] &= (1 << (block.npages % 8)) - 1
+            if self.releases is not None:        # it holds these: they may go here
+                self.releases.sent(0, 0, block, core.impl.bitmap_runs(received,
+                                                                      block.npages))
+        stream.put_command(f, wire.CMD_POSTCOPY_RESUME)
+        f.flush()
+        pos = rp.tell()
+        kind, _ = msg.read_return_message(rp)
+        if kind != wire.MIG_RP_MSG_RESUME_ACK:
+            raise FormatError(f"expected RESUME_ACK, got message {kind}", pos)
+
+    def _open_preempt(self, channel: "link.Link"):
+        """The preempt channel's file, its magic and the session's token sent."""
+        pf = channel.file("wb", self.timeout)
+        pf.put_buffer(wire.PREEMPT_MAGIC + self.session)
+        pf.flush()
+        return pf
 
     @staticmethod
     def _guard(target, *args) -> None:
@@ -343,8 +483,8 @@ class Source:
         while current < len(order):
             while True:
                 try:
-                    name, first, count = self.requests.get_nowait()
-                except queue.Empty:
+                    name, first, count = self.requests.popleft()
+                except IndexError:
                     break
                 block = self.ram[name]
                 if self.pf is None:
@@ -392,17 +532,24 @@ class Source:
         sit in that connection's buffers (the destination keeps whichever comes first)."""
         dirty = self.dirty[block.name]
         sent_before = not (dirty[first >> 3] >> (first & 7)) & 1
+        resent = self._resent[block.name]
+        if sent_before and (resent[first >> 3] >> (first & 7)) & 1:
+            return                  # sent, and sent again already: a duplicate request
         with self._pf_lock:
             if getattr(self, "_pf_done", False):
                 return
             self._preempt_pages += self._send_range(self.pf, block, first, count, channel=1)
             if sent_before:
+                resent[first >> 3] |= 1 << (first & 7)
                 with stream.ram_part(self.pf, wire.RAM_SECTION_ID):
                     self.pf.save_pages(block.region, first, 1, 0, wire.RAM_SAVE_FLAG_CONTINUE,
                                        idstr=block.name)
                 self.pf.flush()
                 self._resent_pages += 1
-        self.requests.put((block.name, first, count))    # a hint for the scan
+        self.requests.append((block.name, first, count))    # a hint for the scan
+
+    def _still_dirty(self, block: RAMBlock, page: int) -> bool:
+        return bool((self.dirty[block.name][page >> 3] >> (page & 7)) & 1)
 
     def _block_dirty(self, block: RAMBlock) -> bool:
         return any(self.dirty[block.name])
@@ -412,7 +559,6 @@ class Source:
     def _read_return_path(self, rp) -> None:
         sched.short_slice()          # requests wake this thread: it should run at once
         last: Optional[str] = None
-        requests = 0
         try:
             while True:
                 pos = rp.tell()
@@ -425,14 +571,15 @@ class Source:
                         raise FormatError(f"a request for {name!r} {start:#x}+{length:#x} "
                                           f"outside the RAM", pos)
                     last = name
-                    requests += 1
-                    self.stats.requests = requests
+                    self.stats.requests += 1
                     if self.pf is not None:
                         t_req = time.perf_counter_ns()
                         self._serve_preempt(block, start // TARGET_PAGE_SIZE, length // TARGET_PAGE_SIZE)
-                        self._serve_ns.append(time.perf_counter_ns() - t_req)
-                    else:
-                        self.requests.put((name, start // TARGET_PAGE_SIZE, length // TARGET_PAGE_SIZE))
+                        if len(self._serve_ns) < MAX_SERVICE_SAMPLES:
+                            self._serve_ns.append(time.perf_counter_ns() - t_req)
+                    elif self._still_dirty(block, start // TARGET_PAGE_SIZE):
+                        self.requests.append((name, start // TARGET_PAGE_SIZE,
+                                              length // TARGET_PAGE_SIZE))
                 elif kind == wire.MIG_RP_MSG_SHUT:
                     self.shut_status = int.from_bytes(payload[:4], "big") if payload else 0
                     return
@@ -444,8 +591,13 @@ class Source:
                     raise FormatError(f"unknown return path message {kind}", pos)
         except BaseException as exc:
             self.rp_error = exc
+            self._shutdown_channels()    # the streams stop at once, to resume or fail
         finally:
             self.shut.set()
+
+
+class NoConfirmation(RuntimeError):
+    """The destination did not confirm the migration (it failed, or never answered)."""
 
 
 def block_all_dirty(bitmap: bytearray, npages: int) -> None:

@@ -33,6 +33,8 @@ class SourceStats:
     postcopy_s: Optional[float] = None
     postcopy_gbps: Optional[float] = None
     postcopy_bytes: int = 0
+    resumes: int = 0                # links lost after the switch and resumed
+    tls: Optional[str] = None       # the channels' protocol and cipher (None: clear)
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
@@ -58,6 +60,8 @@ class DestinationStats:
     fault_latency: Latency = field(default_factory=Latency)
     workload_first_touch: Optional[Latency] = None
     verified: bool = False
+    resumes: int = 0                # links lost after the switch and resumed
+    tls: Optional[str] = None       # the channels' protocol and cipher (None: clear)
     seconds: float = 0.0
 
     def as_dict(self) -> dict:

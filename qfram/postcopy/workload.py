@@ -1,6 +1,7 @@
 """A built-in workload that touches guest RAM the way a guest does — a sequential scan,
 random reads, random writes of a known pattern — and remembers what it wrote, so that
-the end of a migration can be checked page by page."""
+the end of a migration can be checked page by page.  It touches the memory with the GIL
+released (a page that is not there yet blocks only its own thread)."""
 from __future__ import annotations
 
 import hashlib
@@ -9,9 +10,9 @@ import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
+from qfram._uffd import read_memory, write_memory
 from qfram.ram import RAMList
 from qfram.wire import TARGET_PAGE_SIZE
-
 
 
 def pattern(seed: int, block: str, page: int, generation: int) -> bytes:
@@ -98,7 +99,7 @@ class Workload:
         key = (block.name, page)
         first = key not in self._touched
         t0 = time.perf_counter_ns()
-        block.region[page * TARGET_PAGE_SIZE]
+        read_memory(block.region, page * TARGET_PAGE_SIZE, 1)
         if first:
             elapsed = time.perf_counter_ns() - t0
             with self._lock:
@@ -109,13 +110,13 @@ class Workload:
     def _write(self, block, page: int) -> None:
         key = (block.name, page)
         if key not in self.originals:
-            original = bytes(memoryview(block.region)[page * TARGET_PAGE_SIZE:(page + 1) * TARGET_PAGE_SIZE])
+            original = read_memory(block.region, page * TARGET_PAGE_SIZE, TARGET_PAGE_SIZE)
         with self._lock:
             if key not in self.originals:
                 self.originals[key] = original
             self._generation += 1
             data = pattern(self.seed, block.name, page, self._generation)
             # written under the lock: the last write to a page is the one remembered
-            memoryview(block.region)[page * TARGET_PAGE_SIZE:(page + 1) * TARGET_PAGE_SIZE] = data
+            write_memory(block.region, page * TARGET_PAGE_SIZE, data)
             self.written[key] = data
             self._touched.add(key)
