@@ -26,6 +26,7 @@ from qfram.errors import QFramError
 HELLO_BYTES = 8                # what tells the channels apart
 HELLO_TIMEOUT = 10.0           # seconds a new connection has for its handshake + hello
 MAX_PENDING = 16               # connections being classified at once (more: dropped)
+STALE_PROBES = 5               # refusals, 50 ms apart, that make a unix socket stale
 
 MAIN, PREEMPT, RESUME = "main", "preempt", "resume"
 _RESUME_HELLO = bytes([wire.SECTION_COMMAND]) + wire.CMD_QFRAM_RESUME.to_bytes(2, "big")
@@ -91,18 +92,24 @@ def _clear_stale_socket(path: str) -> None:
         return
     if not stat.S_ISSOCK(st.st_mode):
         raise LinkError(f"{path} exists and is not a socket: not replacing it")
-    probe = socket.socket(socket.AF_UNIX)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        os.unlink(path)                             # nobody listens: left by a dead run
-        return
-    except OSError:
-        pass
-    finally:
-        probe.close()
-    raise LinkError(f"{path}: another process listens there")
+    # A socket nobody listens on refuses; one just bound (not listening yet) does too
+    # for an instant: only a refusal that lasts makes it stale.
+    for attempt in range(STALE_PROBES):
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.settimeout(1.0)
+            probe.connect(path)
+        except FileNotFoundError:
+            return
+        except ConnectionRefusedError:
+            time.sleep(0.05)
+            continue
+        except OSError:
+            pass
+        finally:
+            probe.close()
+        raise LinkError(f"{path}: another process listens there")
+    os.unlink(path)                                 # left by a dead run
 
 
 class Security:
