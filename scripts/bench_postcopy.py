@@ -6,6 +6,8 @@ own TCP throughput, in the same run.
   --workload read`: a random-read workload starts at the switch, so its first touches
   are faults served while the background stream runs.
 * precopy-only: `qfram send --precopy-only --rounds 1` of the same RAM.
+* postcopy over TLS: the same, every channel TLS 1.3 with both ends verified
+  (`--tls-creds`, certificates from `qfram tls-init`).
 * core TCP: the core's save_pages streaming the same RAM into a TCP connection drained by
   the C reference's reader — the bar for the background stream.
 
@@ -19,6 +21,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -92,13 +95,21 @@ def main() -> int:
         child_core_tcp(int(args.child_core_tcp[0]), int(args.child_core_tcp[1]))
         return 0
     size = parse_size(args.size)
-    post, pre, core = [], [], []
+    creds = tempfile.mkdtemp(prefix="qfram-bench-tls-")
+    subprocess.run([PY, "-m", "qfram", "tls-init", creds], check=True, capture_output=True)
+    tls = ["--tls-creds", creds]
+    post, pre, core, secured = [], [], [], []
     for _ in range(args.repeat):
         src, dst, wall = migrate(args.size, ["--rounds", "0", "--release"],
                                  ["--workload", "read", "--workload-pause-us", "20"])
         post.append((src, dst, wall))
         note(f"  postcopy: fault {dst['fault_latency']}, background "
              f"{src['postcopy_gbps']} GB/s, {wall:.2f} s")
+        src, dst, wall = migrate(args.size, ["--rounds", "0", "--release", *tls],
+                                 ["--workload", "read", "--workload-pause-us", "20", *tls])
+        secured.append((src, dst, wall))
+        note(f"  postcopy over TLS ({src['tls']}): fault {dst['fault_latency']}, "
+             f"background {src['postcopy_gbps']} GB/s")
         src, dst, wall = migrate(args.size, ["--precopy-only", "--rounds", "1"], [])
         pre.append((src, dst, wall))
         note(f"  precopy-only: {wall:.2f} s")
@@ -106,6 +117,12 @@ def main() -> int:
         note(f"  core over TCP: {core[-1]:.3f} GB/s")
     med = statistics.median
     lat = [d["fault_latency"] for _, d, _ in post]
+    tls_lat = [d["fault_latency"] for _, d, _ in secured]
+
+    def spread(values) -> list:
+        values = list(values)
+        return [min(values), max(values)]
+
     report = {
         "size": size, "repeat": args.repeat,
         "fault_p50_us": med(x["p50_us"] for x in lat),
@@ -114,14 +131,24 @@ def main() -> int:
         "faults": med(d["faults"] for _, d, _ in post),
         "background_gbps": med(s["postcopy_gbps"] for s, _, _ in post),
         "core_tcp_gbps": round(med(core), 3),
+        "tls_background_gbps": med(s["postcopy_gbps"] for s, _, _ in secured),
+        "tls_fault_p99_us": med(x["p99_us"] for x in tls_lat),
+        "tls": secured[0][0]["tls"],
+        "spread": {"fault_p99_us": spread(x["p99_us"] for x in lat),
+                   "background_gbps": spread(s["postcopy_gbps"] for s, _, _ in post),
+                   "tls_background_gbps": spread(s["postcopy_gbps"] for s, _, _ in secured),
+                   "tls_fault_p99_us": spread(x["p99_us"] for x in tls_lat),
+                   "core_tcp_gbps": spread(round(c, 3) for c in core)},
         "total_s": round(med(w for _, _, w in post), 3),
         "downtime_ms": med(s["downtime_source_ms"] + d["downtime_destination_ms"]
                            for s, d, _ in post),
         "precopy_only_total_s": round(med(w for _, _, w in pre), 3),
         "precopy_only_downtime_ms": med(s["downtime_source_ms"] for s, _, _ in pre),
-        "verified": all(d["verified"] for _, d, _ in post + pre),
+        "verified": all(d["verified"] for _, d, _ in post + pre + secured),
     }
     report["background_ratio"] = round(report["background_gbps"] / report["core_tcp_gbps"], 3)
+    report["tls_background_ratio"] = round(report["tls_background_gbps"]
+                                           / report["core_tcp_gbps"], 3)
     emit(args, report, [
         f"RAM {size >> 20} MiB over loopback TCP, median of {args.repeat}; "
         f"verified: {report['verified']}",
@@ -131,6 +158,10 @@ def main() -> int:
         f"{report['background_ratio']}x the core's TCP throughput "
         f"({report['core_tcp_gbps']} GB/s); total {report['total_s']} s; downtime "
         f"{report['downtime_ms']:.1f} ms",
+        f"postcopy over TLS ({report['tls']}): fault p99 {report['tls_fault_p99_us']} us; "
+        f"background {report['tls_background_gbps']} GB/s = "
+        f"{report['tls_background_ratio']}x the core's TCP throughput",
+        f"spread (min, max over {args.repeat} runs): {report['spread']}",
         f"precopy-only: total {report['precopy_only_total_s']} s; downtime "
         f"{report['precopy_only_downtime_ms']} ms (the program stopped for the last round)"])
     return 0
