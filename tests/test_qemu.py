@@ -204,3 +204,32 @@ def test_qemu_loads_a_mapped_ram_file_qfram_wrote(newer_qemu, tmp_path):
         guest.migrate_incoming(f"file:{path}", mapped_ram=True)
         guest.pmemsave(str(tmp_path / "loaded.bin"), MEM)
     assert same_ram((tmp_path / "loaded.bin").read_bytes(), bytes(ram))
+
+
+def test_a_qemu_source_with_tls_creds_reaches_qfram_receive(qemu_ready, tmp_path):
+    """One tls-init directory serves QEMU and qfram: a QEMU source migrating with
+    tls-creds completes the TLS handshake with `qfram receive` (both ends verified) and
+    its whole RAM goes through; qfram stops at QEMU's first device section (precopy
+    device state is not something qfram can place), never at TLS."""
+    import socket
+    import time
+    creds = str(tmp_path / "tls")
+    subprocess.run([sys.executable, "-m", "qfram", "tls-init", creds], check=True,
+                   capture_output=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    recv = subprocess.Popen([sys.executable, "-m", "qfram", "receive", "--listen",
+                             f"127.0.0.1:{port}", "--tls-creds", creds, "--no-preempt",
+                             "--timeout", "20", "--deadline", "60"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    with Guest(extra=["-object", f"tls-creds-x509,id=tls0,dir={creds},endpoint=client"]) \
+            as guest:
+        guest.cmd("migrate-set-parameters", **{"tls-creds": "tls0",
+                                                "tls-hostname": "localhost"})
+        guest.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+        out, err = recv.communicate(timeout=120)
+    assert recv.returncode == 1
+    assert "dropped a connection" not in err and "TLS" not in err, err
+    assert "device section" in err, err
