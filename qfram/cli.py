@@ -446,6 +446,22 @@ def cmd_receive(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_restore_qemu(args: argparse.Namespace) -> int:
+    """Resume a QEMU from a snapshot at once; its RAM follows on demand (postcopy)."""
+    from qfram import restore_qemu
+    stats = restore_qemu.restore(args.snapshot, qmp=args.qmp, to=args.to,
+                                 timeout=args.timeout, machine=args.machine)
+    lat = stats.request_service
+    emit(args, stats.as_dict(),
+         f"restored {args.snapshot} ({human(stats.ram_bytes)} of RAM, "
+         f"{human(stats.device_bytes)} of device state, {stats.machine}) into QEMU "
+         f"{stats.qemu_version}: running after {stats.postcopy_active_ms} ms, complete "
+         f"after {stats.completed_s} s; {stats.pages_requested} pages requested "
+         f"(service p50 {lat.p50_us} us, p99 {lat.p99_us} us), {stats.pages_pushed} "
+         f"pushed")
+    return 0
+
+
 def cmd_tls_init(args: argparse.Namespace) -> int:
     """Make a CA, server and client certificates for TLS migration (QEMU's layout)."""
     from qfram import tlscreds
@@ -613,6 +629,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_link_options(p, "receive")
     add_output_options(p)
     p.set_defaults(func=cmd_receive)
+
+    p = sub.add_parser("restore-qemu", help="resume a QEMU from a snapshot at once, its RAM "
+                                            "following on demand (QEMU's postcopy)")
+    p.add_argument("snapshot", help="a mapped-layout snapshot (qfram's, or QEMU's "
+                                    "mapped-ram file)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--qmp", metavar="SOCKET",
+                       help="the monitor of a QEMU started with -incoming defer")
+    where.add_argument("--to", metavar="HOST:PORT|PATH",
+                       help="a QEMU already listening (-incoming ...) with postcopy-ram set")
+    p.add_argument("--machine", help="the machine type to announce (default: the "
+                                     "snapshot's)")
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds a wait on QEMU may last")
+    add_output_options(p)
+    p.set_defaults(func=cmd_restore_qemu)
 
     p = sub.add_parser("tls-init", help="make TLS certificates for migration (QEMU's "
                                         "tls-creds-x509 layout)")

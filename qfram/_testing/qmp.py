@@ -3,14 +3,16 @@ file, or start it incoming from one.  Used by the interoperability tests and
 benchmarks; handy for moving a running QEMU's RAM into qfram too."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from typing import List, Optional
+
+from qfram.qmp import QMP, QMPError
+
+__all__ = ["Guest", "QMPError", "find_qemu", "kvm_usable", "qemu_command", "qemu_version"]
 
 
 def find_qemu() -> Optional[str]:
@@ -22,20 +24,28 @@ def qemu_version(qemu: str) -> tuple:
     return tuple(int(x) for x in out.split("version ")[1].split()[0].split(".")[:2])
 
 
-class QMPError(RuntimeError):
-    pass
+def kvm_usable() -> bool:
+    """Whether /dev/kvm can run guests here."""
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
 
 
 def qemu_command(memory: str = "64M", *, qemu: Optional[str] = None,
                  firmware: Optional[str] = None, incoming: Optional[str] = None,
-                 running: bool = False, extra: Optional[List[str]] = None) -> List[str]:
+                 running: bool = False, extra: Optional[List[str]] = None,
+                 accel: str = "tcg") -> List[str]:
     """The command line of a bare guest: machine pc, ``memory`` of RAM, no default
-    devices, no display, TCG; stopped at start unless ``running``."""
+    devices, no display, ``accel`` (TCG by default); stopped at start unless
+    ``running``."""
     qemu = qemu or find_qemu()
     if qemu is None:
         raise FileNotFoundError("qemu-system-x86_64 is not installed")
     args = [qemu, "-machine", "pc", "-m", memory, "-nodefaults", "-display", "none",
-            "-accel", "tcg"]
+            "-accel", accel]
     if firmware:
         args += ["-L", firmware]
     if not running:
@@ -52,12 +62,15 @@ class Guest:
     def __init__(self, memory: str = "64M", extra: Optional[List[str]] = None,
                  incoming: Optional[str] = None, running: bool = False,
                  qemu: Optional[str] = None, firmware: Optional[str] = None,
-                 timeout: float = 60.0) -> None:
+                 timeout: float = 60.0, accel: str = "tcg") -> None:
         self.dir = tempfile.mkdtemp(prefix="qfram-qemu-")
         self.qmp_path = os.path.join(self.dir, "qmp.sock")
         args = qemu_command(memory, qemu=qemu, firmware=firmware, incoming=incoming,
-                            running=running, extra=extra)
-        args += ["-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
+                            running=running, extra=extra, accel=accel)
+        # a second monitor for another client (a monitor serves one at a time)
+        self.spare_qmp_path = os.path.join(self.dir, "spare-qmp.sock")
+        args += ["-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+                 "-qmp", f"unix:{self.spare_qmp_path},server=on,wait=off"]
         self.log = open(os.path.join(self.dir, "qemu.log"), "w+")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
         self.timeout = timeout
@@ -71,31 +84,15 @@ class Guest:
             raise
 
     def _connect(self) -> None:
-        deadline = time.time() + self.timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise QMPError(f"QEMU exited with {self.proc.returncode}: {self.output()}")
-            try:
-                self.sock = socket.socket(socket.AF_UNIX)
-                self.sock.connect(self.qmp_path)
-                break
-            except OSError:
-                self.sock.close()
-                if time.time() > deadline:
-                    raise QMPError("QEMU's QMP socket did not appear") from None
-                time.sleep(0.05)
-        self.sock.settimeout(self.timeout)
-        self.file = self.sock.makefile("rw")
         try:
-            json.loads(self.file.readline())          # the greeting
-            self.cmd("qmp_capabilities")
-        except (OSError, ValueError) as exc:
-            # QEMU may exit between accepting the connection and greeting (a refused
-            # incoming stream, say): its exit status and output are the answer
+            self.qmp = QMP(self.qmp_path, timeout=self.timeout)
+        except QMPError as exc:
+            # QEMU may exit before or while it greets (a refused incoming stream, say):
+            # its exit status and output are the answer
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
-                raise QMPError(f"QMP greeting failed ({exc}) and QEMU is still running: "
+                raise QMPError(f"QMP failed ({exc}) and QEMU is still running: "
                                f"{self.output()}") from None
             raise QMPError(f"QEMU exited with {self.proc.returncode}: "
                            f"{self.output()}") from None
@@ -106,18 +103,11 @@ class Guest:
         return self.log.read()
 
     def cmd(self, name: str, **arguments):
-        msg = {"execute": name, **({"arguments": arguments} if arguments else {})}
-        self.file.write(json.dumps(msg) + "\n")
-        self.file.flush()
-        while True:
-            line = self.file.readline()
-            if not line:
-                raise QMPError(f"QEMU closed QMP during {name}: {self.output()}")
-            reply = json.loads(line)
-            if "error" in reply:
-                raise QMPError(f"{name}: {reply['error']}")
-            if "return" in reply:
-                return reply["return"]
+        """A QMP command; keyword arguments with dashes: ``**{"tls-creds": ...}``."""
+        try:
+            return self.qmp.cmd(name, arguments or None)
+        except QMPError as exc:
+            raise QMPError(f"{exc}: {self.output()[-2000:]}") from None
 
     def wait_status(self, leave: str, timeout: Optional[float] = None) -> str:
         """Wait until the run state is no longer ``leave`` (e.g. 'inmigrate')."""
@@ -131,9 +121,7 @@ class Guest:
             time.sleep(0.05)
 
     def set_capabilities(self, **caps: bool) -> None:
-        self.cmd("migrate-set-capabilities",
-                 capabilities=[{"capability": k.replace("_", "-"), "state": v}
-                               for k, v in caps.items()])
+        self.qmp.set_capabilities(**caps)
 
     def migrate_to_file(self, path: str, mapped: bool = False,
                         timeout: Optional[float] = None) -> None:
@@ -179,7 +167,7 @@ class Guest:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        self.sock.close()
+        self.qmp.close()
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -21,11 +21,12 @@ def advise_payload(host_page_summary: int, target_page_size: int) -> bytes:
 
 
 def discard_payloads(block: str, ranges: List[Tuple[int, int]]) -> Iterator[bytes]:
-    """RAM_DISCARD commands for (start, length) byte ranges of one block."""
+    """RAM_DISCARD commands for (start, length) byte ranges of one block: version, the
+    counted name and a NUL after it (as QEMU's loadvm checks), then be64 pairs."""
     name = block.encode()
     for i in range(0, len(ranges), MAX_DISCARD_PAIRS):
         pairs = b"".join(struct.pack(">QQ", s, n) for s, n in ranges[i:i + MAX_DISCARD_PAIRS])
-        yield bytes([wire.DISCARD_VERSION, len(name)]) + name + pairs
+        yield bytes([wire.DISCARD_VERSION, len(name)]) + name + b"\0" + pairs
 
 
 def parse_discard(data: bytes, pos: int) -> Tuple[str, List[Tuple[int, int]]]:
@@ -33,9 +34,9 @@ def parse_discard(data: bytes, pos: int) -> Tuple[str, List[Tuple[int, int]]]:
         raise FormatError("RAM_DISCARD with an unknown version", pos)
     n = data[1]
     name = data[2:2 + n].decode("utf-8", "replace")
-    rest = data[2 + n:]
-    if len(name.encode()) != n or len(rest) % 16:
-        raise FormatError("RAM_DISCARD with a broken range list", pos)
+    rest = data[3 + n:]
+    if n == 0 or len(data) < 3 + n or data[2 + n] != 0 or len(rest) % 16:
+        raise FormatError("RAM_DISCARD with a broken name or range list", pos)
     return name, [struct.unpack(">QQ", rest[i:i + 16]) for i in range(0, len(rest), 16)]
 
 

@@ -88,6 +88,7 @@ class Source:
         self.deadline = deadline
         self._deadline_at: Optional[float] = None
         self.session = secrets.token_bytes(wire.SESSION_TOKEN_BYTES)
+        self.ram_section_id = wire.RAM_SECTION_ID
         self.f = None                  # the main channel's file (new after a resume)
         self.pf = None                 # the preempt channel's file
         self._pf_lock = threading.Lock()
@@ -102,7 +103,7 @@ class Source:
         self.machine = machine
         self.dirty: Dict[str, bytearray] = {b.name: bytearray(bitmap_bytes(b.npages))
                                             for b in self.blocks}
-        self.requests: Deque[Tuple[str, int, int]] = collections.deque(
+        self.requests: Deque[Tuple[str, int, int, int]] = collections.deque(
             maxlen=MAX_REQUEST_HINTS)
         self._resent: Dict[str, bytearray] = {b.name: bytearray(bitmap_bytes(b.npages))
                                               for b in self.blocks}
@@ -155,7 +156,7 @@ class Source:
             if self.postcopy:
                 stream.put_command(f, wire.CMD_POSTCOPY_ADVISE,
                                    msg.advise_payload(TARGET_PAGE_SIZE, TARGET_PAGE_SIZE))
-            stream.put_ram_setup(f, wire.RAM_SECTION_ID, self.blocks)
+            stream.put_ram_setup(f, self.ram_section_id, self.blocks)
             f.flush()
             reader.start()
             for block in self.blocks:
@@ -194,9 +195,9 @@ class Source:
                 self._finish(tail)
             if self.releases is not None:
                 self.releases.confirm_all()      # SHUT(0): it holds and verified everything
-        except BaseException:
+        except BaseException as exc:
             self._shutdown_channels()
-            raise
+            raise self._cause(exc) from None
         finally:
             for tracker in trackers:
                 if tracker is not None:
@@ -264,7 +265,7 @@ class Source:
                 if stop_on_switch and self._switch.is_set():
                     return sent
                 count = min(PRECOPY_CHUNK, block.npages - first)
-                with stream.ram_part(f, wire.RAM_SECTION_ID):
+                with stream.ram_part(f, self.ram_section_id):
                     p, z, _ = f.save_pages(block.region, first, count, 0,
                                            wire.RAM_SAVE_FLAG_CONTINUE, idstr=block.name,
                                            dirty=self.dirty[block.name])
@@ -298,9 +299,7 @@ class Source:
             for payload in msg.discard_payloads(
                     name, msg.bitmap_ranges(self.dirty[name], block.npages, TARGET_PAGE_SIZE)):
                 stream.put_command(f, wire.CMD_POSTCOPY_RAM_DISCARD, payload)
-        stream.put_command(f, wire.CMD_POSTCOPY_LISTEN)
-        listen_end = f.tell_fast()
-        stream.put_command(f, wire.CMD_POSTCOPY_RUN)
+        listen_end = self._switch_commands(f)
         f.flush()
         if self.releases is not None:
             # the pages that are not dirty went in precopy: the destination has them
@@ -320,10 +319,11 @@ class Source:
                 self._finish(tail)
                 break
             except Exception as exc:
-                if not self._resumable(exc):
-                    raise
+                cause = self._cause(exc)
+                if not self._resumable(cause):
+                    raise cause from None
                 bytes_before -= self.f.tell()
-                self._resume(exc)
+                self._resume(cause)
                 bytes_before += self.f.tell()
         pushed, requested = counts["pushed"], counts["requested"]
         requested += self._preempt_pages
@@ -333,6 +333,14 @@ class Source:
                                          3) if seconds else None
         self.stats.postcopy_bytes = self.f.tell() - bytes_before
         return pushed + requested, requested
+
+    def _switch_commands(self, f) -> int:
+        """LISTEN and RUN; returns where LISTEN ends (what the destination holds once it
+        confirms that far)."""
+        stream.put_command(f, wire.CMD_POSTCOPY_LISTEN)
+        listen_end = f.tell_fast()
+        stream.put_command(f, wire.CMD_POSTCOPY_RUN)
+        return listen_end
 
     def _short_send_buffer(self) -> None:
         if self.pf is None:
@@ -358,7 +366,7 @@ class Source:
                 self.pf.put_byte(wire.SECTION_EOF)
                 self.pf.flush()
                 self._pf_done = True
-        stream.put_ram_tail(self.f, wire.RAM_SECTION_ID, description=tail)
+        stream.put_ram_tail(self.f, self.ram_section_id, description=tail)
         self.f.flush()
         if not self.shut.wait(self.timeout):
             raise NoConfirmation(f"the destination did not confirm within {self.timeout} s")
@@ -366,6 +374,13 @@ class Source:
             raise self.rp_error
         if self.shut_status:
             raise NoConfirmation(f"the destination failed (status {self.shut_status})")
+
+    def _cause(self, exc: BaseException) -> BaseException:
+        """Why the migration broke: a write that failed because the return path's
+        reader shut the channels down reports the reader's reason."""
+        if self.rp_error is not None and isinstance(exc, OSError) and exc is not self.rp_error:
+            return self.rp_error
+        return exc
 
     def _shutdown_channels(self) -> None:
         """End both directions of every channel now: the peer sees it at once and our
@@ -483,12 +498,13 @@ class Source:
         while current < len(order):
             while True:
                 try:
-                    name, first, count = self.requests.popleft()
+                    name, first, count, t_req = self.requests.popleft()
                 except IndexError:
                     break
                 block = self.ram[name]
                 if self.pf is None:
                     counts["requested"] += self._send_range(f, block, first, count)
+                    self._served(t_req)
                 scan[name] = first + count          # its neighbours follow
                 current = order.index(block)
             if self.rp_error is not None:
@@ -512,7 +528,7 @@ class Source:
         """The still-dirty pages of [first, first+count) in one PART, flushed.  With
         release-ram the pages it carried wait for the destination's confirmation."""
         claimed = self._claimed[channel][block.name] if self.releases is not None else None
-        with stream.ram_part(f, wire.RAM_SECTION_ID):
+        with stream.ram_part(f, self.ram_section_id):
             p, z, _ = f.save_pages(block.region, first, count, 0, wire.RAM_SAVE_FLAG_CONTINUE,
                                    idstr=block.name, dirty=self.dirty[block.name],
                                    claimed=claimed)
@@ -541,12 +557,17 @@ class Source:
             self._preempt_pages += self._send_range(self.pf, block, first, count, channel=1)
             if sent_before:
                 resent[first >> 3] |= 1 << (first & 7)
-                with stream.ram_part(self.pf, wire.RAM_SECTION_ID):
+                with stream.ram_part(self.pf, self.ram_section_id):
                     self.pf.save_pages(block.region, first, 1, 0, wire.RAM_SAVE_FLAG_CONTINUE,
                                        idstr=block.name)
                 self.pf.flush()
                 self._resent_pages += 1
-        self.requests.append((block.name, first, count))    # a hint for the scan
+        self.requests.append((block.name, first, count, 0))    # a hint for the scan
+
+    def _served(self, t_req: int) -> None:
+        """A request read at ``t_req`` has its pages written (kept: the first million)."""
+        if len(self._serve_ns) < MAX_SERVICE_SAMPLES:
+            self._serve_ns.append(time.perf_counter_ns() - t_req)
 
     def _still_dirty(self, block: RAMBlock, page: int) -> bool:
         return bool((self.dirty[block.name][page >> 3] >> (page & 7)) & 1)
@@ -575,11 +596,11 @@ class Source:
                     if self.pf is not None:
                         t_req = time.perf_counter_ns()
                         self._serve_preempt(block, start // TARGET_PAGE_SIZE, length // TARGET_PAGE_SIZE)
-                        if len(self._serve_ns) < MAX_SERVICE_SAMPLES:
-                            self._serve_ns.append(time.perf_counter_ns() - t_req)
+                        self._served(t_req)
                     elif self._still_dirty(block, start // TARGET_PAGE_SIZE):
                         self.requests.append((name, start // TARGET_PAGE_SIZE,
-                                              length // TARGET_PAGE_SIZE))
+                                              length // TARGET_PAGE_SIZE,
+                                              time.perf_counter_ns()))
                 elif kind == wire.MIG_RP_MSG_SHUT:
                     self.shut_status = int.from_bytes(payload[:4], "big") if payload else 0
                     return

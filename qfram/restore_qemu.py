@@ -1,0 +1,259 @@
+"""`qfram restore-qemu`: an unmodified QEMU resumes from a snapshot at once, its RAM
+arriving on demand over QEMU's own postcopy protocol, with qfram as the source.
+
+QEMU loads a saved VM only eagerly: time to running grows with RAM.  But a QEMU started
+with ``-incoming defer`` and ``postcopy-ram`` takes a migration whose source switches
+to postcopy before sending a single page.  So qfram plays that source, from the
+snapshot file:
+
+* header, configuration (the snapshot's machine type), OPEN_RETURN_PATH,
+  POSTCOPY_ADVISE, the RAM setup (every block's name and length), RAM_DISCARD of every
+  block (QEMU's own pages, e.g. ROMs it loaded at start, make way for the snapshot's);
+* PACKAGED: LISTEN, the snapshot's device sections byte for byte, RUN — QEMU loads its
+  devices and the guest runs, with none of its RAM present;
+* then the pages: the ones QEMU asks for (REQ_PAGES on the return path, from guest
+  faults) first, the rest in order in the background, each page exactly once (QEMU
+  fails on a page placed twice) — read straight from the mmap'd snapshot by the core's
+  zero-copy writer; then the RAM's END section and EOF, and QEMU's SHUT.
+
+The snapshot must have the mapped layout (every page at a fixed offset): qfram's
+``--layout mapped`` saves, QEMU's mapped-ram files as they are, or QEMU's stream after
+``qfram rewrite F SNAP --layout mapped``.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from qfram import snapshot, stream, wire
+from qfram.errors import FormatError
+from qfram.latency import Latency
+from qfram.postcopy import link
+from qfram.postcopy import messages as msg
+from qfram.postcopy.source import Source, block_all_dirty
+from qfram.qmp import QMP, QMPError
+from qfram.ram import RAMBlock, RAMList
+
+POLL_INTERVAL = 0.001          # seconds between QMP status polls while restoring
+
+
+@dataclass
+class RestoreStats:
+    """What a restore into QEMU did and how long the guest waited."""
+
+    snapshot: str = ""
+    machine: str = ""
+    ram_bytes: int = 0
+    device_bytes: int = 0
+    postcopy_active_ms: Optional[float] = None   # start -> QEMU says postcopy-active
+    completed_s: Optional[float] = None          # start -> QEMU says completed
+    pages_pushed: int = 0
+    pages_requested: int = 0
+    requests: int = 0
+    request_service: Latency = field(default_factory=Latency)
+    bytes_sent: int = 0
+    qemu_version: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class SnapshotSource(Source):
+    """A postcopy source whose RAM is a mapped snapshot file and whose destination is
+    QEMU: no precopy, no qfram extensions, the devices in the switch's package."""
+
+    def __init__(self, path: str, main, *, machine: Optional[str] = None,
+                 timeout: float = 30.0) -> None:
+        fd = snapshot.open_locked(path)
+        try:
+            info = snapshot.inspect_fd(path, fd)
+            if info.layout != "mapped":
+                raise FormatError(f"{path}: restoring into QEMU needs the mapped layout "
+                                  f"(pages at fixed offsets); `qfram rewrite {path} OUT "
+                                  f"--layout mapped` makes one", 0)
+            devices = snapshot.devices_of(fd, info)
+            self._maps = []
+            ram = RAMList()
+            for b in info.blocks:        # (inspect checked every offset against the file)
+                # private: QEMU gets the bytes, the file is never written
+                region = mmap.mmap(fd, b.used_length, flags=mmap.MAP_PRIVATE,
+                                   offset=b.pages_offset)
+                self._maps.append(region)
+                ram.add(RAMBlock.from_buffer(b.name, region))
+        finally:
+            os.close(fd)
+        super().__init__(ram, main, max_rounds=0, verify=False, timeout=timeout,
+                         machine=machine or devices.machine)
+        self.info = info
+        self.devices = devices
+        self.ram_section_id = devices.ram_section_id
+
+    def run(self):
+        """Stream until QEMU confirms (SHUT); returns the SourceStats."""
+        t0 = time.perf_counter()
+        f = self.f = self.main.file("wb", self.timeout)
+        rp = self.rp = f.get_return_path()
+        rp.set_timeout(None)
+        self._reader = threading.Thread(target=self._read_return_path, args=(rp,),
+                                        daemon=True, name="qfram-return-path")
+        try:
+            stream.put_header(f, self.machine)
+            stream.put_command(f, wire.CMD_OPEN_RETURN_PATH)
+            stream.put_command(f, wire.CMD_POSTCOPY_ADVISE,
+                               msg.advise_payload(wire.TARGET_PAGE_SIZE,
+                                                  wire.TARGET_PAGE_SIZE))
+            stream.put_ram_setup(f, self.ram_section_id, self.blocks)
+            f.flush()
+            self._reader.start()
+            for block in self.blocks:         # every page goes, exactly once
+                block_all_dirty(self.dirty[block.name], block.npages)
+            self.stats.postcopy_pages, self.stats.requested_pages = \
+                self._postcopy(time.perf_counter(), 0.0, None)
+        except BaseException as exc:
+            self._shutdown_channels()
+            raise self._cause(exc) from None
+        finally:
+            self._reader.join(5)
+        self.stats.bytes_sent = self.f.tell()
+        for closer in (self.f.close, self.rp.close):
+            try:
+                closer()
+            except OSError:
+                pass
+        self.stats.seconds = round(time.perf_counter() - t0, 3)
+        from qfram.latency import percentiles
+        self.stats.request_service = percentiles(self._serve_ns)
+        return self.stats
+
+    def _switch_commands(self, f) -> int:
+        """QEMU's switch: LISTEN, the devices and RUN in one PACKAGED command, so the
+        destination has them all before it runs anything."""
+        from qfram import channel
+        package = channel.buffer_file()
+        stream.put_command(package, wire.CMD_POSTCOPY_LISTEN)
+        package.put_buffer(self.devices.sections)
+        stream.put_command(package, wire.CMD_POSTCOPY_RUN)
+        package.flush()
+        body = package.channel.getvalue()
+        stream.put_command(f, wire.CMD_PACKAGED, len(body).to_bytes(4, "big"))
+        f.put_buffer(body)
+        return f.tell_fast()
+
+    def close(self) -> None:
+        for region in self._maps:
+            region.close()
+
+
+def restore(path: str, *, qmp: Optional[str] = None, to: Optional[str] = None,
+            timeout: float = 30.0, machine: Optional[str] = None) -> RestoreStats:
+    """Restore the snapshot at ``path`` into a QEMU started with ``-incoming defer``
+    (``qmp``: its monitor socket; qfram sets postcopy-ram, hands it one end of a socket
+    pair with getfd and streams until QEMU says completed), or into a QEMU already
+    listening with postcopy-ram set (``to``: HOST:PORT or a unix socket path)."""
+    if (qmp is None) == (to is None):
+        raise ValueError("give the QEMU's monitor (qmp) or its listening address (to)")
+    stats = RestoreStats(snapshot=path)
+    t0 = time.perf_counter()
+    monitor = QMP(qmp, timeout) if qmp is not None else None
+    try:
+        if monitor is not None:
+            main = _hand_over_channel(monitor)
+            stats.qemu_version = "{major}.{minor}.{micro}".format(**monitor.version) \
+                if monitor.version else ""
+        else:
+            main = link.connect(to, None, timeout)          # type: ignore[arg-type]
+        if machine is None and monitor is not None and not _has_devices(path):
+            # RAM only: the devices start at reset, as this QEMU's own machine has them
+            machine = _machine_type(monitor)
+        source = SnapshotSource(path, main, machine=machine, timeout=timeout)
+        stats.machine, stats.ram_bytes = source.machine, source.info.ram_bytes
+        stats.device_bytes = len(source.devices.sections)
+        watcher = None
+        if monitor is not None:
+            watcher = threading.Thread(target=_watch, args=(monitor, stats, t0, timeout),
+                                       daemon=True, name="qfram-qmp")
+            watcher.start()
+        try:
+            result = source.run()
+        finally:
+            source.close()
+        if watcher is not None:
+            watcher.join(timeout)
+            if stats.completed_s is None:
+                raise QMPError(f"QEMU did not report the migration completed within "
+                               f"{timeout:g} s after the last page")
+        else:
+            stats.completed_s = round(time.perf_counter() - t0, 3)
+    finally:
+        if monitor is not None:
+            monitor.close()
+    stats.pages_requested = result.requested_pages
+    stats.pages_pushed = result.postcopy_pages - result.requested_pages
+    stats.requests, stats.request_service = result.requests, result.request_service
+    stats.bytes_sent = result.bytes_sent
+    return stats
+
+
+def _has_devices(path: str) -> bool:
+    fd = snapshot.open_locked(path)
+    try:
+        return bool(snapshot.inspect_fd(path, fd).devices)
+    finally:
+        os.close(fd)
+
+
+def _machine_type(monitor: QMP) -> str:
+    """The running machine's versioned type, e.g. pc-i440fx-7.2 (what its migration
+    configuration section names)."""
+    kind = monitor.cmd("qom-get", {"path": "/machine", "property": "type"})
+    if not isinstance(kind, str) or not kind.endswith("-machine"):
+        raise QMPError(f"QEMU's machine type is {kind!r}")
+    return kind[:-len("-machine")]
+
+
+def _hand_over_channel(monitor: QMP) -> link.Link:
+    """A socket pair: one end to QEMU (getfd, then migrate-incoming fd:NAME), the other
+    ours.  Checks first that QEMU waits for an incoming migration."""
+    status = monitor.cmd("query-status").get("status")
+    if status != "inmigrate":
+        raise QMPError(f"QEMU's run state is {status!r}: start it with -incoming defer "
+                       f"(and the devices of the saved VM)")
+    monitor.set_capabilities(postcopy_ram=True)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        monitor.cmd("getfd", {"fdname": "qfram-restore"}, fd=theirs.fileno())
+    finally:
+        theirs.close()
+    monitor.cmd("migrate-incoming", {"uri": "fd:qfram-restore"})
+    return link.Link(ours)
+
+
+def _watch(monitor: QMP, stats: RestoreStats, t0: float, timeout: float) -> None:
+    """Poll QEMU's migration status: note when the guest can run (postcopy-active) and
+    when everything is in (completed)."""
+    deadline = None
+    while True:
+        try:
+            status = monitor.migration_status()
+        except QMPError:
+            return
+        now = time.perf_counter()
+        if status == "postcopy-active" and stats.postcopy_active_ms is None:
+            stats.postcopy_active_ms = round((now - t0) * 1000, 2)
+        if status == "completed":
+            if stats.postcopy_active_ms is None:
+                stats.postcopy_active_ms = round((now - t0) * 1000, 2)
+            stats.completed_s = round(now - t0, 3)
+            return
+        if status in ("failed", "postcopy-paused", "cancelled"):
+            return
+        if deadline is None and status == "none":
+            deadline = now + timeout
+        if deadline is not None and now > deadline:
+            return
+        time.sleep(POLL_INTERVAL)
