@@ -9,4 +9,6 @@ command -v qemu-system-x86_64 >/dev/null 2>&1 || apt_install qemu-system-x86 || 
 # iproute2 for the two-host (network namespace) postcopy test
 command -v ip >/dev/null 2>&1 || apt_install iproute2 || true
 scripts/fetch_qemu_backports.sh || true
+# Debian's kernel, for the test that restores a real Linux guest into QEMU
+scripts/fetch_guest_kernel.sh || true
 exec .venv/bin/python -m pytest "$@"

@@ -12,7 +12,7 @@ from typing import List, Optional
 
 from qfram.qmp import QMP, QMPError
 
-__all__ = ["Guest", "QMPError", "find_qemu", "kvm_usable", "qemu_command", "qemu_version"]
+__all__ = ["Guest", "QMPError", "find_qemu", "qemu_command", "qemu_version"]
 
 
 def find_qemu() -> Optional[str]:
@@ -22,16 +22,6 @@ def find_qemu() -> Optional[str]:
 def qemu_version(qemu: str) -> tuple:
     out = subprocess.run([qemu, "--version"], capture_output=True, text=True).stdout
     return tuple(int(x) for x in out.split("version ")[1].split()[0].split(".")[:2])
-
-
-def kvm_usable() -> bool:
-    """Whether /dev/kvm can run guests here."""
-    try:
-        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return False
-    os.close(fd)
-    return True
 
 
 def qemu_command(memory: str = "64M", *, qemu: Optional[str] = None,
