@@ -256,57 +256,17 @@ def test_the_discard_command_is_qemus(tmp_path):
 
 # -- a real Linux guest ----------------------------------------------------------------------
 
-KERNEL = os.path.join(ROOT, ".cache", "guest-kernel", "vmlinuz")
 GUEST_MIB = 96
-
-
-def newc(entries) -> bytes:
-    """A cpio archive (the kernel's initramfs format, "newc"): (name, mode, data)."""
-    out = bytearray()
-    for ino, (name, mode, data) in enumerate(list(entries) + [("TRAILER!!!", 0, b"")]):
-        raw = name.encode() + b"\0"
-        fields = [ino + 1, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(raw), 0]
-        out += b"070701" + b"".join(b"%08X" % f for f in fields) + raw
-        out += b"\0" * (-len(out) % 4) + data
-        out += b"\0" * (-len(out) % 4)
-    return bytes(out)
 
 
 @pytest.fixture(scope="module")
 def linux_guest(tmp_path_factory):
-    """Debian's kernel (scripts/fetch_guest_kernel.sh) and an initramfs whose init is a
-    static C program (tests/helpers/guest_init.c)."""
-    if not os.path.exists(KERNEL):
-        failed = KERNEL.replace("/vmlinuz", ".failed")
-        why = open(failed).read().strip() if os.path.exists(failed) else "not fetched"
-        pytest.skip(f"no guest kernel (scripts/fetch_guest_kernel.sh): {why}")
-    work = tmp_path_factory.mktemp("linux")
-    init = work / "init"
-    build = subprocess.run(["cc", "-static", "-O2", "-o", str(init),
-                            os.path.join(ROOT, "tests", "helpers", "guest_init.c")],
-                           capture_output=True, text=True)
-    if build.returncode:
-        pytest.skip(f"cannot build a static init: {build.stderr[-300:]}")
-    (work / "initramfs.cpio").write_bytes(newc([("dev", 0o040755, b""),
-                                                ("init", 0o100755, init.read_bytes())]))
-    return [ "-kernel", KERNEL, "-initrd", str(work / "initramfs.cpio"),
-            "-append", f"console=ttyS0 panic=-1 quiet qfram_mib={GUEST_MIB}"]
-
-
-def serial_lines(path: str, prefix: str, after: int = 0, timeout: float = 120):
-    """Wait for a line starting with ``prefix`` in the serial log (past byte
-    ``after``); returns (the line, the log's length then)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            text = open(path, errors="replace").read()
-        except FileNotFoundError:
-            text = ""
-        for line in text[after:].splitlines():
-            if line.startswith(prefix):
-                return line, len(text)
-        time.sleep(0.05)
-    raise TimeoutError(f"no {prefix!r} on the guest's serial port: {text[-2000:]}")
+    """The QEMU arguments of a real Linux guest (qfram._testing.linux)."""
+    from qfram._testing import linux
+    try:
+        return linux.guest_arguments(str(tmp_path_factory.mktemp("linux")), GUEST_MIB)
+    except linux.NoGuest as exc:
+        pytest.skip(str(exc))
 
 
 def test_a_linux_guest_restored_lazily_keeps_running_with_its_memory(tmp_path, linux_guest,
@@ -314,14 +274,15 @@ def test_a_linux_guest_restored_lazily_keeps_running_with_its_memory(tmp_path, l
     """TCG unless QFRAM_TEST_ACCEL says otherwise: on these VMs /dev/kvm opens and QEMU
     enables it, but a Linux guest under it is still decompressing its kernel after a
     minute (nested virtualisation), while TCG reaches init in seconds."""
+    from qfram._testing.linux import wait_line
     accel = os.environ.get("QFRAM_TEST_ACCEL", "tcg")
     binary, firmware = qemu_bin
     memory = f"{GUEST_MIB + 96}M"
     first_serial = str(tmp_path / "serial-1.log")
     with Guest(memory=memory, running=True, accel=accel, qemu=binary, firmware=firmware,
                extra=linux_guest + ["-serial", f"file:{first_serial}"]) as guest:
-        ready, _ = serial_lines(first_serial, "QFRAM READY")
-        serial_lines(first_serial, "QFRAM SUM")
+        ready, _ = wait_line(first_serial, "QFRAM READY")
+        wait_line(first_serial, "QFRAM SUM")
         guest.cmd("stop")
         guest.migrate_to_file(str(tmp_path / "stream.bin"))
     want = ready.split()[2]
@@ -333,8 +294,8 @@ def test_a_linux_guest_restored_lazily_keeps_running_with_its_memory(tmp_path, l
                extra=linux_guest + ["-serial", f"file:{second_serial}"]) as guest:
         done = restore(str(tmp_path / "snap"), guest)
         assert done.returncode == 0, done.stderr + guest.output()
-        line, seen = serial_lines(second_serial, "QFRAM SUM")
-        line2, _ = serial_lines(second_serial, "QFRAM SUM", after=seen)
+        line, seen = wait_line(second_serial, "QFRAM SUM")
+        line2, _ = wait_line(second_serial, "QFRAM SUM", after=seen)
         assert guest.cmd("query-status")["status"] == "running"
     stats = json.loads(done.stdout)
     assert line.split()[3] == want and line2.split()[3] == want, (line, line2, want)
