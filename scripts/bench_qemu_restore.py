@@ -93,6 +93,15 @@ def lazy(work: str, args, memory: str, snap: str, run: int) -> dict:
             "service_p99_us": stats.request_service.p99_us}
 
 
+def describe(text: str, size: int, repeat: int, row: dict) -> str:
+    return (f"{text} guest ({size // 2 >> 20} MiB filled), median of {repeat}: QEMU's "
+            f"eager load {row['eager_completed_s']} s to running; qfram running after "
+            f"{row['qfram_running_s'] * 1000:.1f} ms ({row['running_ratio']}x), complete "
+            f"after {row['qfram_completed_s']} s ({row['completed_ratio']}x); the guest's "
+            f"next walk done after {row['eager_walk_s']} s (eager) vs "
+            f"{row['qfram_walk_s']} s (qfram)")
+
+
 def main() -> int:
     parser = arguments(__doc__, size="1G,4G", repeat=5)
     args = parser.parse_args()
@@ -120,13 +129,7 @@ def main() -> int:
         row["running_ratio"] = round(row["qfram_running_s"] / row["eager_running_s"], 3)
         row["completed_ratio"] = round(row["qfram_completed_s"] / row["eager_completed_s"], 3)
         report["sizes"][text] = row
-        lines.append(
-            f"{text} guest ({size // 2 >> 20} MiB filled), median of {args.repeat}: QEMU's "
-            f"eager load {row['eager_completed_s']} s to running; qfram running after "
-            f"{row['qfram_running_s'] * 1000:.1f} ms ({row['running_ratio']}x), complete "
-            f"after {row['qfram_completed_s']} s ({row['completed_ratio']}x); the guest's "
-            f"next walk done after {row['eager_walk_s']} s (eager) vs "
-            f"{row['qfram_walk_s']} s (qfram)")
+        lines.append(describe(text, size, args.repeat, row))
     emit(args, report, lines)
     return 0
 
