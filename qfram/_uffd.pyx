@@ -37,13 +37,16 @@ from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memset, memcpy, memcmp
 from posix.fcntl cimport O_CLOEXEC, O_NONBLOCK, O_RDWR, O_RDONLY, open as c_open
 from posix.unistd cimport read, write, close, _exit, pread, sysconf, _SC_PAGESIZE
+from posix.mman cimport madvise, MADV_DONTNEED, MADV_WILLNEED
+from posix.uio cimport iovec
 
 from qfram.includes.atomics cimport (qf_load, qf_store, qf_add, qf_load_int, qf_store_int,
                                      qf_add_int, qf_lock, qf_unlock)
 from qfram.includes.bits cimport qf_bit, qf_set_bit, qf_claim_bit, qf_bit_atomic
 from qfram.includes.system cimport (pollfd, poll, POLLIN, POLLOUT, strerror, ioctl, syscall,
                                     SYS_userfaultfd, eventfd, EFD_CLOEXEC, EFD_NONBLOCK,
-                                    qf_set_errno, qf_now_ns)
+                                    qf_set_errno, qf_now_ns, qf_process_madvise_self,
+                                    IOV_MAX)
 from qfram.includes.uffd cimport *
 from qfram.includes.wire cimport (RAM_SAVE_FLAG_ZERO, RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_EOS,
                                   RAM_SAVE_FLAG_CONTINUE, RAM_SAVE_FLAG_MULTIFD_FLUSH,
@@ -64,6 +67,7 @@ cdef uint64_t PAGE = TARGET_PAGE_SIZE
 cdef enum:
     MAX_AREAS = 64
     MAX_LATENCIES = 1 << 20
+    MAX_TOUCHES = 1 << 20         # first touches remembered (the working set), 8 MiB
     # Arrived pages are placed in runs of up to this many, one UFFDIO_COPY (or ZEROPAGE)
     # a run: the background stream at link speed instead of one ioctl per page
     RUN_PAGES = 128
@@ -111,6 +115,7 @@ cdef struct Counters:
     uint64_t received_pages
     uint64_t received_zero_pages
     uint64_t duplicate_pages
+    uint64_t prefetch_pages
 
 
 # Everything the GIL-free loops touch.
@@ -126,6 +131,8 @@ cdef struct Server:
     uint64_t placed_pages
     uint64_t *lat                 # time from a fault being read to its page in place
     uint64_t nlat
+    uint64_t *touches             # the faults in the order they came: area << 48 | page
+    uint64_t ntouches
     Counters n
     int error                     # errno of the first failure in a loop
     uint64_t fail_addr            # where a page could not be placed (0: not that)
@@ -282,6 +289,22 @@ cdef int _place_window(Server *s, Area *a, uint64_t first, uint64_t count,
     return 0
 
 
+cdef void _note_touch(Server *s, Area *a, uint64_t page) noexcept nogil:
+    """Remember a fault (only the fault thread writes the log)."""
+    if s.ntouches < MAX_TOUCHES:
+        s.touches[s.ntouches] = (<uint64_t>(a - s.areas) << 48) | page
+        qf_store(&s.ntouches, s.ntouches + 1)
+
+
+cdef void _window_of(uint64_t window, Area *a, uint64_t page, uint64_t *first,
+                     uint64_t *count) noexcept nogil:
+    """The aligned window of ``window`` pages placed together with ``page``."""
+    first[0] = page - page % window
+    if first[0] + window > a.npages:
+        first[0] = a.npages - window if a.npages > window else 0
+    count[0] = min(window, a.npages - first[0])
+
+
 cdef void _note_latency(Server *s, uint64_t ns) noexcept nogil:
     cdef uint64_t k = qf_add(&s.nlat, 1) - 1       # several threads may place at once
     if k < MAX_LATENCIES:
@@ -297,7 +320,7 @@ cdef int _serve_loop(Server *s) noexcept nogil:
     cdef pollfd fds[2]
     cdef ssize_t n
     cdef int k
-    cdef uint64_t t0, spin_until, page, first, placed
+    cdef uint64_t t0, spin_until, page, first, count, placed
     cdef Area *a
     fds[0].fd = s.uffd
     fds[0].events = POLLIN
@@ -334,15 +357,13 @@ cdef int _serve_loop(Server *s) noexcept nogil:
                 continue
             page = (msgs[k].arg.pagefault.address - a.base) // PAGE
             s.n.faults += 1
+            _note_touch(s, a, page)
             if a.kind == AREA_REMOTE:
                 if _request(s, a, page, t0) < 0:
                     return -1
                 continue
-            first = page - page % s.window_pages
-            if first + s.window_pages > a.npages:
-                first = a.npages - s.window_pages if a.npages > s.window_pages else 0
-            if _place_window(s, a, first, min(s.window_pages, a.npages - first),
-                             &placed) < 0:
+            _window_of(s.window_pages, a, page, &first, &count)
+            if _place_window(s, a, first, count, &placed) < 0:
                 return -1
             s.n.fault_pages += placed
             _note_latency(s, qf_now_ns() - t0)
@@ -733,7 +754,8 @@ cdef class FaultServer:
         self.s.window_pages = window_pages
         self.s.spin_ns = <uint64_t>(spin_us * 1000.0)
         self.s.lat = <uint64_t *>malloc(MAX_LATENCIES * sizeof(uint64_t))
-        if self.s.lat == NULL:
+        self.s.touches = <uint64_t *>malloc(MAX_TOUCHES * sizeof(uint64_t))
+        if self.s.lat == NULL or self.s.touches == NULL:
             raise MemoryError()
         self.s.uffd = open_userfaultfd()
         memset(&api, 0, sizeof(api))
@@ -751,6 +773,7 @@ cdef class FaultServer:
     def __dealloc__(self):
         self._release()
         free(self.s.lat)
+        free(self.s.touches)
 
     cdef void _release(self) noexcept:
         cdef int i
@@ -1108,6 +1131,75 @@ cdef class FaultServer:
         """Time from reading each fault to its pages being in place, in ns."""
         return [self.s.lat[i] for i in range(min(self.s.nlat, <uint64_t>MAX_LATENCIES))]
 
+    def touches(self):
+        """The faults so far, in the order they came, as (area index, page) pairs (a
+        page several threads faulted on at once may come more than once)."""
+        cdef uint64_t n = qf_load(&self.s.ntouches)
+        return [(<int>(self.s.touches[i] >> 48), self.s.touches[i] & ((1ULL << 48) - 1))
+                for i in range(n)]
+
+    def prefetch(self, pages, uint64_t window=0):
+        """Place the windows of ``pages`` — (area index, page) pairs of local areas, in
+        the order given; ``window`` pages a window, 0: the fault path's — before anything
+        asks for them: the page cache is told to read
+        them all first (one pass of readahead), then each run of adjacent windows is
+        placed with one UFFDIO_COPY (GIL released).  Pages placed already are stepped
+        over.  Returns how many pages it placed."""
+        cdef uint64_t n = len(pages)
+        cdef uint64_t *want = <uint64_t *>malloc(max(n, <uint64_t>1) * sizeof(uint64_t))
+        cdef uint64_t *counts = <uint64_t *>malloc(max(n, <uint64_t>1) * sizeof(uint64_t))
+        cdef uint64_t i, page, first, count, run_first, run_count, placed, runs, total = 0
+        cdef Area *a
+        cdef Area *run_area
+        cdef int idx
+        cdef int rc = 0
+        if want == NULL or counts == NULL:
+            free(want)
+            free(counts)
+            raise MemoryError()
+        if window == 0:
+            window = self.s.window_pages
+        try:
+            for i, (idx, page) in enumerate(pages):
+                if not 0 <= idx < self.s.nareas or self.s.areas[idx].kind != AREA_LOCAL:
+                    raise ValueError(f"area {idx}: no such local area")
+                if page >= self.s.areas[idx].npages:
+                    raise ValueError(f"page {page} lies outside area {idx}")
+                want[i] = (<uint64_t>idx << 48) | page
+            with nogil:
+                # the touches become runs of adjacent windows, in place: (area, first),
+                # count; the page cache reads them all ahead, then each is placed
+                runs = 0
+                for i in range(n):
+                    a = &self.s.areas[want[i] >> 48]
+                    _window_of(window, a, want[i] & ((1ULL << 48) - 1), &first, &count)
+                    if runs and run_area == a and first == run_first + run_count:
+                        run_count += count
+                        counts[runs - 1] = run_count
+                        continue
+                    run_area, run_first, run_count = a, first, count
+                    want[runs] = (<uint64_t>(a - self.s.areas) << 48) | first
+                    counts[runs] = count
+                    runs += 1
+                for i in range(runs):
+                    a = &self.s.areas[want[i] >> 48]
+                    first = want[i] & ((1ULL << 48) - 1)
+                    madvise(<void *>(a.src + first * PAGE), counts[i] * PAGE, MADV_WILLNEED)
+                for i in range(runs):
+                    a = &self.s.areas[want[i] >> 48]
+                    rc = _place_window(&self.s, a, want[i] & ((1ULL << 48) - 1), counts[i],
+                                       &placed)
+                    if rc < 0:
+                        break
+                    total += placed
+                qf_add(&self.s.n.prefetch_pages, total)
+            if rc < 0:
+                raise OSError(self.s.error, f"prefetch: {os.strerror(self.s.error)}")
+            return total
+        finally:
+            free(want)
+            free(counts)
+
 
 # ---------------------------------------------------------------------------------------
 # touching memory that may fault, without the GIL
@@ -1215,12 +1307,30 @@ cdef class DirtyTracker:
         probe.close()
         return True
 
+    cdef long _scan(self, uint64_t start, uint64_t *walk_end) noexcept nogil:
+        """PAGEMAP_SCAN [start, end of region): the runs of pages written since they
+        were last reported, into self.vec, re-armed as they are read.  How many runs
+        (-1: errno), and where the walk stopped."""
+        cdef qf_pm_scan_arg arg
+        cdef long n
+        memset(&arg, 0, sizeof(arg))
+        arg.size = sizeof(arg)
+        arg.flags = QF_PM_SCAN_WP_MATCHING | QF_PM_SCAN_CHECK_WPASYNC
+        arg.start = start
+        arg.end = self.base + self.length
+        arg.vec = <uint64_t>self.vec
+        arg.vec_len = self.vec_len
+        arg.category_mask = QF_PAGE_IS_WRITTEN
+        arg.return_mask = QF_PAGE_IS_WRITTEN
+        n = ioctl(self.pagemap, QF_PAGEMAP_SCAN, &arg)
+        walk_end[0] = arg.walk_end
+        return n
+
     def collect(self, bitmap):
         """OR the pages written since the last call into ``bitmap`` (bit i = page i,
         writable, LSB first) and start watching them again.  Returns how many."""
         cdef Py_buffer b
-        cdef qf_pm_scan_arg arg
-        cdef uint64_t start = self.base
+        cdef uint64_t start = self.base, walk_end = 0
         cdef long n = 0, k
         cdef uint64_t p, first, last, count = 0
         cdef unsigned char *bits
@@ -1231,16 +1341,7 @@ cdef class DirtyTracker:
             bits = <unsigned char *>b.buf
             with nogil:
                 while start < self.base + self.length:
-                    memset(&arg, 0, sizeof(arg))
-                    arg.size = sizeof(arg)
-                    arg.flags = QF_PM_SCAN_WP_MATCHING | QF_PM_SCAN_CHECK_WPASYNC
-                    arg.start = start
-                    arg.end = self.base + self.length
-                    arg.vec = <uint64_t>self.vec
-                    arg.vec_len = self.vec_len
-                    arg.category_mask = QF_PAGE_IS_WRITTEN
-                    arg.return_mask = QF_PAGE_IS_WRITTEN
-                    n = ioctl(self.pagemap, QF_PAGEMAP_SCAN, &arg)
+                    n = self._scan(start, &walk_end)
                     if n < 0:
                         break
                     for k in range(n):
@@ -1249,14 +1350,51 @@ cdef class DirtyTracker:
                         for p in range(first, last):
                             qf_set_bit(bits, p, True)
                         count += last - first
-                    if arg.walk_end <= start:
+                    if walk_end <= start:
                         break
-                    start = arg.walk_end
+                    start = walk_end
             if n < 0:
                 raise OSError(errno, f"PAGEMAP_SCAN: {os.strerror(errno)}")
             return count
         finally:
             PyBuffer_Release(&b)
+
+    def revert_written(self):
+        """Drop every page written since the last call (``MADV_DONTNEED``) and start
+        watching them again: in a private mapping of a file the next touch sees the
+        file's bytes, in private anonymous memory zeros.  Returns (pages, runs).  The
+        scan hands its runs straight to the kernel, many at a time
+        (``process_madvise``), with no bitmap and no call per run from Python."""
+        cdef uint64_t start = self.base, walk_end = 0
+        cdef long n = 0, k
+        cdef uint64_t pages = 0, runs = 0
+        cdef int err = 0
+        cdef iovec *iov = <iovec *>malloc(self.vec_len * sizeof(iovec))
+        if iov == NULL:
+            raise MemoryError()
+        try:
+            with nogil:
+                while start < self.base + self.length:
+                    n = self._scan(start, &walk_end)
+                    if n < 0:
+                        err = errno
+                        break
+                    for k in range(n):
+                        iov[k].iov_base = <void *>self.vec[k].start
+                        iov[k].iov_len = self.vec[k].end - self.vec[k].start
+                        pages += iov[k].iov_len // PAGE
+                    runs += n
+                    if _drop_ranges(iov, n) < 0:
+                        err = errno
+                        break
+                    if walk_end <= start:
+                        break
+                    start = walk_end
+            if err:
+                raise OSError(err, f"reverting written pages: {os.strerror(err)}")
+            return pages, runs
+        finally:
+            free(iov)
 
     def close(self):
         if self.uffd >= 0:
@@ -1272,6 +1410,27 @@ cdef class DirtyTracker:
     def __dealloc__(self):
         self.close()
         free(self.vec)
+
+
+cdef int _drop_ranges(iovec *iov, long n) noexcept nogil:
+    """MADV_DONTNEED on n ranges: IOV_MAX at a time through process_madvise, or one
+    madvise each where this kernel does not take DONTNEED there (before 6.13)."""
+    cdef long k = 0, i, batch, want
+    cdef long done
+    while k < n:
+        batch = min(n - k, <long>IOV_MAX)
+        want = 0
+        for i in range(k, k + batch):
+            want += iov[i].iov_len
+        done = qf_process_madvise_self(&iov[k], batch, MADV_DONTNEED)
+        if done != want:
+            # not there, or stopped part way: the rest one by one (dropping a dropped
+            # page again is harmless)
+            for i in range(k, k + batch):
+                if madvise(iov[i].iov_base, iov[i].iov_len, MADV_DONTNEED) != 0:
+                    return -1
+        k += batch
+    return 0
 
 
 def _probe_region():

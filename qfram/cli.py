@@ -258,6 +258,8 @@ def cmd_load(args: argparse.Namespace) -> int:
     """Restore a snapshot, eagerly or lazily, and check it."""
     if args.lazy:
         return load_lazy(args)
+    if args.reset_loop:
+        return load_reset_loop(args)
     files = None
     ram = None
     if args.target:
@@ -288,8 +290,16 @@ def cmd_load(args: argparse.Namespace) -> int:
 def load_lazy(args: argparse.Namespace) -> int:
     from qfram import faults
     with faults.LazyRestore(args.snapshot, window_pages=args.window,
-                            spin_us=args.spin_us, force=args.force) as lazy:
-        touched = faults.touch_workload(lazy.ram, args.touches, threads=args.touch_threads)
+                            spin_us=args.spin_us, force=args.force,
+                            background=not args.no_background,
+                            prefetch=False if args.no_prefetch else None,
+                            record=not args.no_record) as lazy:
+        if args.hot_set:
+            touched = faults.hot_set_workload(lazy.ram, args.hot_set,
+                                              threads=args.touch_threads)
+        else:
+            touched = faults.touch_workload(lazy.ram, args.touches,
+                                            threads=args.touch_threads)
         stats = lazy.wait(verify=not args.no_verify)
         if args.target:
             out_ram, files = target_blocks(lazy.info, args.target, args.force)
@@ -311,10 +321,39 @@ def load_lazy(args: argparse.Namespace) -> int:
          f"lazily restored {human(out['ram_bytes'])} from {args.snapshot} in "
          f"{stats.seconds:.3f} s: {stats.faults} faults served ({stats.fault_pages} pages), "
          f"{stats.background_pages} pages in the background, {stats.zero_pages} zero pages\n"
+         f"working set: {stats.working_set}\n"
          f"fault service p50 {lat.p50_us} us, p99 {lat.p99_us} us, max "
          f"{lat.max_us} us; the workload's touches p50 {touched.p50_us} us, p99 "
          f"{touched.p99_us} us; "
          + ("checksums verified" if stats.verified else "no checksums to verify"))
+    return 0
+
+
+def load_reset_loop(args: argparse.Namespace) -> int:
+    """Map the snapshot copy-on-write, then N times: write --dirty-pages pages, reset."""
+    from qfram import reset
+    from qfram.latency import percentiles
+    if args.target:
+        raise QFramError("--reset-loop keeps the RAM to itself: no TARGET")
+    took = []
+    pages = 0
+    with reset.Resettable(args.snapshot, force=args.force) as box:
+        for k in range(args.reset_loop):
+            reset.scribble(box.ram, args.dirty_pages, seed=k + 1)
+            stats = box.reset()
+            took.append(int(stats.seconds * 1e9))
+            pages += stats.pages
+        verified = not args.no_verify and box.verify()
+    lat = percentiles(took)
+    out = dict(snapshot=args.snapshot, resets=args.reset_loop,
+               pages_per_reset=pages / max(1, args.reset_loop),
+               reset_us=dict(p50=lat.p50_us, p99=lat.p99_us, max=lat.max_us),
+               verified=verified)
+    emit(args, out,
+         f"{args.reset_loop} resets of {args.snapshot}, {out['pages_per_reset']:.0f} pages "
+         f"written before each: reset p50 {lat.p50_us} us, p99 {lat.p99_us} us, max "
+         f"{lat.max_us} us; "
+         + ("checksums verified after the last" if verified else "not verified"))
     return 0
 
 
@@ -343,8 +382,25 @@ def cmd_info(args: argparse.Namespace) -> int:
                          f"{d.offset:>10}-{d.end:<10}")
     for cmd, length, offset in info.commands:
         lines.append(f"command {cmd} ({length} bytes) at byte {offset}")
-    emit(args, info.as_dict(), "\n".join(lines))
+    out = info.as_dict()
+    if info.layout == "mapped":
+        out["working_set"] = ws = working_set_of(args.snapshot, info)
+        lines.append("working set: " + (f"{ws['pages']} pages in {ws['runs']} runs "
+                                        f"({ws['window_pages']}-page windows), recorded "
+                                        f"{ws['recorded']}" if "pages" in ws else ws["note"]))
+    emit(args, out, "\n".join(lines))
     return 0
+
+
+def working_set_of(path: str, info) -> dict:
+    """The recorded working set of a mapped snapshot, or why there is none to use."""
+    from qfram import workingset
+    fd = snapshot.open_locked(path)
+    try:
+        ws, note = workingset.load(path, fd, info)
+    finally:
+        os.close(fd)
+    return ws.describe() if ws is not None else {"note": note}
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -528,6 +584,15 @@ def cmd_footprint(args: argparse.Namespace) -> int:
     return 0
 
 
+# what a lazy load can leave out
+LAZY_SWITCHES = (
+    ("--no-prefetch", "do not place the recorded working set (SNAPSHOT.ws) first"),
+    ("--no-record", "do not record the pages touched first in SNAPSHOT.ws"),
+    ("--no-background", "place only what is touched until the workload ends (with "
+                        "--window 1: records the exact working set)"),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qfram", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -568,10 +633,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--touches", type=int, default=4000,
                    help="--lazy: random first touches by the built-in workload")
     p.add_argument("--touch-threads", type=int, default=4)
+    p.add_argument("--hot-set", type=int, metavar="PAGES",
+                   help="--lazy: the workload reads the same PAGES pages every run instead")
+    for flag, what in LAZY_SWITCHES:
+        p.add_argument(flag, action="store_true", help="--lazy: " + what)
     p.add_argument("--window", type=int, default=16, help="--lazy: pages placed per fault")
     p.add_argument("--spin-us", type=float, default=50.0,
                    help="--lazy: fault thread busy-waits this long before sleeping")
     p.add_argument("--threads", type=int, default=2, help="reader threads (mapped layout)")
+    p.add_argument("--reset-loop", type=int, default=0, metavar="N",
+                   help="map the snapshot copy-on-write and N times write --dirty-pages "
+                        "random pages then reset it (only the written pages are undone)")
+    p.add_argument("--dirty-pages", type=int, default=100,
+                   help="--reset-loop: pages written before each reset")
     p.add_argument("--no-verify", action="store_true", help="skip the checksum check")
     p.add_argument("--force", action="store_true",
                    help="restore even a snapshot that declares more RAM than there is room "

@@ -16,9 +16,9 @@ import os
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
-from qfram import snapshot
+from qfram import snapshot, workingset
 from qfram.errors import FormatError
 from qfram.latency import Latency, percentiles
 from qfram.ram import RAMBlock, RAMList, bitmap_bytes, memory_room
@@ -36,6 +36,9 @@ class LazyStats:
     seconds: float
     verified: bool
     handler_latency: Latency
+    prefetch_pages: int = 0         # placed from the recorded working set before use
+    prefetch_seconds: float = 0.0
+    working_set: str = ""           # what became of the working set (used, recorded, why not)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -55,11 +58,17 @@ class LazyRestore:
     other thread touches the memory.  The snapshot is held with a shared lock, so no
     incremental save changes it meanwhile.  ``force``: restore even when the snapshot
     declares more RAM than the machine has available.
+
+    ``prefetch``: place the pages of the working set recorded by an earlier restore
+    (``SNAP.ws``) before returning — None (the default) when there is one that fits,
+    False never.  ``record``: once complete, write the pages first touched (after the
+    prefetched ones) as the working set for the next restore.
     """
 
     def __init__(self, path: str, *, window_pages: int = 16, spin_us: float = 50.0,
                  background: bool = True, on_failure: str = "exit",
-                 force: bool = False) -> None:
+                 force: bool = False, prefetch: Optional[bool] = None,
+                 record: bool = True) -> None:
         from qfram._uffd import FaultServer
         if on_failure not in ("exit", "raise"):
             raise ValueError("on_failure is 'exit' or 'raise'")
@@ -81,6 +90,7 @@ class LazyRestore:
                            f"anyway", 0)
         self.path = path
         self.info = info
+        self.window_pages = window_pages
         size = os.fstat(self._fd).st_size
         self._file = mmap.mmap(self._fd, size, prot=mmap.PROT_READ)
         self.server = FaultServer(window_pages, spin_us)
@@ -98,6 +108,8 @@ class LazyRestore:
         self._faults = threading.Thread(target=self._run, args=(self.server.serve_faults,),
                                         name="qfram-faults", daemon=True)
         self._faults.start()
+        self._record = record
+        self._prefetch_working_set(prefetch)
         self._fill: Optional[threading.Thread] = None
         if background:
             self._fill = threading.Thread(target=self._run,
@@ -105,6 +117,45 @@ class LazyRestore:
                                           name="qfram-fill", daemon=True)
             self._fill.start()
         self._done = False
+
+    def _prefetch_working_set(self, wanted: Optional[bool]) -> None:
+        """Place the recorded working set first (the areas were added in the order of
+        the snapshot's blocks: area index = block index)."""
+        self.working_set: Optional[workingset.WorkingSet] = None
+        self.working_set_note = "prefetch off"
+        self.prefetch_pages = 0
+        self.prefetch_seconds = 0.0
+        if wanted is False:
+            return
+        self.working_set, self.working_set_note = workingset.load(self.path, self._fd,
+                                                                  self.info)
+        if self.working_set is None:
+            return
+        t0 = time.perf_counter()
+        self.prefetch_pages = self.server.prefetch(self.working_set.touches,
+                                                   self.working_set.window_pages)
+        self.prefetch_seconds = time.perf_counter() - t0
+        self.working_set_note = (f"{self.prefetch_pages} pages of the working set "
+                                 f"({self.working_set.pages} first touches) placed first")
+
+    def _record_working_set(self) -> None:
+        """Keep what was touched first for the next restore (a hint: a failure to write
+        it is reported, never raised)."""
+        before = self.working_set.touches if self.working_set is not None else []
+        touches = workingset.first_touches(before, self.server.touches())
+        if not touches or touches == before:
+            return
+        # the pages placed with a touch: the widest window it was recorded with
+        window = max(self.window_pages,
+                     self.working_set.window_pages if self.working_set is not None else 1)
+        try:
+            workingset.save(self.path, self._fd, self.info,
+                            workingset.WorkingSet(touches, window, time.time()))
+        except OSError as exc:
+            self.working_set_note += f"; not recorded: {exc.strerror}"
+            return
+        self.working_set_note += (f"; {len(touches)} first touches recorded in "
+                                  f"{workingset.sidecar_of(self.path)}")
 
     def _run(self, loop) -> None:
         try:
@@ -140,10 +191,13 @@ class LazyRestore:
             self.ram, [(b.name, b.used_length) for b in self.info.blocks],
             self.info.description, "lazily restored")
         self._done = True
+        if self._record:
+            self._record_working_set()
         n = self.server.counters
         return LazyStats(n["faults"], n["fault_pages"], n["background_pages"],
                          n["zero_pages"], n["eexist"], seconds, verified,
-                         percentiles(self.server.latencies_ns()))
+                         percentiles(self.server.latencies_ns()), self.prefetch_pages,
+                         self.prefetch_seconds, self.working_set_note)
 
     def close(self) -> None:
         """Stop serving and unmap everything (the RAM too: a program keeps what it
@@ -173,22 +227,54 @@ def touch_workload(ram: RAMList, touches: int = 2000, threads: int = 4,
     reading random pages.  Returns the first-touch latency percentiles it saw."""
     import random
     blocks = list(ram)
+
+    def pages_of(k: int) -> List[Tuple[RAMBlock, int]]:
+        rng = random.Random(seed * 1000 + k)
+        chosen = []
+        for _ in range(touches // threads):
+            block = rng.choice(blocks)
+            chosen.append((block, rng.randrange(block.npages)))
+        return chosen
+
+    return _touch([pages_of(k) for k in range(threads)])
+
+
+def hot_set_workload(ram: RAMList, pages: int = 4096, threads: int = 4,
+                     seed: int = 1) -> Latency:
+    """A program with a stable hot set: the same ``pages`` pages (chosen by ``seed``,
+    scattered over the RAM in small clusters, as a program's data is) are read by
+    ``threads`` threads, each page once, every time it runs."""
+    import random
+    rng = random.Random(seed)
+    blocks = list(ram)
+    weights = [b.npages for b in blocks]
+    pages = min(pages, sum(weights))
+    chosen: dict = {}                   # (block index, page) -> block, in order
+    while len(chosen) < pages:
+        k = rng.choices(range(len(blocks)), weights)[0]
+        start = rng.randrange(blocks[k].npages)
+        for p in range(start, min(blocks[k].npages, start + 4)):
+            chosen.setdefault((k, p), blocks[k])
+    hot = [(block, p) for (_, p), block in list(chosen.items())[:pages]]
+    rng.shuffle(hot)
+    return _touch([hot[k::threads] for k in range(threads)])
+
+
+def _touch(shares: List[List[Tuple[RAMBlock, int]]]) -> Latency:
+    """One thread per share reads one byte of each of its pages; the latencies seen."""
     latencies: List[int] = []
     lock = threading.Lock()
 
-    def run(k: int) -> None:
-        rng = random.Random(seed * 1000 + k)
+    def run(share: List[Tuple[RAMBlock, int]]) -> None:
         mine = []
-        for _ in range(touches // threads):
-            block = rng.choice(blocks)
-            off = rng.randrange(block.npages) * TARGET_PAGE_SIZE
+        for block, page in share:
             t0 = time.perf_counter_ns()
-            block.region[off]
+            block.region[page * TARGET_PAGE_SIZE]
             mine.append(time.perf_counter_ns() - t0)
         with lock:
             latencies.extend(mine)
 
-    pool = [threading.Thread(target=run, args=(k,)) for k in range(threads)]
+    pool = [threading.Thread(target=run, args=(share,)) for share in shares]
     for t in pool:
         t.start()
     for t in pool:

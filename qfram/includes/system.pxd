@@ -2,6 +2,7 @@
 # Cython ships in posix.* and libc.*.
 
 from posix.types cimport off_t
+from posix.uio cimport iovec
 
 cdef extern from "<poll.h>" nogil:
     struct pollfd:
@@ -42,6 +43,23 @@ cdef extern from "<sys/syscall.h>" nogil:
     enum:
         SYS_userfaultfd
     long syscall(long number, ...)
+
+cdef extern from *:
+    """
+    #include <sys/syscall.h>
+    #include <sys/uio.h>
+    #include <unistd.h>
+    #ifndef SYS_process_madvise
+    #define SYS_process_madvise 440
+    #endif
+    /* Linux 6.13+: process_madvise() on the caller itself takes any advice; PIDFD_SELF
+       (6.14+) names the caller without opening a pidfd.  Many ranges, one mmap lock and
+       one TLB flush: a few microseconds instead of a few per range. */
+    static inline long qf_process_madvise_self(const struct iovec *iov, size_t n, int advice) {
+        return syscall(SYS_process_madvise, -10000 /* PIDFD_SELF */, iov, n, advice, 0);
+    }
+    """
+    long qf_process_madvise_self(const iovec *iov, size_t n, int advice) nogil
 
 cdef extern from "<sys/eventfd.h>" nogil:
     int eventfd(unsigned int initval, int flags)

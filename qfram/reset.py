@@ -1,0 +1,114 @@
+"""Dirty-only reset: RAM restored from a snapshot, and returned to it again and again by
+undoing only the pages written since (what fuzzers and sandbox pools do by hand).
+
+:class:`Resettable` maps each block of a mapped snapshot copy-on-write
+(``MAP_PRIVATE``): nothing is read until touched, a written page becomes private, an
+untouched one stays the page cache's.  Writes are tracked with userfaultfd asynchronous
+write protection, read back with PAGEMAP_SCAN (``_uffd.DirtyTracker``, which re-arms the
+pages it reports).  ``reset()`` hands the written pages back with ``MADV_DONTNEED``: for
+a private file mapping that drops the private copy, so the next touch sees the file's
+bytes again — no copy, and the cost grows with the pages written, not with the RAM.
+
+The snapshot is held with a shared lock for as long as it is mapped: an incremental
+save would change what unwritten pages show.  Pages the bitmap calls absent are read as
+the file's holes, zero (both qfram and QEMU write them so).
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import List
+
+from qfram import snapshot
+from qfram.errors import FormatError
+from qfram.ram import RAMBlock, RAMList, memory_room
+from qfram.stream import TooLarge
+from qfram.wire import TARGET_PAGE_SIZE
+
+
+@dataclass
+class ResetStats:
+    pages: int                  # written since the last reset, now the snapshot's again
+    runs: int                   # runs of adjacent pages among them
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Resettable:
+    """The RAM of the mapped snapshot at ``path``, usable at once (``ram``); ``reset()``
+    returns it to the snapshot.  ``force``: map it even when it declares more RAM than
+    the machine has available."""
+
+    def __init__(self, path: str, *, force: bool = False) -> None:
+        from qfram._uffd import DirtyTracker
+        self.path = path
+        self._fd = snapshot.open_locked(path)
+        self._trackers: List[DirtyTracker] = []
+        self.ram = RAMList()
+        try:
+            self.info = snapshot.inspect_fd(path, self._fd)
+            if self.info.layout != "mapped":
+                raise FormatError(f"{path}: a dirty-only reset needs the mapped layout "
+                                  f"(pages at fixed offsets); `qfram rewrite {path} OUT "
+                                  f"--layout mapped` makes one", 0)
+            room, where = memory_room()
+            if not force and self.info.ram_bytes > room:
+                raise TooLarge(f"{path} declares {self.info.ram_bytes / 2**30:.2f} GiB of "
+                               f"RAM, more than {where}; --force to map it anyway", 0)
+            for b in self.info.blocks:   # (inspect checked every offset against the file)
+                region = mmap.mmap(self._fd, b.used_length, flags=mmap.MAP_PRIVATE,
+                                   offset=b.pages_offset)
+                block = self.ram.add(RAMBlock(b.name, region, kind="snapshot-private"))
+                self._trackers.append(DirtyTracker(block.region))
+        except BaseException:
+            self.close()
+            raise
+        self.resets = 0
+
+    def reset(self) -> ResetStats:
+        """Undo every write since the restore (or the last reset)."""
+        t0 = time.perf_counter()
+        pages = runs = 0
+        for tracker in self._trackers:
+            p, r = tracker.revert_written()
+            pages += p
+            runs += r
+        self.resets += 1
+        return ResetStats(pages, runs, time.perf_counter() - t0)
+
+    def verify(self) -> bool:
+        """Check every block against the snapshot's checksums (when it has them)."""
+        return snapshot.check_checksums(self.ram, [(b.name, b.used_length)
+                                                   for b in self.info.blocks],
+                                        self.info.description, "reset")
+
+    def close(self) -> None:
+        for tracker in self._trackers:
+            tracker.close()
+        self._trackers = []
+        self.ram.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> "Resettable":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def scribble(ram: RAMList, pages: int, seed: int) -> None:
+    """Write one byte into each of ``pages`` random pages (a sandbox's run, for the
+    demo and the benchmark)."""
+    import random
+    rng = random.Random(seed)
+    blocks = list(ram)
+    weights = [b.npages for b in blocks]
+    for _ in range(pages):
+        block = rng.choices(blocks, weights)[0]
+        block.region[rng.randrange(block.npages) * TARGET_PAGE_SIZE] = seed & 0xFF | 1
