@@ -25,9 +25,15 @@ def write_wire_pxd() -> None:
 
 write_wire_pxd()
 
+# the chunked layout's C codecs and hash (Debian's liblz4-dev, libzstd-dev, libxxhash-dev)
+CHUNK_LIBRARIES = ["lz4", "zstd", "xxhash"]
+
 extensions = [
     Extension("qfram._fast", ["qfram/_fast.pyx"], extra_compile_args=["-O2"]),
-    Extension("qfram._uffd", ["qfram/_uffd.pyx"], extra_compile_args=["-O2"]),
+    Extension("qfram._uffd", ["qfram/_uffd.pyx"], extra_compile_args=["-O2"],
+              libraries=CHUNK_LIBRARIES),
+    Extension("qfram._chunks", ["qfram/_chunks.pyx"], extra_compile_args=["-O2"],
+              libraries=CHUNK_LIBRARIES),
     Extension("qfram._tls", ["qfram/_tls.pyx"], extra_compile_args=["-O2"],
               libraries=["ssl", "crypto"]),
 ]

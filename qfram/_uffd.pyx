@@ -30,13 +30,15 @@ protection + PAGEMAP_SCAN, Linux 6.7+), for precopy rounds.
 from cpython.pycapsule cimport PyCapsule_GetPointer
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
-from libc.errno cimport errno, EINTR, EAGAIN, EEXIST, EINVAL, EPIPE, ETIMEDOUT, EFAULT
+from libc.errno cimport (errno, EINTR, EAGAIN, EEXIST, EINVAL, EPIPE, ETIMEDOUT, EFAULT, EIO,
+                        EBADMSG, ENOMEM)
 from libc.stdint cimport uint32_t, uint64_t, int64_t
 from libc.stdio cimport snprintf
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memset, memcpy, memcmp
 from posix.fcntl cimport O_CLOEXEC, O_NONBLOCK, O_RDWR, O_RDONLY, open as c_open
 from posix.unistd cimport read, write, close, _exit, pread, sysconf, _SC_PAGESIZE
+from posix.types cimport off_t
 from posix.mman cimport madvise, MADV_DONTNEED, MADV_WILLNEED
 from posix.uio cimport iovec
 
@@ -48,6 +50,8 @@ from qfram.includes.system cimport (pollfd, poll, POLLIN, POLLOUT, strerror, ioc
                                     qf_set_errno, qf_now_ns, qf_process_madvise_self,
                                     IOV_MAX)
 from qfram.includes.uffd cimport *
+from qfram.includes.chunks cimport (qf_chunk, qf_chunk_decode, qf_hash, QF_CHUNK_ZERO,
+                                    QF_CHUNK_RAW, QF_CHUNK_ZSTD)
 from qfram.includes.wire cimport (RAM_SAVE_FLAG_ZERO, RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_EOS,
                                   RAM_SAVE_FLAG_CONTINUE, RAM_SAVE_FLAG_MULTIFD_FLUSH,
                                   SECTION_EOF, SECTION_PART, SECTION_END, SECTION_COMMAND,
@@ -94,6 +98,10 @@ cdef struct Area:
     unsigned char *claimed        # bit set = a thread has taken this page to place it
     const unsigned char *present  # local source: bit set = data, clear = zero page
     const unsigned char *src      # local source: bytes of page 0 (a snapshot mapping)
+    # or a chunked source (qfram.chunked): chunks read from fd and decoded as needed
+    const qf_chunk *chunks
+    uint64_t chunk_pages
+    int fd
     uint64_t placed               # pages placed so far
     # remote source (postcopy): pages are asked for and arrive on a stream
     unsigned char *requested      # bit set = already asked for
@@ -133,6 +141,7 @@ cdef struct Server:
     uint64_t nlat
     uint64_t *touches             # the faults in the order they came: area << 48 | page
     uint64_t ntouches
+    size_t stage_bytes            # a placing thread's buffers for chunked areas
     Counters n
     int error                     # errno of the first failure in a loop
     uint64_t fail_addr            # where a page could not be placed (0: not that)
@@ -264,14 +273,17 @@ cdef Area *_area_named(Server *s, const unsigned char *name, int n) noexcept nog
 
 
 cdef int _place_window(Server *s, Area *a, uint64_t first, uint64_t count,
-                       uint64_t *placed_out) noexcept nogil:
+                       unsigned char *stage, uint64_t *placed_out) noexcept nogil:
     """Claim the unclaimed pages of [first, first+count) of a local area and place them
-    from its source, one ioctl per run of the same kind.  0, or -1 on a hard error."""
+    from its source, one ioctl per run of the same kind.  0, or -1 on a hard error.
+    ``stage``: the calling thread's buffers (``stage_bytes``), for chunked areas."""
     cdef uint64_t i = first
     cdef uint64_t end = first + count
     cdef uint64_t j
     cdef bint data
     placed_out[0] = 0
+    if a.chunks != NULL:
+        return _place_chunks(s, a, first, count, stage, placed_out)
     while i < end:
         if not qf_claim_bit(a.claimed, i):
             i += 1                  # someone else places it (and wakes its waiters)
@@ -286,6 +298,78 @@ cdef int _place_window(Server *s, Area *a, uint64_t first, uint64_t count,
         i = j
     qf_add(&a.placed, placed_out[0])
     qf_add(&s.placed_pages, placed_out[0])
+    return 0
+
+
+cdef int _place_chunks(Server *s, Area *a, uint64_t first, uint64_t count,
+                       unsigned char *stage, uint64_t *placed_out) noexcept nogil:
+    """A chunked area: every chunk [first, first+count) reaches into is read and decoded
+    once (if a page of it is still to place), then its unclaimed pages are placed from
+    the decoded bytes, one ioctl per run; a zero chunk's with the zero page."""
+    cdef uint64_t c = first // a.chunk_pages
+    cdef uint64_t c_end = (first + count + a.chunk_pages - 1) // a.chunk_pages
+    cdef uint64_t p, p_end, i, j, placed = 0
+    cdef bint decoded
+    cdef int rc
+    while c < c_end:
+        p = c * a.chunk_pages
+        p_end = min(p + a.chunk_pages, a.npages)
+        decoded = False
+        i = p
+        while i < p_end:
+            if not qf_claim_bit(a.claimed, i):
+                i += 1
+                continue
+            j = i + 1
+            while j < p_end and qf_claim_bit(a.claimed, j):
+                j += 1
+            if a.chunks[c].kind == QF_CHUNK_ZERO:
+                rc = _place(s, a.base + i * PAGE, 0, j - i, True)
+            else:
+                if not decoded and _read_chunk(s, a, c, p_end - p, stage) < 0:
+                    return -1
+                decoded = True
+                rc = _place(s, a.base + i * PAGE, <uint64_t>stage + (i - p) * PAGE, j - i,
+                            False)
+            if rc < 0:
+                return -1
+            placed += j - i
+            i = j
+        c += 1
+    placed_out[0] = placed
+    qf_add(&a.placed, placed)
+    qf_add(&s.placed_pages, placed)
+    return 0
+
+
+cdef int _read_chunk(Server *s, Area *a, uint64_t c, uint64_t pages,
+                     unsigned char *stage) noexcept nogil:
+    """Chunk c of a chunked area, decoded into ``stage`` and checked against its hash.
+    Read with pread (a file cut under us is an error here, not a SIGBUS); -1 with EIO
+    for a short read, EBADMSG for bytes that do not decode to what was saved."""
+    cdef const qf_chunk *ch = &a.chunks[c]
+    cdef unsigned char *packed = stage + a.chunk_pages * PAGE
+    cdef unsigned char *into = stage if ch.kind == QF_CHUNK_RAW else packed
+    cdef size_t done = 0
+    cdef ssize_t got
+    cdef int err = 0
+    while done < ch.length:
+        got = pread(a.fd, into + done, ch.length - done, <off_t>(ch.offset + done))
+        if got < 0 and errno == EINTR:
+            continue
+        if got <= 0:
+            err = errno if got < 0 else EIO
+            break
+        done += <size_t>got
+    if err == 0 and ch.kind != QF_CHUNK_RAW:
+        if qf_chunk_decode(ch, packed, stage, pages * PAGE) != 0:
+            err = EBADMSG
+    elif err == 0 and qf_hash(stage, pages * PAGE) != ch.hash:
+        err = EBADMSG
+    if err:
+        s.error = err
+        s.fail_addr = a.base + c * a.chunk_pages * PAGE
+        return -1
     return 0
 
 
@@ -318,6 +402,28 @@ cdef void _note_latency(Server *s, uint64_t ns) noexcept nogil:
 cdef int _serve_loop(Server *s) noexcept nogil:
     cdef uffd_msg msgs[64]
     cdef pollfd fds[2]
+    cdef unsigned char *stage = _new_stage(s)
+    cdef int rc
+    if s.stage_bytes and stage == NULL:
+        return -1
+    rc = _serve_faults(s, msgs, fds, stage)
+    free(stage)
+    return rc
+
+
+cdef unsigned char *_new_stage(Server *s) noexcept nogil:
+    """A placing thread's buffers for chunked areas (NULL when there are none, or with
+    ENOMEM in s.error when there is no memory)."""
+    cdef unsigned char *stage = NULL
+    if s.stage_bytes:
+        stage = <unsigned char *>malloc(s.stage_bytes)
+        if stage == NULL:
+            s.error = ENOMEM
+    return stage
+
+
+cdef int _serve_faults(Server *s, uffd_msg *msgs, pollfd *fds,
+                       unsigned char *stage) noexcept nogil:
     cdef ssize_t n
     cdef int k
     cdef uint64_t t0, spin_until, page, first, count, placed
@@ -333,7 +439,7 @@ cdef int _serve_loop(Server *s) noexcept nogil:
             qf_store_int(&s.resume_pending, 0)
             if _request_again(s) < 0:
                 return -1
-        n = read(s.uffd, msgs, sizeof(msgs))
+        n = read(s.uffd, msgs, 64 * sizeof(uffd_msg))
         if n < 0:
             if errno == EINTR:
                 continue
@@ -362,8 +468,9 @@ cdef int _serve_loop(Server *s) noexcept nogil:
                 if _request(s, a, page, t0) < 0:
                     return -1
                 continue
-            _window_of(s.window_pages, a, page, &first, &count)
-            if _place_window(s, a, first, count, &placed) < 0:
+            _window_of(a.chunk_pages if a.chunks != NULL else s.window_pages, a, page,
+                       &first, &count)
+            if _place_window(s, a, first, count, stage, &placed) < 0:
                 return -1
             s.n.fault_pages += placed
             _note_latency(s, qf_now_ns() - t0)
@@ -394,6 +501,16 @@ cdef int _request_again(Server *s) noexcept nogil:
 
 
 cdef int _fill_loop(Server *s) noexcept nogil:
+    cdef unsigned char *stage = _new_stage(s)
+    cdef int rc
+    if s.stage_bytes and stage == NULL:
+        return -1
+    rc = _fill(s, stage)
+    free(stage)
+    return rc
+
+
+cdef int _fill(Server *s, unsigned char *stage) noexcept nogil:
     cdef int i
     cdef uint64_t first, n, placed
     cdef Area *a
@@ -404,7 +521,7 @@ cdef int _fill_loop(Server *s) noexcept nogil:
             if qf_load_int(&s.stopping):
                 return 0
             n = min(<uint64_t>256, a.npages - first)
-            if _place_window(s, a, first, n, &placed) < 0:
+            if _place_window(s, a, first, n, stage, &placed) < 0:
                 return -1
             qf_add(&s.n.background_pages, placed)
             first += n
@@ -700,9 +817,12 @@ cdef void _die(Server *s, QEMUFile f, const char *what) noexcept nogil:
     if err:
         reason = strerror(err)
     _where(s, where, sizeof(where))
-    if a != NULL and a.kind == AREA_LOCAL and err == EFAULT:
+    if a != NULL and a.kind == AREA_LOCAL and (err == EFAULT or err == EIO):
         hint = b" (the snapshot file no longer holds it: was it cut or replaced while " \
                b"in use?)"
+    if a != NULL and a.kind == AREA_LOCAL and err == EBADMSG:
+        hint = b" (its chunk does not decode to the bytes that were saved: the file is " \
+               b"damaged)"
     if s.format_error:
         n = snprintf(line, sizeof(line), "qfram: postcopy failed while %s: broken stream "
                      "(%d) at byte %lld\n", what, s.format_error,
@@ -811,13 +931,16 @@ cdef class FaultServer:
             raise MemoryError()
         return bits
 
-    def add_area(self, region, source=None, present=None, name=None):
+    def add_area(self, region, source=None, present=None, name=None, chunks=None,
+                 int fd=-1, uint64_t chunk_bytes=0):
         """Register ``region`` (MISSING mode).  Local source: its pages come from
         ``source`` (same length or longer) where ``present`` has the page's bit, else
         they are zero.  Remote source (``source`` None): pages are asked for on the
         request fd and placed by ``receive``; ``name`` is the block's idstr there, and
         ``present`` marks the pages already in place (arrived before registration; never
-        asked for).  Returns the area's index."""
+        asked for).  Chunked source (qfram.chunked): ``chunks`` is the block's index
+        (qf_chunk entries, checked against the file), read from ``fd`` in chunks of
+        ``chunk_bytes``.  Returns the area's index."""
         cdef Py_buffer *r
         cdef Py_buffer *src
         cdef Py_buffer pview
@@ -832,12 +955,15 @@ cdef class FaultServer:
             raise ValueError("a remote area needs its block name")
         if source is not None and present is None:
             raise ValueError("a local source needs its bitmap of present pages")
+        if chunks is not None and (fd < 0 or chunk_bytes == 0 or chunk_bytes % PAGE
+                                   or source is not None):
+            raise ValueError("a chunked source is an index, an fd and a chunk size")
         r = self._export(region)
         if <uint64_t>r.buf % PAGE or r.len % PAGE or r.len == 0:
             raise ValueError("a userfaultfd area must be whole, aligned pages")
         a = &self.s.areas[self.s.nareas]
         memset(a, 0, sizeof(Area))
-        a.kind = AREA_LOCAL if source is not None else AREA_REMOTE
+        a.kind = AREA_LOCAL if source is not None or chunks is not None else AREA_REMOTE
         a.base = <uint64_t>r.buf
         a.length = r.len
         a.npages = r.len // PAGE
@@ -857,19 +983,43 @@ cdef class FaultServer:
             self.exports.append(kept)
             a.present = <const unsigned char *><char *>kept
             a.src = <const unsigned char *>src.buf
+        if chunks is not None:
+            self._add_chunks(a, chunks, fd, chunk_bytes)
         a.claimed = self._bitmap(a.npages)
-        if source is None:
+        if a.kind == AREA_REMOTE:
             a.requested = self._bitmap(a.npages)
             a.zero_known = self._bitmap(a.npages)
             a.fault_ns = <uint64_t *>calloc(a.npages, 8)
             if a.fault_ns == NULL:
                 raise MemoryError()
         _register(self.s.uffd, a.base, a.length, UFFDIO_REGISTER_MODE_MISSING, "missing")
-        if source is None and present is not None:
+        if a.kind == AREA_REMOTE and present is not None:
             self._mark_present(a, present)
         self.s.total_pages += a.npages
         self.s.nareas += 1
         return self.s.nareas - 1
+
+    cdef int _add_chunks(self, Area *a, chunks, int fd, uint64_t chunk_bytes) except -1:
+        """Check a chunked area's index once more where the C loops rely on it (the
+        stored bytes fit the thread's buffers) and keep a copy."""
+        cdef bytes kept = bytes(chunks)
+        cdef const qf_chunk *c = <const qf_chunk *><const char *>kept
+        cdef uint64_t i, n = (a.npages * PAGE + chunk_bytes - 1) // chunk_bytes
+        if <uint64_t>len(kept) != n * sizeof(qf_chunk):
+            raise ValueError(f"the index holds {len(kept) // sizeof(qf_chunk)} chunks, "
+                             f"the area needs {n}")
+        for i in range(n):
+            if c[i].kind > QF_CHUNK_ZSTD or c[i].length > 2 * chunk_bytes \
+                    or (c[i].kind == QF_CHUNK_RAW
+                        and c[i].length != min(chunk_bytes, a.npages * PAGE - i * chunk_bytes)):
+                raise ValueError(f"chunk {i}: {c[i].length} stored bytes of kind "
+                                 f"{c[i].kind} do not fit a {chunk_bytes}-byte chunk")
+        self.exports.append(kept)
+        a.chunks = c
+        a.chunk_pages = chunk_bytes // PAGE
+        a.fd = fd
+        self.s.stage_bytes = max(self.s.stage_bytes, 3 * chunk_bytes)
+        return 0
 
     cdef int _mark_present(self, Area *a, present) except -1:
         """The pages whose bit is set are in place already.  Zero pages that arrived as
@@ -1153,9 +1303,11 @@ cdef class FaultServer:
         cdef Area *run_area
         cdef int idx
         cdef int rc = 0
-        if want == NULL or counts == NULL:
+        cdef unsigned char *stage = _new_stage(&self.s)
+        if want == NULL or counts == NULL or (self.s.stage_bytes and stage == NULL):
             free(want)
             free(counts)
+            free(stage)
             raise MemoryError()
         if window == 0:
             window = self.s.window_pages
@@ -1184,11 +1336,13 @@ cdef class FaultServer:
                 for i in range(runs):
                     a = &self.s.areas[want[i] >> 48]
                     first = want[i] & ((1ULL << 48) - 1)
-                    madvise(<void *>(a.src + first * PAGE), counts[i] * PAGE, MADV_WILLNEED)
+                    if a.chunks == NULL:
+                        madvise(<void *>(a.src + first * PAGE), counts[i] * PAGE,
+                                MADV_WILLNEED)
                 for i in range(runs):
                     a = &self.s.areas[want[i] >> 48]
                     rc = _place_window(&self.s, a, want[i] & ((1ULL << 48) - 1), counts[i],
-                                       &placed)
+                                       stage, &placed)
                     if rc < 0:
                         break
                     total += placed
@@ -1199,6 +1353,7 @@ cdef class FaultServer:
         finally:
             free(want)
             free(counts)
+            free(stage)
 
 
 # ---------------------------------------------------------------------------------------

@@ -213,7 +213,8 @@ def cmd_save(args: argparse.Namespace) -> int:
     result = snapshot.save(ram, args.snapshot, layout=args.layout, machine=args.machine,
                            release=args.release, compress=args.compress,
                            incremental=args.incremental, direct=args.direct,
-                           threads=args.threads, progress=progress, devices=devices)
+                           threads=args.threads, progress=progress, devices=devices,
+                           chunk_bytes=args.chunk_size)
     out = result.as_dict()
     out.update(rss_before=before, rss_after=rss(), rss_trace=progress.rss_trace)
     what = f"{result.pages} pages, {result.zero_pages} zero"
@@ -361,12 +362,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     """Describe a snapshot or QEMU migration stream."""
     info = snapshot.inspect(args.snapshot)
     shown = outputs.printable       # names come from the file: escape what a terminal obeys
-    lines = [f"{args.snapshot}: QEMU migration stream, {info.layout} layout, "
+    kind = "qfram snapshot" if info.chunked is not None else "QEMU migration stream"
+    lines = [f"{args.snapshot}: {kind}, {info.layout} layout, "
              f"{human(info.file_bytes)}"
              + (f", machine {shown(info.machine)}" if info.machine else "")]
     if info.written_by_qfram:
         lines.append(f"written by qfram {info.created or ''}"
                      + (f", {info.compression} compression" if info.compression else ""))
+    if info.chunked is not None:
+        facts = info.as_dict()
+        lines.append(f"{human(facts['chunk_bytes'])} chunks: {facts['chunks']['compressed']} "
+                     f"compressed, {facts['chunks']['raw']} raw, {facts['chunks']['zero']} "
+                     f"zero (QEMU cannot load this layout: `qfram rewrite` it to mapped)")
     lines.append(f"{'block':24} {'size':>12} {'pages':>9} {'zero':>9} {'absent':>8}  checksum")
     for b in info.blocks:
         lines.append(f"{shown(b.name):24} {human(b.used_length):>12} {b.pages:>9} "
@@ -383,7 +390,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     for cmd, length, offset in info.commands:
         lines.append(f"command {cmd} ({length} bytes) at byte {offset}")
     out = info.as_dict()
-    if info.layout == "mapped":
+    if info.layout in ("mapped", "chunked"):
         out["working_set"] = ws = working_set_of(args.snapshot, info)
         lines.append("working set: " + (f"{ws['pages']} pages in {ws['runs']} runs "
                                         f"({ws['window_pages']}-page windows), recorded "
@@ -432,7 +439,8 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
                              f"{ram[name].used_length}")
         memoryview(ram[name].region)[:] = data
     result = snapshot.save(ram, args.output, layout=args.layout, compress=args.compress,
-                           devices=devices)
+                           devices=devices, threads=args.threads,
+                           chunk_bytes=args.chunk_size)
     out = dict(result.as_dict(), input=args.input, devices=len(devices.description))
     emit(args, out, f"rewrote {args.input} as {args.output} ({result.layout} layout, "
                     f"{human(result.file_bytes)}), {len(ram)} RAM blocks"
@@ -440,6 +448,18 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
                     + f", device state carried over ({len(devices.sections)} bytes)")
     ram.close()
     return 0
+
+
+def add_layout_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layout", choices=["stream", "mapped", "chunked"], default="stream",
+                   help="stream: QEMU's migration stream; mapped: QEMU's mapped-ram (pages "
+                        "at fixed offsets, lazy restore, reset); chunked: qfram's "
+                        "compressed chunks (small, lazy restore; QEMU cannot load it)")
+    p.add_argument("--compress", "--codec", dest="compress", choices=["zlib", "lz4", "zstd"],
+                   help="stream layout: zlib (QEMU's) or lz4 (qfram extension); chunked "
+                        "layout: lz4 (default) or zstd")
+    p.add_argument("--chunk-size", type=parse_size, default=64 << 10, metavar="SIZE",
+                   help="chunked layout: bytes per chunk, a power of two from 4K to 16M")
 
 
 def add_output_options(p: argparse.ArgumentParser) -> None:
@@ -604,11 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", type=parse_size, metavar="SIZE",
                    help="save an embedded demo RAM of SIZE instead (e.g. 1G)")
     p.add_argument("--block", default="pc.ram", help="block name for a single source")
-    p.add_argument("--layout", choices=["stream", "mapped"], default="stream")
+    add_layout_options(p)
     p.add_argument("--release", action="store_true",
                    help="give each page back to the kernel once it is written")
-    p.add_argument("--compress", choices=["zlib", "lz4"],
-                   help="compress pages: zlib (QEMU's) or lz4 (qfram extension)")
     p.add_argument("--incremental", action="store_true",
                    help="mapped layout: update SNAPSHOT in place, only changed pages")
     p.add_argument("--direct", action="store_true", help="mapped layout: O_DIRECT writes")
@@ -754,8 +772,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output")
     p.add_argument("--set", action="append", metavar="NAME=FILE",
                    help="replace block NAME's contents with a raw file of its size")
-    p.add_argument("--layout", choices=["stream", "mapped"], default="stream")
-    p.add_argument("--compress", choices=["zlib", "lz4"])
+    add_layout_options(p)
+    p.add_argument("--threads", type=int, default=2, help="compressing threads (chunked)")
     p.add_argument("--no-verify", action="store_true")
     add_output_options(p)
     p.set_defaults(func=cmd_rewrite)

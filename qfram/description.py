@@ -114,7 +114,7 @@ def parse(raw: bytes, offset: int) -> Description:
         desc.devices.append(dev)
     if top.get("qfram") is not None:
         desc.qfram = q = shape.obj(top["qfram"], "qfram")
-        if q.get("compression") not in (None, "zlib", "lz4"):
+        if q.get("compression") not in (None, "zlib", "lz4", "zstd"):
             shape.fail("qfram.compression", f"is {q.get('compression')!r:.40}")
         for key in ("created", "layout", "checksum"):
             if q.get(key) is not None:

@@ -78,10 +78,11 @@ class LazyRestore:
         except BaseException:
             os.close(self._fd)
             raise
-        if info.layout != "mapped":
+        if info.layout not in ("mapped", "chunked"):
             os.close(self._fd)
-            raise FormatError(f"{path}: lazy restore needs the mapped layout (pages at "
-                              f"fixed offsets); this is a {info.layout} snapshot", 0)
+            raise FormatError(f"{path}: lazy restore needs the mapped or chunked layout "
+                              f"(pages found without reading what comes before); this is "
+                              f"a {info.layout} snapshot", 0)
         room, where = memory_room()
         if not force and info.ram_bytes > room:
             os.close(self._fd)
@@ -91,18 +92,14 @@ class LazyRestore:
         self.path = path
         self.info = info
         self.window_pages = window_pages
-        size = os.fstat(self._fd).st_size
-        self._file = mmap.mmap(self._fd, size, prot=mmap.PROT_READ)
+        self._file: Optional[mmap.mmap] = None
         self.server = FaultServer(window_pages, spin_us)
         self.server.exit_on_failure = on_failure == "exit"
         self.ram = RAMList()
-        for b in info.blocks:           # (inspect checked every offset against the file)
-            # 4 KiB pages: userfaultfd places pages one by one, huge pages would not help
-            block = self.ram.add(RAMBlock.anonymous(b.name, b.used_length, huge=False))
-            present = os.pread(self._fd, bitmap_bytes(block.npages), b.bitmap_offset)
-            source = memoryview(self._file)[b.pages_offset:b.pages_offset + b.used_length]
-            self.server.add_area(block.region, source, present, name=block.name)
-            del source
+        if info.chunked is not None:
+            self._add_chunked(info.chunked)
+        else:
+            self._add_mapped(info)
         self._errors: List[BaseException] = []
         self._t0 = time.perf_counter()
         self._faults = threading.Thread(target=self._run, args=(self.server.serve_faults,),
@@ -117,6 +114,24 @@ class LazyRestore:
                                           name="qfram-fill", daemon=True)
             self._fill.start()
         self._done = False
+
+    def _add_mapped(self, info: snapshot.SnapshotInfo) -> None:
+        """Pages from a mapping of the file, at the offsets inspect checked."""
+        self._file = mmap.mmap(self._fd, info.file_bytes, prot=mmap.PROT_READ)
+        for b in info.blocks:
+            # 4 KiB pages: userfaultfd places pages one by one, huge pages would not help
+            block = self.ram.add(RAMBlock.anonymous(b.name, b.used_length, huge=False))
+            present = os.pread(self._fd, bitmap_bytes(block.npages), b.bitmap_offset)
+            source = memoryview(self._file)[b.pages_offset:b.pages_offset + b.used_length]
+            self.server.add_area(block.region, source, present, name=block.name)
+            del source
+
+    def _add_chunked(self, cf) -> None:
+        """Pages decoded a chunk at a time, read from the file with pread."""
+        for b in cf.blocks:
+            block = self.ram.add(RAMBlock.anonymous(b.name, b.used_length, huge=False))
+            self.server.add_area(block.region, name=block.name, chunks=b.index, fd=self._fd,
+                                 chunk_bytes=cf.chunk_bytes)
 
     def _prefetch_working_set(self, wanted: Optional[bool]) -> None:
         """Place the recorded working set first (the areas were added in the order of
@@ -209,7 +224,8 @@ class LazyRestore:
                 self._fill.join()
         self.server.close()
         self.ram.close()
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

@@ -75,6 +75,9 @@ def device_state(path: str) -> stream.DeviceState:
     fd = snapshot.open_locked(path)
     try:
         info = snapshot.inspect_fd(path, fd)
+        if info.chunked is not None:
+            from qfram import chunked
+            return chunked.device_state(info.chunked)
         state = snapshot.devices_of(fd, info)
     finally:
         os.close(fd)

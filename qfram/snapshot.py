@@ -95,7 +95,7 @@ class SnapshotInfo:
 
     path: str
     file_bytes: int
-    layout: str                           # "stream" or "mapped"
+    layout: str                           # "stream", "mapped" or "chunked"
     machine: str
     capabilities: List[str]
     blocks: List[stream.BlockInfo]
@@ -109,15 +109,21 @@ class SnapshotInfo:
     created: Optional[str] = None
     vmdescription: bool = False
     description: Optional[Description] = None      # as read (not in as_dict)
+    chunked: Optional[object] = None      # a chunked file's index (qfram.chunked)
 
     @property
     def ram_bytes(self) -> int:
         return sum(b.used_length for b in self.blocks)
 
     def as_dict(self) -> dict:
-        return {
+        extra = {}
+        if self.chunked is not None:
+            from qfram import chunked
+            extra = chunked.describe(self.chunked)
+        return dict({
             "path": self.path, "file_bytes": self.file_bytes,
-            "format": "qemu-migration-stream", "layout": self.layout,
+            "format": "qfram-chunked" if self.chunked is not None
+            else "qemu-migration-stream", "layout": self.layout,
             "machine": self.machine, "capabilities": self.capabilities,
             "ram_bytes": self.ram_bytes, "blocks": [b.as_dict() for b in self.blocks],
             "qfram": self.written_by_qfram, "compression": self.compression,
@@ -128,7 +134,7 @@ class SnapshotInfo:
             "devices": [dict(d.__dict__) for d in self.devices],
             "commands": [{"cmd": c, "length": n, "offset": o} for c, n, o in self.commands],
             "vmdescription": self.vmdescription,
-        }
+        }, **extra)
 
 
 class ChecksumError(FormatError):
@@ -189,7 +195,8 @@ def make_description(layout: str, blocks: List[RAMBlock], sums: Dict[str, str],
 def save(ram: RAMList, path: str, *, layout: str = "stream", machine: Optional[str] = None,
          release: bool = False, compress: Optional[str] = None, incremental: bool = False,
          direct: bool = False, threads: int = 2, progress: Progress = None,
-         devices: Optional[stream.DeviceState] = None) -> SaveResult:
+         devices: Optional[stream.DeviceState] = None,
+         chunk_bytes: int = 64 << 10) -> SaveResult:
     """Save the blocks of ``ram`` to ``path``.
 
     ``release`` gives pages back to the kernel as the save goes, once their bytes are
@@ -202,14 +209,23 @@ def save(ram: RAMList, path: str, *, layout: str = "stream", machine: Optional[s
     ``direct``: write the pages with O_DIRECT (mapped layout).  ``machine``: the machine
     type in the configuration section (default: the device state's, else
     pc-i440fx-7.2).  ``devices``: device sections to carry (from
-    ``qemu.device_state``), copied byte for byte before EOF."""
-    if layout not in ("stream", "mapped"):
-        raise ValueError(f"layout is 'stream' or 'mapped', not {layout!r}")
-    if compress not in (None, "zlib", "lz4"):
+    ``qemu.device_state``), copied byte for byte before EOF.
+
+    ``layout="chunked"`` (qfram.chunked): ``chunk_bytes`` chunks compressed on their own
+    with ``compress`` (lz4, the default, or zstd) on ``threads`` threads — small and
+    still random-access, but QEMU cannot load it."""
+    if layout not in ("stream", "mapped", "chunked"):
+        raise ValueError(f"layout is 'stream', 'mapped' or 'chunked', not {layout!r}")
+    if layout == "chunked":
+        compress = compress or "lz4"
+        if compress not in ("lz4", "zstd") or release or incremental or direct:
+            raise ValueError("the chunked layout compresses with lz4 or zstd, and is "
+                             "written whole: no release, incremental or direct saves")
+    elif compress not in (None, "zlib", "lz4"):
         raise ValueError(f"compression is zlib or lz4, not {compress!r}")
-    if compress and layout != "stream":
-        raise ValueError("compression needs the stream layout (mapped pages have fixed "
-                         "offsets)")
+    elif compress and layout != "stream":
+        raise ValueError("compression needs the stream or chunked layout (mapped pages "
+                         "have fixed offsets)")
     if (incremental or direct) and layout != "mapped":
         raise ValueError("incremental and direct saves need the mapped layout")
     blocks = list(ram)
@@ -225,7 +241,10 @@ def save(ram: RAMList, path: str, *, layout: str = "stream", machine: Optional[s
         out = outputs.new_file(path)
         releaser = DurableRelease(release)
         try:
-            if layout == "stream":
+            if layout == "chunked":
+                result = _save_chunked(blocks, out.fd, machine, compress, threads, devices,
+                                       chunk_bytes)
+            elif layout == "stream":
                 result = _save_stream(blocks, out.fd, machine, compress, progress, devices,
                                       releaser)
             else:
@@ -242,6 +261,17 @@ def save(ram: RAMList, path: str, *, layout: str = "stream", machine: Optional[s
     result.seconds = time.perf_counter() - t0
     result.file_bytes = os.path.getsize(path)
     return result
+
+
+def _save_chunked(blocks: List[RAMBlock], fd: int, machine: str, codec: str,
+                  threads: int, devices: Optional[stream.DeviceState],
+                  chunk_bytes: int) -> SaveResult:
+    from qfram import chunked
+    sums, counts = chunked.save(blocks, fd, codec=codec, chunk_bytes=chunk_bytes,
+                                threads=threads, machine=machine, devices=devices)
+    return SaveResult("", "chunked", sum(b.used_length for b in blocks), 0,
+                      sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values()),
+                      0, 0.0, 0, sums, codec)
 
 
 def _save_stream(blocks: List[RAMBlock], fd: int, machine: str, compress: Optional[str],
@@ -528,6 +558,9 @@ def inspect(path: str) -> SnapshotInfo:
 
 def inspect_fd(path: str, fd: int) -> SnapshotInfo:
     """inspect() of a snapshot already open (and locked) as ``fd``."""
+    from qfram import chunked
+    if chunked.is_chunked(fd):
+        return _inspect_chunked(path, chunked.read(fd, path))
     description, size, where = _read_head(path, fd)
     f = channel.fdopen(fd, "rb", owned=False)
     info = stream.StreamInfo()
@@ -556,6 +589,15 @@ def inspect_fd(path: str, fd: int) -> SnapshotInfo:
         bool(q), q.get("compression"), q.get("created"), where >= 0, description)
 
 
+def _inspect_chunked(path: str, cf) -> SnapshotInfo:
+    from qfram import chunked
+    q = cf.description.qfram
+    info = SnapshotInfo(path, cf.size, "chunked", cf.machine, [], chunked.block_infos(cf),
+                        [], [], [], -1, -1, True, cf.codec, q.get("created"), False,
+                        cf.description, cf)
+    return info
+
+
 def load(path: str, ram: Optional[RAMList] = None, *, verify: bool = True,
          threads: int = 2, huge: bool = True, zeroed: bool = False,
          force: bool = False) -> Tuple[RAMList, LoadResult]:
@@ -571,6 +613,20 @@ def load(path: str, ram: Optional[RAMList] = None, *, verify: bool = True,
     transparent huge pages (``huge``: 2-3x faster to fill) only while the file holds
     enough data to fill them — else a few scattered pages would each take 2 MiB."""
     t0 = time.perf_counter()
+    from qfram import chunked
+    fd = open_locked(path)
+    if chunked.is_chunked(fd):
+        try:
+            ram, cf = chunked.load(fd, path, ram, threads=threads, zeroed=zeroed,
+                                   force=force)
+        finally:
+            os.close(fd)
+        blocks = [b.as_dict() for b in chunked.block_infos(cf)]
+        return ram, LoadResult(path, "chunked", sum(b["used_length"] for b in blocks),
+                               sum(b["pages"] for b in blocks),
+                               sum(b["zero_pages"] for b in blocks),
+                               time.perf_counter() - t0, True, blocks)
+    os.close(fd)
     fd, description, size, where = _open_snapshot(path)
     target = RestoreTarget(ram, fresh=zeroed, huge_budget=2 * size if huge else 0)
     try:

@@ -28,6 +28,8 @@ apt_install() {
 # a C compiler, the Python headers and OpenSSL's (TLS for the migration channels)
 command -v cc >/dev/null 2>&1 || apt_install gcc libc6-dev
 [ -f /usr/include/openssl/ssl.h ] || apt_install libssl-dev
+# the C codecs and hash the chunked layout's loops link
+apt_install liblz4-dev libzstd-dev libxxhash-dev
 if ! "$PYTHON" -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
     apt_install python3-dev
 fi
@@ -63,7 +65,7 @@ fi
 
 # the compiled modules: (re)built when one is missing or its sources are newer
 stale=0
-for module in _fast _uffd _tls; do
+for module in _fast _uffd _tls _chunks; do
     so=$(ls qfram/$module*.so 2>/dev/null | head -n 1 || true)
     if [ -z "$so" ] || [ -n "$(find qfram -name '*.pyx' -newer "$so" -o -name '*.pxd' -newer "$so" -o -name '*.pxi' -newer "$so" -o -name wire.py -newer "$so" | head -n 1)" ]; then
         stale=1

@@ -273,10 +273,10 @@ def test_lazy_restore_serves_the_right_bytes_to_concurrent_touches(tmp_path):
     assert stats.handler_latency.count == stats.faults
 
 
-def test_lazy_restore_needs_the_mapped_layout(tmp_path):
+def test_lazy_restore_needs_a_random_access_layout(tmp_path):
     ram = RAMList([demo_block("anonymous", "pc.ram", 1 << 20, tmp_path)])
     snapshot.save(ram, str(tmp_path / "snap"))
-    with pytest.raises(FormatError, match="mapped layout"):
+    with pytest.raises(FormatError, match="mapped or chunked layout"):
         faults.LazyRestore(str(tmp_path / "snap"))
 
 

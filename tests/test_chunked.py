@@ -1,0 +1,188 @@
+"""The chunked layout: compressed chunks with an index, restored eagerly on several
+threads or lazily a chunk per fault — and hostile files refused with the byte offset."""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+import xxhash
+
+from qfram import FormatError, chunked, faults, snapshot
+from qfram.demo import fill_demo
+from qfram.ram import RAMBlock, RAMList
+
+CHUNK = 64 << 10
+
+
+def demo_ram():
+    # a block that is not a whole number of chunks, and one with a zero stretch
+    ram = RAMList([RAMBlock.anonymous("pc.ram", (8 << 20) + 3 * 4096, huge=False),
+                   RAMBlock.anonymous("vga.vram", 1 << 20, huge=False)])
+    fill_demo(ram["pc.ram"].region, seed=7)
+    memoryview(ram["pc.ram"].region)[1 << 20:2 << 20] = bytes(1 << 20)
+    fill_demo(ram["vga.vram"].region, seed=8)
+    return ram
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    ram = demo_ram()
+    original = {b.name: bytes(b.region) for b in ram}
+    paths = {}
+    for codec in chunked.CODECS:
+        paths[codec] = str(tmp_path_factory.mktemp(codec) / "snap")
+        snapshot.save(ram, paths[codec], layout="chunked", compress=codec)
+    mapped = str(tmp_path_factory.mktemp("mapped") / "snap")
+    snapshot.save(ram, mapped, layout="mapped")
+    ram.close()
+    return paths, mapped, original
+
+
+@pytest.mark.parametrize("codec", chunked.CODECS)
+def test_every_byte_comes_back_eagerly(saved, codec):
+    paths, _, original = saved
+    ram, result = snapshot.load(paths[codec], threads=3)
+    assert result.layout == "chunked" and result.verified
+    assert {b.name: bytes(b.region) for b in ram} == original
+    # and into the caller's RAM, which held something else
+    target = demo_ram()
+    memoryview(target["pc.ram"].region)[:4096] = b"x" * 4096
+    snapshot.load(paths[codec], target)
+    assert {b.name: bytes(b.region) for b in target} == original
+
+
+@pytest.mark.parametrize("codec", chunked.CODECS)
+def test_every_byte_comes_back_lazily(saved, codec):
+    paths, _, original = saved
+    # no background fill until the workload is done: its touches are served as faults,
+    # then wait() fills the rest
+    with faults.LazyRestore(paths[codec], record=False, background=False) as lazy:
+        faults.touch_workload(lazy.ram, 400, threads=2)
+        stats = lazy.wait()
+        assert {b.name: bytes(b.region) for b in lazy.ram} == original
+    assert stats.verified and stats.faults > 0
+
+
+def test_it_is_smaller_than_the_mapped_file_and_says_what_it_holds(saved):
+    paths, mapped, _ = saved
+    on_disk = lambda p: os.stat(p).st_blocks * 512  # noqa: E731
+    assert on_disk(paths["lz4"]) < 0.75 * on_disk(mapped)
+    info = snapshot.inspect(paths["zstd"])
+    assert info.layout == "chunked" and info.compression == "zstd"
+    facts = info.as_dict()
+    assert facts["chunks"]["zero"] == (1 << 20) // CHUNK      # the zero stretch: holes
+    assert facts["format"] == "qfram-chunked"
+
+
+def test_the_working_set_is_prefetched_from_chunks_too(saved, tmp_path):
+    paths, _, original = saved
+    path = str(tmp_path / "snap")
+    os.link(paths["lz4"], path)
+    for run in range(2):
+        with faults.LazyRestore(path, background=False) as lazy:
+            faults.hot_set_workload(lazy.ram, 64, threads=2)
+            during = lazy.server.counters["faults"]
+            stats = lazy.wait()
+    assert stats.prefetch_pages >= 64 and during == 0
+
+
+# -- hostile files -------------------------------------------------------------------------
+
+def parts(path):
+    data = open(path, "rb").read()
+    head = chunked._HEAD.unpack(data[:chunked._HEAD.size])
+    index_at, index_len, desc_at, desc_len, dev_at, dev_len = head[3:9]
+    return (data[:index_at], data[index_at:index_at + index_len],
+            json.loads(data[desc_at:desc_at + desc_len]), data[dev_at:dev_at + dev_len],
+            head[2])
+
+
+def forge(path, out, *, index=None, desc=None, body=None):
+    """Rebuild a chunked file with other parts and every checksum made good again: what
+    a hostile file looks like once the easy checks pass."""
+    b, i, d, dev, chunk = parts(path)
+    body = b if body is None else body
+    i = i if index is None else index
+    d = json.dumps(d if desc is None else desc).encode()
+    at = len(body)
+    head = chunked._HEAD.pack(chunked.MAGIC, 1, chunk, at, len(i), at + len(i), len(d),
+                              at + len(i) + len(d), len(dev),
+                              xxhash.xxh3_64_intdigest(i + d + dev))
+    head += struct.pack(">Q", xxhash.xxh3_64_intdigest(head))
+    data = head + body[len(head):] + i + d + dev
+    open(out, "wb").write(data)
+    return out
+
+
+def entry(index, k, **change):
+    fields = dict(zip(("offset", "length", "kind", "hash"),
+                      chunked._ENTRY.unpack_from(index, k * chunked._ENTRY.size)))
+    fields.update(change)
+    at = k * chunked._ENTRY.size
+    return index[:at] + chunked._ENTRY.pack(*fields.values()) + index[at + chunked._ENTRY.size:]
+
+
+def hostile_cases(path, tmp_path):
+    body, index, desc, _, _ = parts(path)
+    first = chunked._ENTRY.unpack_from(index, 0)
+    cases = {
+        "past the data": (forge(path, tmp_path / "a", index=entry(index, 0, offset=len(body))),
+                          "lie outside the chunk data", 64),
+        "unknown kind": (forge(path, tmp_path / "b", index=entry(index, 3, kind=9)),
+                         "kind 9", 64 + 3 * 24),
+        "raw of the wrong size": (forge(path, tmp_path / "c", index=entry(index, 5, kind=1)),
+                                  "do not fit its kind", 64 + 5 * 24),
+    }
+    huge = json.loads(json.dumps(desc))
+    huge["qfram"]["blocks"][0]["used_length"] = 1 << 40           # a terabyte declared
+    cases["a terabyte declared"] = (forge(path, tmp_path / "d", desc=huge),
+                                    "the index ends before", 64)
+    flipped = bytearray(body)
+    flipped[first[0] + first[1] // 2] ^= 0x55                      # inside chunk 0's bytes
+    cases["a damaged chunk"] = (forge(path, tmp_path / "e", body=bytes(flipped)),
+                                "chunk 0", first[0])
+    return cases
+
+
+@pytest.mark.parametrize("case", ["past the data", "unknown kind", "raw of the wrong size",
+                                  "a terabyte declared", "a damaged chunk"])
+def test_a_hostile_file_is_refused_with_the_byte_offset(saved, tmp_path, case):
+    path, message, offset = hostile_cases(saved[0]["lz4"], tmp_path)[case]
+    with pytest.raises(FormatError, match=message) as err:
+        snapshot.load(str(path))
+    if case in ("past the data", "unknown kind", "raw of the wrong size"):
+        body_len = len(parts(saved[0]["lz4"])[0])
+        assert err.value.offset == body_len + offset - 64
+    elif case == "a damaged chunk":
+        assert err.value.offset == offset
+    out = subprocess.run([sys.executable, "-m", "qfram", "load", str(path)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "Traceback" not in out.stderr and "byte" in out.stderr
+
+
+def test_a_damaged_chunk_ends_a_lazy_restore_with_a_reason(saved, tmp_path):
+    path, _, _ = hostile_cases(saved[0]["lz4"], tmp_path)["a damaged chunk"]
+    out = subprocess.run([sys.executable, "-m", "qfram", "load", str(path), "--lazy",
+                          "--no-record"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "damaged" in out.stderr
+
+
+@pytest.mark.parametrize("cut", [10, 100, -1])
+def test_a_cut_file_is_refused(saved, tmp_path, cut):
+    data = open(saved[0]["lz4"], "rb").read()
+    path = tmp_path / "cut"
+    path.write_bytes(data[:cut] if cut > 0 else data[:len(data) // 2])
+    with pytest.raises(FormatError):
+        snapshot.load(str(path))
+
+
+def test_the_chunked_layout_refuses_what_it_cannot_do(tmp_path):
+    ram = RAMList([RAMBlock.anonymous("pc.ram", 1 << 20, huge=False)])
+    for bad in (dict(release=True), dict(compress="zlib"), dict(chunk_bytes=3000)):
+        with pytest.raises(ValueError):
+            snapshot.save(ram, str(tmp_path / "x"), layout="chunked", **bad)
