@@ -52,8 +52,9 @@ def guest_arguments(workdir: str, fill_mib: int) -> List[str]:
 
 def wait_line(path: str, prefix: str, after: int = 0,
               timeout: float = 120) -> Tuple[str, int]:
-    """The first line starting with ``prefix`` in the serial log past byte ``after``,
-    and the log's length then."""
+    """The first whole line starting with ``prefix`` in the serial log past byte
+    ``after``, and where the log's whole lines ended then.  A line the guest is still
+    writing (no newline yet) is not read: it would be cut short."""
     deadline = time.monotonic() + timeout
     text = ""
     while time.monotonic() < deadline:
@@ -62,8 +63,9 @@ def wait_line(path: str, prefix: str, after: int = 0,
                 text = log.read()
         except FileNotFoundError:
             text = ""
-        for line in text[after:].splitlines():
+        whole = text[:text.rfind("\n") + 1]
+        for line in whole[after:].splitlines():
             if line.startswith(prefix):
-                return line, len(text)
+                return line, len(whole)
         time.sleep(0.002)
     raise TimeoutError(f"no {prefix!r} on the guest's serial port: {text[-2000:]}")
