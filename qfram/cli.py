@@ -526,7 +526,8 @@ def cmd_restore_qemu(args: argparse.Namespace) -> int:
     """Resume a QEMU from a snapshot at once; its RAM follows on demand (postcopy)."""
     from qfram import restore_qemu
     stats = restore_qemu.restore(args.snapshot, qmp=args.qmp, to=args.to,
-                                 timeout=args.timeout, machine=args.machine)
+                                 timeout=args.timeout, machine=args.machine,
+                                 prefetch=not args.no_prefetch, record=not args.no_record)
     lat = stats.request_service
     emit(args, stats.as_dict(),
          f"restored {args.snapshot} ({human(stats.ram_bytes)} of RAM, "
@@ -534,7 +535,7 @@ def cmd_restore_qemu(args: argparse.Namespace) -> int:
          f"{stats.qemu_version}: running after {stats.postcopy_active_ms} ms, complete "
          f"after {stats.completed_s} s; {stats.pages_requested} pages requested "
          f"(service p50 {lat.p50_us} us, p99 {lat.p99_us} us), {stats.pages_pushed} "
-         f"pushed")
+         f"pushed\nworking set: {stats.working_set or 'none'}")
     return 0
 
 
@@ -604,10 +605,12 @@ def cmd_footprint(args: argparse.Namespace) -> int:
     return 0
 
 
-# what a lazy load can leave out
-LAZY_SWITCHES = (
+# what a lazy restore can leave out
+WORKING_SET_SWITCHES = (
     ("--no-prefetch", "do not place the recorded working set (SNAPSHOT.ws) first"),
     ("--no-record", "do not record the pages touched first in SNAPSHOT.ws"),
+)
+LAZY_SWITCHES = WORKING_SET_SWITCHES + (
     ("--no-background", "place only what is touched until the workload ends (with "
                         "--window 1: records the exact working set)"),
 )
@@ -735,6 +738,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "snapshot's)")
     p.add_argument("--timeout", type=float, default=30.0,
                    help="seconds a wait on QEMU may last")
+    for flag, what in WORKING_SET_SWITCHES:
+        p.add_argument(flag, action="store_true", help=what)
     add_output_options(p)
     p.set_defaults(func=cmd_restore_qemu)
 

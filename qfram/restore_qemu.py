@@ -22,6 +22,7 @@ The snapshot must have the mapped layout (every page at a fixed offset): qfram's
 """
 from __future__ import annotations
 
+import array
 import mmap
 import os
 import socket
@@ -30,7 +31,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from qfram import snapshot, stream, wire
+from qfram import snapshot, stream, wire, workingset
 from qfram.errors import FormatError
 from qfram.latency import Latency
 from qfram.postcopy import link
@@ -58,6 +59,8 @@ class RestoreStats:
     request_service: Latency = field(default_factory=Latency)
     bytes_sent: int = 0
     qemu_version: str = ""
+    pages_prefetched: int = 0     # the recorded working set, in place before the guest ran
+    working_set: str = ""         # what became of it (used, recorded, why not)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -68,7 +71,7 @@ class SnapshotSource(Source):
     QEMU: no precopy, no qfram extensions, the devices in the switch's package."""
 
     def __init__(self, path: str, main, *, machine: Optional[str] = None,
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, prefetch: bool = True) -> None:
         fd = snapshot.open_locked(path)
         try:
             info = snapshot.inspect_fd(path, fd)
@@ -85,13 +88,17 @@ class SnapshotSource(Source):
                                    offset=b.pages_offset)
                 self._maps.append(region)
                 ram.add(RAMBlock.from_buffer(b.name, region))
+            self.working_set, self.working_set_note = (
+                workingset.load(path, fd, info) if prefetch else (None, "prefetch off"))
         finally:
             os.close(fd)
+        self.pages_prefetched = 0
         super().__init__(ram, main, max_rounds=0, verify=False, timeout=timeout,
                          machine=machine or devices.machine)
         self.info = info
         self.devices = devices
         self.ram_section_id = devices.ram_section_id
+        self.request_log = array.array("Q")     # for the next restore's working set
 
     def run(self):
         """Stream until QEMU confirms (SHUT); returns the SourceStats."""
@@ -132,8 +139,11 @@ class SnapshotSource(Source):
 
     def _switch_commands(self, f) -> int:
         """QEMU's switch: LISTEN, the devices and RUN in one PACKAGED command, so the
-        destination has them all before it runs anything."""
+        destination has them all before it runs anything.  Before it, the recorded
+        working set: pages sent while QEMU still loads as precopy are in place before
+        the guest runs (and, sent once, never again)."""
         from qfram import channel
+        self._push_working_set(f)
         package = channel.buffer_file()
         stream.put_command(package, wire.CMD_POSTCOPY_LISTEN)
         package.put_buffer(self.devices.sections)
@@ -144,17 +154,61 @@ class SnapshotSource(Source):
         f.put_buffer(body)
         return f.tell_fast()
 
+    def _push_working_set(self, f) -> None:
+        if self.working_set is None:
+            return
+        blocks = list(self.ram)
+        window = self.working_set.window_pages
+        runs = []
+        for index, page in self.working_set.touches:
+            block = blocks[index]
+            first = page - page % window
+            count = min(window, block.npages - first)
+            if runs and runs[-1][0] is block and runs[-1][1] + runs[-1][2] == first:
+                runs[-1][2] += count
+            else:
+                runs.append([block, first, count])
+        for block, first, count in runs:
+            self.pages_prefetched += self._send_range(f, block, first, count)
+        self.working_set_note = (f"{self.pages_prefetched} pages of the working set "
+                                 f"({self.working_set.pages} first touches) sent before "
+                                 f"the guest ran")
+
+    def record_working_set(self, path: str) -> None:
+        """Keep the pages QEMU asked for, after the ones sent first, as the working set
+        of the next restore (a hint: a failure to write it is reported, not raised)."""
+        before = self.working_set.touches if self.working_set is not None else []
+        touches = workingset.first_touches(before, [(entry >> 48, entry & (1 << 48) - 1)
+                                                    for entry in self.request_log])
+        if not touches or touches == before:
+            return
+        fd = snapshot.open_locked(path)
+        try:
+            window = self.working_set.window_pages if self.working_set is not None else 1
+            workingset.save(path, fd, self.info,
+                            workingset.WorkingSet(touches, window, time.time()))
+        except OSError as exc:
+            self.working_set_note += f"; not recorded: {exc.strerror}"
+            return
+        finally:
+            os.close(fd)
+        self.working_set_note += (f"; {len(touches)} first touches recorded in "
+                                  f"{workingset.sidecar_of(path)}")
+
     def close(self) -> None:
         for region in self._maps:
             region.close()
 
 
 def restore(path: str, *, qmp: Optional[str] = None, to: Optional[str] = None,
-            timeout: float = 30.0, machine: Optional[str] = None) -> RestoreStats:
+            timeout: float = 30.0, machine: Optional[str] = None, prefetch: bool = True,
+            record: bool = True) -> RestoreStats:
     """Restore the snapshot at ``path`` into a QEMU started with ``-incoming defer``
     (``qmp``: its monitor socket; qfram sets postcopy-ram, hands it one end of a socket
     pair with getfd and streams until QEMU says completed), or into a QEMU already
-    listening with postcopy-ram set (``to``: HOST:PORT or a unix socket path)."""
+    listening with postcopy-ram set (``to``: HOST:PORT or a unix socket path).
+    ``prefetch``: send the working set an earlier restore recorded (``SNAP.ws``) before
+    the guest runs; ``record``: once complete, keep the pages QEMU asked for in it."""
     if (qmp is None) == (to is None):
         raise ValueError("give the QEMU's monitor (qmp) or its listening address (to)")
     stats = RestoreStats(snapshot=path)
@@ -170,7 +224,8 @@ def restore(path: str, *, qmp: Optional[str] = None, to: Optional[str] = None,
         if machine is None and monitor is not None and not _has_devices(path):
             # RAM only: the devices start at reset, as this QEMU's own machine has them
             machine = _machine_type(monitor)
-        source = SnapshotSource(path, main, machine=machine, timeout=timeout)
+        source = SnapshotSource(path, main, machine=machine, timeout=timeout,
+                                prefetch=prefetch)
         stats.machine, stats.ram_bytes = source.machine, source.info.ram_bytes
         stats.device_bytes = len(source.devices.sections)
         watcher = None
@@ -189,6 +244,10 @@ def restore(path: str, *, qmp: Optional[str] = None, to: Optional[str] = None,
                                f"{timeout:g} s after the last page")
         else:
             stats.completed_s = round(time.perf_counter() - t0, 3)
+        if record:
+            source.record_working_set(path)
+        stats.pages_prefetched = source.pages_prefetched
+        stats.working_set = source.working_set_note
     finally:
         if monitor is not None:
             monitor.close()

@@ -65,4 +65,7 @@ else:
           f"{ex['seconds']['qfram']} s, analyze-migration.py {ex['seconds']['analyze-migration']}"
           f" s: **{ex['speedup']}x**, pc.ram identical.")
 PY
+echo "restoring like a sandbox platform..." >&2
+{ echo; $PY scripts/bench_restore.py --size "$SIZE" --repeat "$REPEAT" --markdown; } \
+    >> benchmarks/REPORT.md
 echo "benchmarks/REPORT.md" >&2

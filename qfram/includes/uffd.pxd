@@ -86,6 +86,9 @@ cdef extern from *:
     };
     #define QF_PAGEMAP_SCAN _IOWR('f', 16, struct qf_pm_scan_arg)
     #define QF_PAGE_IS_WRITTEN (1 << 1)
+    #define QF_PAGE_IS_FILE (1 << 2)
+    #define QF_PAGE_IS_PRESENT (1 << 3)
+    #define QF_PAGE_IS_SWAPPED (1 << 4)
     #define QF_PM_SCAN_WP_MATCHING (1 << 0)
     #define QF_PM_SCAN_CHECK_WPASYNC (1 << 1)
     """
@@ -94,6 +97,9 @@ cdef extern from *:
         UFFD_FEATURE_WP_ASYNC
         QF_PAGEMAP_SCAN
         QF_PAGE_IS_WRITTEN
+        QF_PAGE_IS_FILE
+        QF_PAGE_IS_PRESENT
+        QF_PAGE_IS_SWAPPED
         QF_PM_SCAN_WP_MATCHING
         QF_PM_SCAN_CHECK_WPASYNC
     struct qf_page_region:

@@ -12,6 +12,7 @@ others are sent again.
 """
 from __future__ import annotations
 
+import array
 import base64
 import collections
 import secrets
@@ -54,6 +55,7 @@ SWITCH_INTERVAL = 0.0002       # seconds a thread may hold the GIL while another
 # background scan sends every page anyway), so at most this many wait, duplicates and
 # pages already sent are dropped, and the faulting page is sent again once at most.
 MAX_REQUEST_HINTS = 4096
+MAX_LOGGED_REQUESTS = 1 << 20     # the request log (a working set) keeps this many
 MAX_SERVICE_SAMPLES = 1 << 20
 RECONNECT_INTERVAL = 0.2       # seconds between attempts to resume
 
@@ -105,6 +107,10 @@ class Source:
                                             for b in self.blocks}
         self.requests: Deque[Tuple[str, int, int, int]] = collections.deque(
             maxlen=MAX_REQUEST_HINTS)
+        # when a subclass wants the pages asked for, in order (the destination's working
+        # set): block index << 48 | page, 8 bytes each and at most MAX_LOGGED_REQUESTS
+        self.request_log: Optional[array.array] = None
+        self._block_index = {b.name: i for i, b in enumerate(self.blocks)}
         self._resent: Dict[str, bytearray] = {b.name: bytearray(bitmap_bytes(b.npages))
                                               for b in self.blocks}
         self.shut = threading.Event()
@@ -593,6 +599,9 @@ class Source:
                                           f"outside the RAM", pos)
                     last = name
                     self.stats.requests += 1
+                    log = self.request_log
+                    if log is not None and len(log) < MAX_LOGGED_REQUESTS:
+                        log.append(self._block_index[name] << 48 | start // TARGET_PAGE_SIZE)
                     if self.pf is not None:
                         t_req = time.perf_counter_ns()
                         self._serve_preempt(block, start // TARGET_PAGE_SIZE, length // TARGET_PAGE_SIZE)
