@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job on an embedded default: save a 1 GiB demo guest RAM (zero, text and
-# random pages) with page release on — RSS falls while it saves — in both snapshot
-# layouts, restore it eagerly and lazily (userfaultfd), verify the checksums, and print
-# a table of sizes, times and throughput.
+# random pages) with page release on — RSS falls while it saves — in the stream and
+# mapped layouts, restore it eagerly and lazily (userfaultfd), verify the checksums;
+# save it chunked (compressed, still random-access) and restore that lazily; reset a
+# copy-on-write mapping 100 times; print a table of sizes, times and throughput.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
@@ -25,6 +26,13 @@ step load ram.mapped
 qfram load "$out/ram.mapped" --json-out "$out/4-load-mapped.json"
 step load ram.mapped --lazy
 qfram load "$out/ram.mapped" --lazy --json-out "$out/5-load-lazy.json"
+step save --demo "$SIZE" ram.chunked --layout chunked --codec lz4
+qfram save --demo "$SIZE" "$out/ram.chunked" --layout chunked \
+    --json-out "$out/6-save-chunked.json"
+step load ram.chunked --lazy
+qfram load "$out/ram.chunked" --lazy --json-out "$out/7-load-chunked-lazy.json"
+step load ram.mapped --reset-loop 100 --dirty-pages 100
+qfram load "$out/ram.mapped" --reset-loop 100 --dirty-pages 100
 
 echo
 .venv/bin/python - "$out" <<'PY'
@@ -37,8 +45,8 @@ for name in sorted(os.listdir(out)):
         continue
     r = json.load(open(os.path.join(out, name)))
     step = name[2:-5]
-    file_bytes = r.get("file_bytes") or os.path.getsize(os.path.join(
-        out, "ram.stream" if "stream" in step else "ram.mapped"))
+    layout = next(k for k in ("stream", "chunked", "mapped") if k in step or k == "mapped")
+    file_bytes = r.get("file_bytes") or os.path.getsize(os.path.join(out, "ram." + layout))
     gbps = r.get("gbps") or round(r["ram_bytes"] / r["seconds"] / 1e9, 3)
     check = "verified" if r.get("verified") else ""
     if "faults" in r:

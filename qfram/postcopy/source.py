@@ -12,7 +12,6 @@ others are sent again.
 """
 from __future__ import annotations
 
-import array
 import base64
 import collections
 import secrets
@@ -109,7 +108,7 @@ class Source:
             maxlen=MAX_REQUEST_HINTS)
         # when a subclass wants the pages asked for, in order (the destination's working
         # set): block index << 48 | page, 8 bytes each and at most MAX_LOGGED_REQUESTS
-        self.request_log: Optional[array.array] = None
+        self.request_log: Optional[array] = None
         self._block_index = {b.name: i for i, b in enumerate(self.blocks)}
         self._resent: Dict[str, bytearray] = {b.name: bytearray(bitmap_bytes(b.npages))
                                               for b in self.blocks}
