@@ -101,6 +101,8 @@ def load(snapshot_path: str, fd: int, info) -> Tuple[Optional[WorkingSet], str]:
         os.close(side)
     try:
         return _parse(data, fd, info), ""
+    except struct.error:
+        return None, f"{path}: cut short inside its block list; ignored"
     except ValueError as exc:
         return None, f"{path}: {exc}; ignored"
 

@@ -128,3 +128,13 @@ def test_info_shows_the_working_set(snap):
     restore(snap, window_pages=1)
     shown = json.loads(run().stdout)["working_set"]
     assert shown["pages"] == HOT and shown["window_pages"] == 1 and shown["recorded"]
+
+
+def test_a_working_set_cut_short_with_a_good_checksum_is_ignored(snap):
+    restore(snap, window_pages=1)
+    path = workingset.sidecar_of(snap)
+    data = open(path, "rb").read()
+    head = data[:workingset._HEAD.size] + struct.pack(">I", 5) + b"\x07pc."   # cut there
+    open(path, "wb").write(head + struct.pack(">Q", xxhash.xxh3_64_intdigest(head)))
+    _, stats = restore(snap, record=False)
+    assert stats.prefetch_pages == 0 and "ignored" in stats.working_set
