@@ -477,13 +477,18 @@ def cmd_send(args: argparse.Namespace) -> int:
     if args.workload:
         workload = postcopy.Workload(ram, kinds=("write",), seed=args.seed,
                                      pause_us=args.workload_pause_us)
+    working_set, note = None, ""
+    if args.working_set:
+        from qfram import workingset
+        working_set, note = workingset.for_migration(args.working_set, ram)
     before = rss()
     stats = postcopy.send(ram, args.to, preempt=not args.no_preempt, release=args.release,
                           max_rounds=args.rounds, converge_pages=args.converge_pages,
                           switch_after=args.switch_after, workload=workload,
                           postcopy=not args.precopy_only, timeout=args.timeout,
                           deadline=args.deadline, resume=not args.no_resume,
-                          tls_creds=args.tls_creds, tls_hostname=args.tls_hostname)
+                          tls_creds=args.tls_creds, tls_hostname=args.tls_hostname,
+                          working_set=working_set)
     after = rss()
     emit(args, dict(stats.as_dict(), rss_before=before, rss_after=after),
          f"sent {human(stats.ram_bytes)} to {args.to} in {stats.seconds} s: "
@@ -492,7 +497,9 @@ def cmd_send(args: argparse.Namespace) -> int:
          f"requested), downtime here {stats.downtime_source_ms} ms; dirty "
          f"tracking {stats.dirty_tracking}"
          + (f"; released {human(stats.released_bytes)}, RSS {human(before)} -> "
-            f"{human(after)}" if args.release else ""))
+            f"{human(after)}" if args.release else "")
+         + (f"; working set: {stats.prefetched_pages} pages sent first" if working_set
+            else f"; working set: {note}" if note else ""))
     ram.close()
     return 0
 
@@ -510,14 +517,16 @@ def cmd_receive(args: argparse.Namespace) -> int:
                                   window_pages=args.window, spin_us=args.spin_us,
                                   tls_creds=args.tls_creds, tls_authz=args.tls_authz or (),
                                   insecure=args.insecure, deadline=args.deadline,
-                                  max_ram=args.max_ram, resume=not args.no_resume)
+                                  max_ram=args.max_ram, resume=not args.no_resume,
+                                  working_set=args.working_set)
     lat = stats.fault_latency
     emit(args, stats.as_dict(),
          f"received {human(ram.total_size)} on {args.listen} in {stats.seconds} s: "
          f"{stats.faults} faults, {stats.requested_pages} pages requested, fault latency "
          f"p50 {lat.p50_us} us p99 {lat.p99_us} us max {lat.max_us} us; downtime here "
          f"{stats.downtime_destination_ms} ms; "
-         + ("verified against the source" if stats.verified else "not verified"))
+         + ("verified against the source" if stats.verified else "not verified")
+         + (f"; working set: {stats.working_set}" if stats.working_set else ""))
     ram.close()
     return 0
 
@@ -700,6 +709,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the built-in writing workload here until the switch")
     p.add_argument("--workload-pause-us", type=float, default=50.0)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--working-set", metavar="FILE",
+                   help="send the pages this file names first, at the switch (what `qfram "
+                        "receive --working-set` recorded for this RAM last time)")
     p.add_argument("--no-preempt", action="store_true",
                    help="requested pages queue on the main connection (no second one)")
     p.add_argument("--timeout", type=float, default=30.0,
@@ -713,6 +725,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workload", nargs="?", const="scan,read,write", metavar="KINDS",
                    help="run the built-in workload from the switch on (scan,read,write)")
     p.add_argument("--workload-pause-us", type=float, default=0.0)
+    p.add_argument("--working-set", metavar="FILE",
+                   help="once complete, add the pages faulted on here, in order, to FILE "
+                        "(for the next migration's `qfram send --working-set`)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--window", type=int, default=16, help="pages requested per fault")
     p.add_argument("--spin-us", type=float, default=0.0,

@@ -88,13 +88,12 @@ class SnapshotSource(Source):
                                    offset=b.pages_offset)
                 self._maps.append(region)
                 ram.add(RAMBlock.from_buffer(b.name, region))
-            self.working_set, self.working_set_note = (
+            working_set, self.working_set_note = (
                 workingset.load(path, fd, info) if prefetch else (None, "prefetch off"))
         finally:
             os.close(fd)
-        self.pages_prefetched = 0
         super().__init__(ram, main, max_rounds=0, verify=False, timeout=timeout,
-                         machine=machine or devices.machine)
+                         machine=machine or devices.machine, working_set=working_set)
         self.info = info
         self.devices = devices
         self.ram_section_id = devices.ram_section_id
@@ -139,11 +138,8 @@ class SnapshotSource(Source):
 
     def _switch_commands(self, f) -> int:
         """QEMU's switch: LISTEN, the devices and RUN in one PACKAGED command, so the
-        destination has them all before it runs anything.  Before it, the recorded
-        working set: pages sent while QEMU still loads as precopy are in place before
-        the guest runs (and, sent once, never again)."""
+        destination has them all before it runs anything."""
         from qfram import channel
-        self._push_working_set(f)
         package = channel.buffer_file()
         stream.put_command(package, wire.CMD_POSTCOPY_LISTEN)
         package.put_buffer(self.devices.sections)
@@ -153,26 +149,6 @@ class SnapshotSource(Source):
         stream.put_command(f, wire.CMD_PACKAGED, len(body).to_bytes(4, "big"))
         f.put_buffer(body)
         return f.tell_fast()
-
-    def _push_working_set(self, f) -> None:
-        if self.working_set is None:
-            return
-        blocks = list(self.ram)
-        window = self.working_set.window_pages
-        runs = []
-        for index, page in self.working_set.touches:
-            block = blocks[index]
-            first = page - page % window
-            count = min(window, block.npages - first)
-            if runs and runs[-1][0] is block and runs[-1][1] + runs[-1][2] == first:
-                runs[-1][2] += count
-            else:
-                runs.append([block, first, count])
-        for block, first, count in runs:
-            self.pages_prefetched += self._send_range(f, block, first, count)
-        self.working_set_note = (f"{self.pages_prefetched} pages of the working set "
-                                 f"({self.working_set.pages} first touches) sent before "
-                                 f"the guest ran")
 
     def record_working_set(self, path: str) -> None:
         """Keep the pages QEMU asked for, after the ones sent first, as the working set
@@ -244,9 +220,13 @@ def restore(path: str, *, qmp: Optional[str] = None, to: Optional[str] = None,
                                f"{timeout:g} s after the last page")
         else:
             stats.completed_s = round(time.perf_counter() - t0, 3)
+        if source.working_set is not None:
+            source.working_set_note = (f"{result.prefetched_pages} pages of the working set "
+                                       f"({source.working_set.pages} first touches) sent "
+                                       f"before the guest ran")
         if record:
             source.record_working_set(path)
-        stats.pages_prefetched = source.pages_prefetched
+        stats.pages_prefetched = result.prefetched_pages
         stats.working_set = source.working_set_note
     finally:
         if monitor is not None:

@@ -1,16 +1,20 @@
 """The working set of a snapshot: the pages a restored program touched first, in the
 order it touched them, kept in a small sidecar (``SNAP.ws``) so that the next restore
-places them before the program asks (REAP's record-and-prefetch).
+places them before the program asks (REAP's record-and-prefetch).  A migration has no
+snapshot: its destination writes the same file where it is told (``qfram receive
+--working-set F``), and the next migration's source sends those pages first.
 
-A sidecar is a hint, never trusted: it names the snapshot it was recorded for (size,
-modification time, inode, block checksums) and ends with its own checksum; one that is
-damaged, stale or does not fit the snapshot's blocks is ignored with the reason why —
-a restore never fails because of it, and never places a page outside a block.
+A working set is a hint, never trusted: it names what it was recorded for (a snapshot:
+size, modification time, inode, block checksums; a migration: its blocks' names and
+sizes) and ends with its own checksum; one that is damaged, stale or does not fit the
+blocks is ignored with the reason why — a restore never fails because of it, and never
+places a page outside a block.
 
 Layout (big-endian, like everything qfram writes)::
 
     "QFRAMWS1"  be32 version  be32 window_pages  be64 recorded (ns since the epoch)
     be64 snapshot size  be64 snapshot mtime (ns)  be64 snapshot inode  be64 fingerprint
+        (a migration's: zero, zero, zero, and the fingerprint of its blocks)
     be32 blocks, each: counted name, be64 pages
     be64 touches, each: be32 block index, be64 page
     be64 xxh3-64 of all the bytes before it
@@ -79,10 +83,58 @@ def _blocks(info) -> List[Tuple[str, int]]:
     return [(b.name, b.used_length // 4096) for b in info.blocks]
 
 
+def migration_identity(blocks: List[Tuple[str, int]]) -> Tuple[int, int, int, int]:
+    """What names a migration's working set: its blocks (name, pages)."""
+    digest = xxhash.xxh3_64()
+    for name, npages in blocks:
+        digest.update(f"{name}\0{npages}\0".encode())
+    return 0, 0, 0, digest.intdigest()
+
+
+def ram_blocks(ram) -> List[Tuple[str, int]]:
+    """A RAMList's blocks as a working set names them: (name, pages)."""
+    return [(b.name, b.npages) for b in ram]
+
+
+def for_migration(path: str, ram) -> Tuple[Optional[WorkingSet], str]:
+    """The working set a migration's destination recorded at ``path``, if it fits
+    ``ram`` (the source's blocks: same names, sizes, order)."""
+    blocks = ram_blocks(ram)
+    return read(path, migration_identity(blocks), blocks)
+
+
+def record_migration(path: str, ram, touches: List[Tuple[int, int]],
+                     window_pages: int) -> str:
+    """Add the first touches a migration's destination saw to the working set at
+    ``path`` (what was there first, if it fits ``ram``); what was done, or why not."""
+    blocks = ram_blocks(ram)
+    before, _ = read(path, migration_identity(blocks), blocks)
+    merged = first_touches(before.touches if before is not None else [], touches)
+    if not merged:
+        return "no first touches to record"
+    window = max(window_pages, before.window_pages if before is not None else 1)
+    try:
+        write(path, migration_identity(blocks), blocks, WorkingSet(merged, window, time.time()))
+    except OSError as exc:
+        return f"not recorded in {path}: {exc.strerror}"
+    return f"{len(merged)} first touches recorded in {path}"
+
+
 def load(snapshot_path: str, fd: int, info) -> Tuple[Optional[WorkingSet], str]:
     """The sidecar of the snapshot open on ``fd`` (``info`` from inspecting it), or
     None and why it is not used."""
-    path = sidecar_of(snapshot_path)
+    return read(sidecar_of(snapshot_path), _identity(fd, info), _blocks(info))
+
+
+def save(snapshot_path: str, fd: int, info, ws: WorkingSet) -> None:
+    """Write the snapshot's sidecar whole (temporary file, renamed into place)."""
+    write(sidecar_of(snapshot_path), _identity(fd, info), _blocks(info), ws)
+
+
+def read(path: str, identity: Tuple[int, int, int, int],
+         blocks: List[Tuple[str, int]]) -> Tuple[Optional[WorkingSet], str]:
+    """The working set at ``path`` if it was recorded for ``identity`` and ``blocks``
+    (name, pages), else None and why not."""
     try:
         side = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -91,7 +143,7 @@ def load(snapshot_path: str, fd: int, info) -> Tuple[Optional[WorkingSet], str]:
         return None, f"{path}: {exc.strerror}"
     try:
         size = os.fstat(side).st_size
-        limit = _HEAD.size + 4 + len(info.blocks) * 264 + 8 + MAX_TOUCHES * _TOUCH.size + 8
+        limit = _HEAD.size + 4 + len(blocks) * 264 + 8 + MAX_TOUCHES * _TOUCH.size + 8
         if size > limit:
             return None, f"{path}: {size} bytes, more than a working set can hold"
         data = os.pread(side, size, 0)
@@ -100,14 +152,15 @@ def load(snapshot_path: str, fd: int, info) -> Tuple[Optional[WorkingSet], str]:
     finally:
         os.close(side)
     try:
-        return _parse(data, fd, info), ""
+        return _parse(data, identity, blocks), ""
     except struct.error:
         return None, f"{path}: cut short inside its block list; ignored"
     except ValueError as exc:
         return None, f"{path}: {exc}; ignored"
 
 
-def _parse(data: bytes, fd: int, info) -> WorkingSet:
+def _parse(data: bytes, identity: Tuple[int, int, int, int],
+           blocks: List[Tuple[str, int]]) -> WorkingSet:
     if len(data) < _HEAD.size + 8:
         raise ValueError(f"{len(data)} bytes, shorter than a header")
     body, (digest,) = data[:-8], struct.unpack(">Q", data[-8:])
@@ -116,13 +169,14 @@ def _parse(data: bytes, fd: int, info) -> WorkingSet:
     magic, version, window, recorded, *who = _HEAD.unpack_from(body, 0)
     if magic != MAGIC or version != VERSION:
         raise ValueError("not a qfram working set (version 1) at byte offset 0")
-    if tuple(who) != _identity(fd, info):
-        raise ValueError("stale: the snapshot changed since it was recorded")
+    if tuple(who) != tuple(identity):
+        raise ValueError("stale: recorded for another snapshot or RAM, or the snapshot "
+                         "changed since")
     pos = _HEAD.size
     (nblocks,) = struct.unpack_from(">I", body, pos)
     pos += 4
     recorded_blocks = []
-    for _ in range(min(nblocks, len(info.blocks) + 1)):
+    for _ in range(min(nblocks, len(blocks) + 1)):
         if pos >= len(body):
             raise ValueError(f"block list cut short at byte offset {pos}")
         n = body[pos]
@@ -130,7 +184,7 @@ def _parse(data: bytes, fd: int, info) -> WorkingSet:
         (npages,) = struct.unpack_from(">Q", body, pos + 1 + n)
         recorded_blocks.append((name, npages))
         pos += 1 + n + 8
-    if recorded_blocks != _blocks(info):
+    if recorded_blocks != list(blocks):
         raise ValueError("recorded for other blocks than the snapshot's")
     (count,) = struct.unpack_from(">Q", body, pos)
     pos += 8
@@ -147,12 +201,12 @@ def _parse(data: bytes, fd: int, info) -> WorkingSet:
     return WorkingSet(touches, window, recorded / 1e9)
 
 
-def save(snapshot_path: str, fd: int, info, ws: WorkingSet) -> None:
-    """Write the sidecar whole (temporary file, renamed into place) or not at all."""
-    head = _HEAD.pack(MAGIC, VERSION, ws.window_pages, int(ws.recorded * 1e9),
-                      *_identity(fd, info))
-    parts = [head, struct.pack(">I", len(info.blocks))]
-    for name, npages in _blocks(info):
+def write(path: str, identity: Tuple[int, int, int, int], blocks: List[Tuple[str, int]],
+          ws: WorkingSet) -> None:
+    """Write a working set whole (temporary file, renamed into place) or not at all."""
+    head = _HEAD.pack(MAGIC, VERSION, ws.window_pages, int(ws.recorded * 1e9), *identity)
+    parts = [head, struct.pack(">I", len(blocks))]
+    for name, npages in blocks:
         encoded = name.encode()
         parts.append(bytes([len(encoded)]) + encoded + struct.pack(">Q", npages))
     touches = ws.touches[:MAX_TOUCHES]
@@ -160,7 +214,7 @@ def save(snapshot_path: str, fd: int, info, ws: WorkingSet) -> None:
     parts.extend(_TOUCH.pack(b, p) for b, p in touches)
     body = b"".join(parts)
     data = memoryview(body + struct.pack(">Q", xxhash.xxh3_64_intdigest(body)))
-    with outputs.new_file(sidecar_of(snapshot_path)) as out:
+    with outputs.new_file(path) as out:
         while data:
             data = data[os.write(out.fd, data):]
 

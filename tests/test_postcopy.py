@@ -284,3 +284,21 @@ def test_bitmap_ranges():
         bits[i >> 3] |= 1 << (i & 7)
     assert msg.bitmap_ranges(bits, 32, 4096) == [(0, 3 * 4096), (9 * 4096, 4096),
                                                  (31 * 4096, 4096)]
+
+
+def test_the_destinations_working_set_goes_first_next_time(tmp_path):
+    # the destination's program faults; its first touches are kept; the next migration
+    # of the same RAM sends them before the switch, so they are in place when it runs
+    ws = str(tmp_path / "ram.ws")
+    send = ["--demo", "64M", "--rounds", "0", "--seed", "3"]
+    recv = ["--workload", "read", "--workload-pause-us", "200", "--working-set", ws]
+    src, dst = migrate(tmp_path, send, recv)
+    assert dst["faults"] > 0 and "recorded" in dst["working_set"], dst["working_set"]
+    src2, dst2 = migrate(tmp_path, send + ["--working-set", ws], recv,
+                         address=str(tmp_path / "second.sock"))
+    assert src2["prefetched_pages"] > 0 and dst2["verified"] is True
+    assert dst2["pages_at_switch"] >= src2["prefetched_pages"]
+    # a working set recorded for other RAM is not used
+    src3, _ = migrate(tmp_path, ["--demo", "32M", "--rounds", "0", "--working-set", ws],
+                      ["--workload", "read"], address=str(tmp_path / "third.sock"))
+    assert src3["prefetched_pages"] == 0

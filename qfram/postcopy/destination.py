@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional
 
 import xxhash
 
-from qfram import sched, stream, wire
+from qfram import sched, stream, wire, workingset
 from qfram.errors import FormatError
 from qfram.latency import percentiles
 from qfram.outputs import printable
@@ -56,7 +56,9 @@ class Destination:
     ``deadline`` (seconds) the whole migration; ``max_ram`` the RAM the source may
     declare.  ``on_failure``: "exit" ends the process with status 1 when the migration
     breaks after RUN (threads faulting on pages that will never arrive cannot be woken
-    safely); "raise" raises instead (only safe when nothing else touches the memory)."""
+    safely); "raise" raises instead (only safe when nothing else touches the memory).
+    ``working_set``: a file to add the pages faulted on here, in order, to, once the
+    migration is complete (the next migration's source sends them first)."""
 
     def __init__(self, main, *, preempt=None, acceptor: Optional[link.Acceptor] = None,
                  ram: Optional[RAMList] = None,
@@ -64,7 +66,8 @@ class Destination:
                  window_pages: int = 16, spin_us: float = 50.0, verify: bool = True,
                  timeout: float = 30.0, deadline: Optional[float] = None,
                  max_ram: Optional[int] = None, on_failure: str = "exit",
-                 confirm: bool = True, resume: bool = True) -> None:
+                 confirm: bool = True, resume: bool = True,
+                 working_set: Optional[str] = None) -> None:
         if on_failure not in ("exit", "raise"):
             raise ValueError("on_failure is 'exit' or 'raise'")
         self.main = link.as_link(main)
@@ -95,6 +98,7 @@ class Destination:
         self.session: Optional[bytes] = None     # the source's token (CMD_QFRAM_SESSION)
         self._discarded: Dict[str, int] = {}     # per block: where RAM_DISCARD got to
         self._links = [self.main] + ([self.preempt] if self.preempt else [])
+        self.working_set = working_set
 
     # -- the run ------------------------------------------------------------------------
 
@@ -130,6 +134,9 @@ class Destination:
                 if getattr(self.workload, "error", None):
                     raise self.workload.error
             self.stats.verified = self._verify(description) if self.verify else False
+            if self.working_set is not None and server is not None:
+                self.stats.working_set = workingset.record_migration(
+                    self.working_set, self.ram, server.touches(), self.window_pages)
             msg.put_return_message(rp, wire.MIG_RP_MSG_SHUT, msg.shut_payload(0))
         except BaseException as exc:
             if self.expired:

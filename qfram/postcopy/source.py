@@ -27,6 +27,7 @@ import xxhash
 from qfram import core, sched, stream, wire
 from qfram.errors import FormatError
 from qfram.latency import percentiles
+from qfram.workingset import WorkingSet
 from qfram.errors import QFramError
 from qfram.postcopy import link
 from qfram.postcopy import messages as msg
@@ -72,7 +73,10 @@ class Source:
     postcopy-preempt); without it they are queued between background batches.
     ``reconnect()``: makes a new connection to the destination (a Link), to resume a
     link lost after the switch — tried until ``deadline`` (seconds from the start),
-    else for ``timeout`` seconds."""
+    else for ``timeout`` seconds.  ``working_set``: pages the destination's program
+    touched first last time (a :class:`workingset.WorkingSet` whose block indexes are
+    ``ram``'s order), sent at the switch before anything else, so that they are in
+    place before it runs."""
 
     def __init__(self, ram: RAMList, main, *, preempt=None,
                  reconnect: Optional[Callable[[], "link.Link"]] = None,
@@ -80,8 +84,10 @@ class Source:
                  max_rounds: int = 10, converge_pages: int = 1024,
                  switch_after: Optional[float] = None, workload=None, verify: bool = True,
                  postcopy: bool = True, timeout: float = 30.0,
-                 machine: str = "pc-i440fx-7.2") -> None:
+                 machine: str = "pc-i440fx-7.2",
+                 working_set: Optional[WorkingSet] = None) -> None:
         self.ram = ram
+        self.working_set = working_set
         self.blocks: List[RAMBlock] = list(ram)
         self.main = link.as_link(main)
         self.preempt = None if preempt is None else link.as_link(preempt)
@@ -297,6 +303,7 @@ class Source:
 
     def _postcopy(self, t_stop: float, t_verify: float, tail: dict):
         f = self.f
+        self._push_working_set(f)      # while the destination still takes precopy pages
         clean_at_switch = [(b, bytes(x ^ 0xFF for x in self.dirty[b.name]))
                            for b in self.blocks]
         for block in self.blocks:
@@ -338,6 +345,25 @@ class Source:
                                          3) if seconds else None
         self.stats.postcopy_bytes = self.f.tell() - bytes_before
         return pushed + requested, requested
+
+    def _push_working_set(self, f) -> None:
+        """The working set's pages still to send, in its order, each run of adjacent
+        windows in one PART: before the switch, they are in place before the program
+        on the other side runs (and, sent, never sent again)."""
+        if self.working_set is None:
+            return
+        window = self.working_set.window_pages
+        runs: List[list] = []
+        for index, page in self.working_set.touches:
+            block = self.blocks[index]
+            first = page - page % window
+            count = min(window, block.npages - first)
+            if runs and runs[-1][0] is block and runs[-1][1] + runs[-1][2] == first:
+                runs[-1][2] += count
+            else:
+                runs.append([block, first, count])
+        for block, first, count in runs:
+            self.stats.prefetched_pages += self._send_range(f, block, first, count)
 
     def _switch_commands(self, f) -> int:
         """LISTEN and RUN; returns where LISTEN ends (what the destination holds once it

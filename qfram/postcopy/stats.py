@@ -35,6 +35,7 @@ class SourceStats:
     postcopy_bytes: int = 0
     resumes: int = 0                # links lost after the switch and resumed
     tls: Optional[str] = None       # the channels' protocol and cipher (None: clear)
+    prefetched_pages: int = 0       # the working set's, sent at the switch before the rest
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
@@ -62,6 +63,7 @@ class DestinationStats:
     verified: bool = False
     resumes: int = 0                # links lost after the switch and resumed
     tls: Optional[str] = None       # the channels' protocol and cipher (None: clear)
+    working_set: str = ""           # what was recorded for the next migration, or why not
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
