@@ -186,3 +186,20 @@ def test_the_chunked_layout_refuses_what_it_cannot_do(tmp_path):
     for bad in (dict(release=True), dict(compress="zlib"), dict(chunk_bytes=3000)):
         with pytest.raises(ValueError):
             snapshot.save(ram, str(tmp_path / "x"), layout="chunked", **bad)
+
+
+@pytest.mark.parametrize("layout", ["mapped", "stream", "chunked"])
+def test_rewrite_converts_to_every_layout_and_back(saved, tmp_path, layout):
+    paths, _, original = saved
+    there, back = str(tmp_path / "there"), str(tmp_path / "back")
+    for source, target, to in ((paths["zstd"], there, layout), (there, back, "chunked")):
+        codec = [] if to == "mapped" else ["--codec", "lz4"]     # a stream takes lz4 too
+        out = subprocess.run([sys.executable, "-m", "qfram", "rewrite", source, target,
+                              "--layout", to, *codec], capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr
+    assert snapshot.inspect(there).layout == layout
+    for path in (there, back):
+        ram, result = snapshot.load(path)
+        assert result.verified and {b.name: bytes(b.region) for b in ram} == original
+        ram.close()
