@@ -143,6 +143,8 @@ cdef struct Server:
     uint64_t *touches             # the faults in the order they came: area << 48 | page
     uint64_t ntouches
     size_t stage_bytes            # a placing thread's buffers for chunked areas
+    bint track_writes             # pages are placed write-protected (async): the ones
+                                  # written since are found by revert_written()
     Counters n
     int error                     # errno of the first failure in a loop
     uint64_t fail_addr            # where a page could not be placed (0: not that)
@@ -237,7 +239,7 @@ cdef int _place(Server *s, uint64_t dst, uint64_t src, uint64_t n, bint zero) no
             cp.dst = dst + done * PAGE
             cp.src = src + done * PAGE
             cp.len = (n - done) * PAGE
-            cp.mode = 0
+            cp.mode = UFFDIO_COPY_MODE_WP if s.track_writes else 0
             cp.copy = 0
             rc = ioctl(s.uffd, UFFDIO_COPY, &cp)
             progress = cp.copy
@@ -856,16 +858,19 @@ cdef class FaultServer:
     cdef int nviews
     cdef readonly uint64_t features
     cdef object remote           # the return path's channel (its transport lives in it)
+    cdef int pagemap             # track_writes: /proc/self/pagemap, for PAGEMAP_SCAN
 
     def __cinit__(self):
+        self.pagemap = -1
         self.s.uffd = -1
         self.s.stop_fd = -1
         self.s.request_fd = -1
         self.s.last_request_area = -1
         self.s.request_timeout_ms = 10000
 
-    def __init__(self, uint64_t window_pages=16, double spin_us=0.0):
+    def __init__(self, uint64_t window_pages=16, double spin_us=0.0, bint track_writes=False):
         cdef uffdio_api api
+        cdef uint64_t wp = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED
         if window_pages < 1 or window_pages > 4096:
             raise ValueError("window_pages must be 1..4096")
         if <uint64_t>sysconf(_SC_PAGESIZE) != PAGE:
@@ -882,11 +887,21 @@ cdef class FaultServer:
         memset(&api, 0, sizeof(api))
         api.api = UFFD_API
         api.features = UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_MISSING_HUGETLBFS
-        if ioctl(self.s.uffd, UFFDIO_API, &api) != 0:
+        if track_writes:
+            api.features |= wp
+            if ioctl(self.s.uffd, UFFDIO_API, &api) != 0 or api.features & wp != wp:
+                raise OSError(errno or EINVAL, "tracking writes needs userfaultfd "
+                                               "asynchronous write protection (Linux 6.7+)")
+        elif ioctl(self.s.uffd, UFFDIO_API, &api) != 0:
             api.features = 0            # an older kernel: anonymous memory only
             if ioctl(self.s.uffd, UFFDIO_API, &api) != 0:
                 raise OSError(errno, f"UFFDIO_API: {os.strerror(errno)}")
         self.features = api.features
+        self.s.track_writes = track_writes
+        if track_writes:
+            self.pagemap = c_open(b"/proc/self/pagemap", O_RDONLY | O_CLOEXEC)
+            if self.pagemap < 0:
+                raise OSError(errno, "/proc/self/pagemap")
         self.s.stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
         if self.s.stop_fd < 0:
             raise OSError(errno, "eventfd")
@@ -914,6 +929,9 @@ cdef class FaultServer:
         if self.s.stop_fd >= 0:
             close(self.s.stop_fd)
             self.s.stop_fd = -1
+        if self.pagemap >= 0:
+            close(self.pagemap)
+            self.pagemap = -1
 
     def close(self):
         """Give back the memory exports and close the userfaultfd (closing it also
@@ -993,7 +1011,8 @@ cdef class FaultServer:
             a.fault_ns = <uint64_t *>calloc(a.npages, 8)
             if a.fault_ns == NULL:
                 raise MemoryError()
-        _register(self.s.uffd, a.base, a.length, UFFDIO_REGISTER_MODE_MISSING, "missing")
+        _register(self.s.uffd, a.base, a.length, UFFDIO_REGISTER_MODE_MISSING
+                  | (UFFDIO_REGISTER_MODE_WP if self.s.track_writes else 0), "missing")
         if a.kind == AREA_REMOTE and present is not None:
             self._mark_present(a, present)
         self.s.total_pages += a.npages
@@ -1281,6 +1300,78 @@ cdef class FaultServer:
     def latencies_ns(self):
         """Time from reading each fault to its pages being in place, in ns."""
         return [self.s.lat[i] for i in range(min(self.s.nlat, <uint64_t>MAX_LATENCIES))]
+
+    def revert_written(self):
+        """Drop the pages of local areas written since they were placed (or since the
+        last call) and make them missing again: the next touch has them placed from the
+        source anew, as the first time.  Needs ``track_writes``; call it while no thread
+        touches the memory and no loop but serve_faults runs (a sandbox between runs).
+        Pages are placed write-protected (asynchronously: a write is never stopped, only
+        noted); PAGEMAP_SCAN finds the written ones, leaving out the zero page
+        (UFFDIO_ZEROPAGE maps it unprotected, and a write there makes a new page, which
+        is found).  Returns (pages, runs)."""
+        cdef qf_pm_scan_arg arg
+        cdef qf_page_region *vec
+        cdef iovec *iov
+        cdef Area *a
+        cdef int i, err = 0
+        cdef long n, k
+        cdef uint64_t start, p, first, last, pages = 0, runs = 0, dropped
+        if not self.s.track_writes:
+            raise ValueError("revert_written() needs a FaultServer made with track_writes")
+        vec = <qf_page_region *>malloc(4096 * sizeof(qf_page_region))
+        iov = <iovec *>malloc(4096 * sizeof(iovec))
+        try:
+            if vec == NULL or iov == NULL:
+                raise MemoryError()
+            with nogil:
+                for i in range(self.s.nareas):
+                    a = &self.s.areas[i]
+                    if a.kind != AREA_LOCAL:
+                        continue
+                    start = a.base
+                    while start < a.base + a.length:
+                        memset(&arg, 0, sizeof(arg))
+                        arg.size = sizeof(arg)
+                        arg.flags = QF_PM_SCAN_WP_MATCHING | QF_PM_SCAN_CHECK_WPASYNC
+                        arg.start = start
+                        arg.end = a.base + a.length
+                        arg.vec = <uint64_t>vec
+                        arg.vec_len = 4096
+                        arg.category_inverted = QF_PAGE_IS_PFNZERO
+                        arg.category_mask = QF_PAGE_IS_WRITTEN | QF_PAGE_IS_PFNZERO
+                        arg.return_mask = QF_PAGE_IS_WRITTEN
+                        n = ioctl(self.pagemap, QF_PAGEMAP_SCAN, &arg)
+                        if n < 0:
+                            err = errno
+                            break
+                        dropped = 0
+                        for k in range(n):
+                            first = (vec[k].start - a.base) // PAGE
+                            last = (vec[k].end - a.base) // PAGE
+                            for p in range(first, last):      # missing again, first
+                                qf_set_bit(a.claimed, p, False)
+                            dropped += last - first
+                            iov[k].iov_base = <void *>vec[k].start
+                            iov[k].iov_len = vec[k].end - vec[k].start
+                        if _drop_ranges(iov, n) < 0:
+                            err = errno
+                            break
+                        qf_add(&a.placed, -dropped)
+                        qf_add(&self.s.placed_pages, -dropped)
+                        pages += dropped
+                        runs += n
+                        if arg.walk_end <= start:
+                            break
+                        start = arg.walk_end
+                    if err:
+                        break
+            if err:
+                raise OSError(err, f"reverting written pages: {os.strerror(err)}")
+            return pages, runs
+        finally:
+            free(vec)
+            free(iov)
 
     def touches(self):
         """The faults so far, in the order they came, as (area index, page) pairs (a

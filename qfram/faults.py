@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import List, Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 from qfram import snapshot, workingset
 from qfram.errors import FormatError
@@ -24,6 +24,9 @@ from qfram.latency import Latency, percentiles
 from qfram.ram import RAMBlock, RAMList, bitmap_bytes, memory_room
 from qfram.wire import TARGET_PAGE_SIZE
 from qfram.stream import TooLarge
+
+if TYPE_CHECKING:
+    from qfram.reset import ResetStats
 
 
 @dataclass
@@ -63,12 +66,19 @@ class LazyRestore:
     (``SNAP.ws``) before returning — None (the default) when there is one that fits,
     False never.  ``record``: once complete, write the pages first touched (after the
     prefetched ones) as the working set for the next restore.
+
+    ``resettable``: pages are placed write-protected (asynchronously: writes are never
+    stopped, only noted) and the fault thread keeps serving after ``wait()``, so that
+    ``reset()`` can return the RAM to the snapshot: the pages written since are dropped
+    and come back from the snapshot on their next touch.  (Without a need for
+    anonymous memory, :class:`qfram.reset.Resettable` does the same with no fault
+    server at all.)
     """
 
     def __init__(self, path: str, *, window_pages: int = 16, spin_us: float = 50.0,
                  background: bool = True, on_failure: str = "exit",
                  force: bool = False, prefetch: Optional[bool] = None,
-                 record: bool = True) -> None:
+                 record: bool = True, resettable: bool = False) -> None:
         from qfram._uffd import FaultServer
         if on_failure not in ("exit", "raise"):
             raise ValueError("on_failure is 'exit' or 'raise'")
@@ -93,7 +103,8 @@ class LazyRestore:
         self.info = info
         self.window_pages = window_pages
         self._file: Optional[mmap.mmap] = None
-        self.server = FaultServer(window_pages, spin_us)
+        self.server = FaultServer(window_pages, spin_us, track_writes=resettable)
+        self.resettable = resettable
         self.server.exit_on_failure = on_failure == "exit"
         self.ram = RAMList()
         if info.chunked is not None:
@@ -193,18 +204,17 @@ class LazyRestore:
         if self._fill.is_alive():
             raise TimeoutError(f"lazy restore of {self.path} not complete after {timeout} s")
         seconds = time.perf_counter() - self._t0
-        if self.complete:
-            self.server.unregister()     # ordinary memory again; then the fault thread ends
-        self.server.stop()
-        self._faults.join()
+        if not self.resettable:
+            if self.complete:
+                self.server.unregister()  # ordinary memory again; then the fault thread ends
+            self.server.stop()
+            self._faults.join()
         if self._errors:
             raise self._errors[0]
         if not self.complete:
             raise RuntimeError(f"lazy restore stopped with {self.server.placed_pages} of "
                                f"{self.server.total_pages} pages in place")
-        verified = verify and snapshot.check_checksums(
-            self.ram, [(b.name, b.used_length) for b in self.info.blocks],
-            self.info.description, "lazily restored")
+        verified = verify and self.verify()
         self._done = True
         if self._record:
             self._record_working_set()
@@ -214,10 +224,30 @@ class LazyRestore:
                          percentiles(self.server.latencies_ns()), self.prefetch_pages,
                          self.prefetch_seconds, self.working_set_note)
 
+    def reset(self) -> "ResetStats":
+        """Return the RAM to the snapshot (``resettable`` restores, after ``wait()``,
+        while no thread touches the memory): the pages written since the restore or the
+        last reset become missing again, and the next touch places them from the
+        snapshot."""
+        from qfram.reset import ResetStats
+        if not self.resettable or not self._done:
+            raise ValueError("reset() needs LazyRestore(..., resettable=True) and wait() "
+                             "first")
+        t0 = time.perf_counter()
+        pages, runs = self.server.revert_written()
+        return ResetStats(pages, runs, time.perf_counter() - t0)
+
+    def verify(self) -> bool:
+        """Check every block against the snapshot's checksums (pages missing after a
+        reset are placed as they are read)."""
+        return snapshot.check_checksums(
+            self.ram, [(b.name, b.used_length) for b in self.info.blocks],
+            self.info.description, "lazily restored")
+
     def close(self) -> None:
         """Stop serving and unmap everything (the RAM too: a program keeps what it
         needs before closing)."""
-        if not self._done:
+        if not self._done or self.resettable:
             self.server.stop()
             self._faults.join()
             if self._fill is not None:

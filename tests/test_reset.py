@@ -127,3 +127,40 @@ def test_the_reset_loop_demo_reports_and_verifies(tmp_path):
     assert report["pages_per_reset"] >= 90         # random pages, a few hit twice
     assert report["verified"] is True
     assert report["reset_us"]["p50"] > 0
+
+
+# -- the same for anonymous memory a userfaultfd restore fills -------------------------------
+
+@pytest.mark.parametrize("layout", ["mapped", "chunked"])
+def test_a_lazy_restore_resets_to_the_snapshot(tmp_path, layout):
+    from qfram.faults import LazyRestore
+    path, original = saved(tmp_path, layout=layout)
+    with LazyRestore(path, resettable=True, record=False, background=False) as lazy:
+        pc = lazy.ram["pc.ram"].region
+        pc[5 * PAGE] = 0x11                   # written before the restore is complete
+        lazy.wait(verify=False)               # (so it is not the snapshot's now)
+        rng = random.Random(2)
+        for round_ in range(4):
+            written = {5} if round_ == 0 else set()
+            for _ in range(40):
+                page = rng.randrange(len(pc) // PAGE)
+                pc[page * PAGE] = (pc[page * PAGE] + 1) & 0xFF   # zero pages included
+                written.add(page)
+            stats = lazy.reset()
+            assert stats.pages == len(written)
+            assert bytes(pc) == original["pc.ram"]               # placed again on touch
+            assert lazy.verify()
+        assert lazy.reset().pages == 0                           # reads are not writes
+
+
+def test_a_lazy_reset_is_refused_before_the_restore_is_complete(tmp_path):
+    from qfram.faults import LazyRestore
+    path, _ = saved(tmp_path)
+    with LazyRestore(path, resettable=True, record=False) as lazy:
+        with pytest.raises(ValueError, match="wait"):
+            lazy.reset()
+        lazy.wait()
+    with LazyRestore(path, record=False) as lazy:
+        lazy.wait()
+        with pytest.raises(ValueError, match="resettable"):
+            lazy.reset()

@@ -20,6 +20,7 @@ cdef extern from "<linux/userfaultfd.h>" nogil:
         UFFDIO_REGISTER_MODE_WP
         UFFDIO_WRITEPROTECT_MODE_WP
         UFFDIO_ZEROPAGE_MODE_DONTWAKE
+        UFFDIO_COPY_MODE_WP
         UFFD_EVENT_PAGEFAULT
         UFFD_FEATURE_MISSING_SHMEM
         UFFD_FEATURE_MISSING_HUGETLBFS
@@ -89,6 +90,7 @@ cdef extern from *:
     #define QF_PAGE_IS_FILE (1 << 2)
     #define QF_PAGE_IS_PRESENT (1 << 3)
     #define QF_PAGE_IS_SWAPPED (1 << 4)
+    #define QF_PAGE_IS_PFNZERO (1 << 5)
     #define QF_PM_SCAN_WP_MATCHING (1 << 0)
     #define QF_PM_SCAN_CHECK_WPASYNC (1 << 1)
     """
@@ -100,6 +102,7 @@ cdef extern from *:
         QF_PAGE_IS_FILE
         QF_PAGE_IS_PRESENT
         QF_PAGE_IS_SWAPPED
+        QF_PAGE_IS_PFNZERO
         QF_PM_SCAN_WP_MATCHING
         QF_PM_SCAN_CHECK_WPASYNC
     struct qf_page_region:
