@@ -215,6 +215,9 @@ def read(fd: int, path: str) -> ChunkedFile:
     blocks: List[ChunkedBlock] = []
     pos = 0
     for facts in desc.blocks.values():
+        if not 0 < len(facts.name.encode()) <= 255:
+            raise FormatError(f"{path}: a block name of {len(facts.name.encode())} bytes "
+                              f"(QEMU's are 1 to 255)", desc_at)
         if facts.used_length == 0 or facts.used_length % TARGET_PAGE_SIZE:
             raise FormatError(f"{path}: block {facts.name!r} of {facts.used_length} bytes "
                               f"is not whole pages", desc_at)

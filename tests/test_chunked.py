@@ -137,6 +137,10 @@ def hostile_cases(path, tmp_path):
         "raw of the wrong size": (forge(path, tmp_path / "c", index=entry(index, 5, kind=1)),
                                   "do not fit its kind", 64 + 5 * 24),
     }
+    long_name = json.loads(json.dumps(desc))
+    long_name["qfram"]["blocks"][0]["name"] = "x" * 300
+    cases["a block name past 255 bytes"] = (forge(path, tmp_path / "f", desc=long_name),
+                                           "a block name of 300 bytes", 64)
     huge = json.loads(json.dumps(desc))
     huge["qfram"]["blocks"][0]["used_length"] = 1 << 40           # a terabyte declared
     cases["a terabyte declared"] = (forge(path, tmp_path / "d", desc=huge),
@@ -149,7 +153,8 @@ def hostile_cases(path, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["past the data", "unknown kind", "raw of the wrong size",
-                                  "a terabyte declared", "a damaged chunk"])
+                                  "a terabyte declared", "a damaged chunk",
+                                  "a block name past 255 bytes"])
 def test_a_hostile_file_is_refused_with_the_byte_offset(saved, tmp_path, case):
     path, message, offset = hostile_cases(saved[0]["lz4"], tmp_path)[case]
     with pytest.raises(FormatError, match=message) as err:
