@@ -217,8 +217,10 @@ cdef class PrivateCopies(PageScan):
         # a table a written page is in frees the table; the file pages only read there
         # come back on their next touch from the page cache (a minor fault maps 16).
         self.whole_tables = True
-        self.inverted = QF_PAGE_IS_FILE
-        self.mask = QF_PAGE_IS_FILE                       # i.e. not the file's page
+        # not the file's page, nor the shared zero page (a read where zero memory was
+        # mapped over stale file bytes, see snapshot.map_block_private)
+        self.inverted = QF_PAGE_IS_FILE | QF_PAGE_IS_PFNZERO
+        self.mask = QF_PAGE_IS_FILE | QF_PAGE_IS_PFNZERO
         self.anyof = QF_PAGE_IS_PRESENT | QF_PAGE_IS_SWAPPED
 
 

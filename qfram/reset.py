@@ -14,12 +14,12 @@ pages but keeps a marker in every page-table entry of the mapping: each scan wou
 walk all of them, ~0.5 ms a GiB here, however few pages were written.)
 
 The snapshot is held with a shared lock for as long as it is mapped: an incremental
-save would change what unwritten pages show.  Pages the bitmap calls absent are read as
-the file's holes, zero (both qfram and QEMU write them so).
+save would change what unwritten pages show.  Pages the bitmap calls absent read as
+zero: holes in the file, or zero memory mapped over the stale bytes QEMU can leave there
+(``snapshot.map_block_private``); a write to one is a private copy like any other.
 """
 from __future__ import annotations
 
-import mmap
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -64,8 +64,7 @@ class Resettable:
                 raise TooLarge(f"{path} declares {self.info.ram_bytes / 2**30:.2f} GiB of "
                                f"RAM, more than {where}; --force to map it anyway", 0)
             for b in self.info.blocks:   # (inspect checked every offset against the file)
-                region = mmap.mmap(self._fd, b.used_length, flags=mmap.MAP_PRIVATE,
-                                   offset=b.pages_offset)
+                region = snapshot.map_block_private(self._fd, b, self.info)
                 block = self.ram.add(RAMBlock(b.name, region, kind="snapshot-private"))
                 self._trackers.append(PrivateCopies(block.region))
         except BaseException:

@@ -23,7 +23,6 @@ The snapshot must have the mapped layout (every page at a fixed offset): qfram's
 from __future__ import annotations
 
 import array
-import mmap
 import os
 import socket
 import threading
@@ -83,9 +82,9 @@ class SnapshotSource(Source):
             self._maps = []
             ram = RAMList()
             for b in info.blocks:        # (inspect checked every offset against the file)
-                # private: QEMU gets the bytes, the file is never written
-                region = mmap.mmap(fd, b.used_length, flags=mmap.MAP_PRIVATE,
-                                   offset=b.pages_offset)
+                # private: QEMU gets the bytes, the file is never written; pages the
+                # bitmap calls zero are zero even where the file has stale bytes
+                region = snapshot.map_block_private(fd, b, info)
                 self._maps.append(region)
                 ram.add(RAMBlock.from_buffer(b.name, region))
             working_set, self.working_set_note = (

@@ -662,6 +662,73 @@ def load(path: str, ram: Optional[RAMList] = None, *, verify: bool = True,
     return target.ram, result
 
 
+MAX_STALE_RUNS = 4096        # zero-over-stale-bytes mappings one block may need
+
+
+def map_block_private(fd: int, block: stream.BlockInfo, info: SnapshotInfo):
+    """A mapped snapshot's block, mapped copy-on-write (nothing read until touched, the
+    file never written), showing what the snapshot holds: where the bitmap says a page
+    is zero but the file still has bytes there — QEMU leaves a page it wrote in an
+    earlier pass when the page turns zero, and only clears its bit — anonymous zero
+    memory is mapped over them.  qfram leaves holes there (its incremental saves punch
+    them), so its own files are not searched (~0.1 s a GiB; their checksums would show
+    a file that lied)."""
+    import mmap
+    region = mmap.mmap(fd, block.used_length, flags=mmap.MAP_PRIVATE,
+                       offset=block.pages_offset)
+    if info.written_by_qfram:
+        return region
+    try:
+        absent = stream.read_present(fd, block, block.bitmap_offset).translate(_INVERT)
+        stale = []
+        pos, end = block.pages_offset, block.pages_offset + block.used_length
+        while pos < end:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:             # ENXIO: no data past pos
+                break
+            if data >= end:
+                break
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+            first = (data - block.pages_offset) // TARGET_PAGE_SIZE
+            last = min(block.npages, -(-(hole - block.pages_offset) // TARGET_PAGE_SIZE))
+            stale += core.impl.bitmap_runs(absent, last, first)
+            if len(stale) > MAX_STALE_RUNS:
+                raise FormatError(f"block {block.name!r}: more than {MAX_STALE_RUNS} runs "
+                                  f"of pages the bitmap calls zero hold bytes in the "
+                                  f"file; `qfram rewrite` it into a clean one",
+                                  block.pages_offset)
+            pos = hole
+        for first, count in stale:
+            _map_zeros(region, first * TARGET_PAGE_SIZE, count * TARGET_PAGE_SIZE)
+    except BaseException:
+        region.close()
+        raise
+    return region
+
+
+_INVERT = bytes(~b & 0xFF for b in range(256))
+
+
+def _map_zeros(region, offset: int, length: int) -> None:
+    """Private anonymous (zero) memory in place of region[offset:offset+length]."""
+    import ctypes
+    import mmap
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    anchor = ctypes.c_char.from_buffer(region)
+    addr = ctypes.addressof(anchor) + offset
+    del anchor                      # (an export would keep the mmap from closing)
+    got = libc.mmap(addr, length, mmap.PROT_READ | mmap.PROT_WRITE,
+                    mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x10,        # MAP_FIXED
+                    -1, 0)
+    if got != addr:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mapping zeros over stale snapshot bytes: {os.strerror(err)}")
+
+
 def read_blocks(fd: int, block: RAMBlock, pages_offset: int, present: bytes,
                 touched, threads: int) -> Tuple[int, int]:
     """Read a mapped block's present pages on worker threads, 64-page aligned ranges."""
