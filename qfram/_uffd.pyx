@@ -37,7 +37,7 @@ from libc.errno cimport (errno, EINTR, EAGAIN, EEXIST, EINVAL, EPIPE, ETIMEDOUT,
                         EBADMSG, ENOMEM)
 from libc.stdint cimport uint32_t, uint64_t, int64_t
 from libc.stdio cimport snprintf
-from libc.stdlib cimport calloc, free, malloc
+from libc.stdlib cimport calloc, free, malloc, qsort
 from libc.string cimport memset, memcpy, memcmp
 from posix.fcntl cimport O_CLOEXEC, O_NONBLOCK, O_RDWR, O_RDONLY, open as c_open
 from posix.unistd cimport read, write, close, _exit, pread, sysconf, _SC_PAGESIZE
@@ -415,6 +415,46 @@ cdef int _serve_loop(Server *s) noexcept nogil:
     rc = _serve_faults(s, msgs, fds, stage)
     free(stage)
     return rc
+
+
+cdef struct _Run:
+    uint64_t key                  # area << 48 | first page
+    uint64_t count
+
+
+cdef int _by_key(const void *x, const void *y) noexcept nogil:
+    cdef uint64_t a = (<const _Run *>x).key, b = (<const _Run *>y).key
+    return (a > b) - (a < b)
+
+
+cdef void _read_ahead(Server *s, const uint64_t *keys, const uint64_t *counts,
+                      uint64_t n) noexcept nogil:
+    """MADV_WILLNEED on the snapshot mappings' runs, sorted and merged: the page cache
+    reads them in file order, a few large reads instead of many scattered ones.  A hint:
+    nothing happens where there is no memory for the sort."""
+    cdef _Run *runs = <_Run *>malloc(max(n, <uint64_t>1) * sizeof(_Run))
+    cdef uint64_t i, m = 0
+    cdef Area *a
+    if runs == NULL:
+        return
+    for i in range(n):
+        runs[i].key = keys[i]
+        runs[i].count = counts[i]
+    qsort(runs, n, sizeof(_Run), _by_key)
+    for i in range(n):
+        if m and runs[i].key >> 48 == runs[m - 1].key >> 48 \
+                and runs[i].key <= runs[m - 1].key + runs[m - 1].count:
+            runs[m - 1].count = max(runs[m - 1].count,
+                                    runs[i].key + runs[i].count - runs[m - 1].key)
+            continue
+        runs[m] = runs[i]
+        m += 1
+    for i in range(m):
+        a = &s.areas[runs[i].key >> 48]
+        if a.chunks == NULL:
+            madvise(<void *>(a.src + (runs[i].key & ((1ULL << 48) - 1)) * PAGE),
+                    runs[i].count * PAGE, MADV_WILLNEED)
+    free(runs)
 
 
 cdef unsigned char *_new_stage(Server *s) noexcept nogil:
@@ -1386,9 +1426,10 @@ cdef class FaultServer:
     def prefetch(self, pages, uint64_t window=0):
         """Place the windows of ``pages`` — (area index, page) pairs of local areas, in
         the order given; ``window`` pages a window, 0: the fault path's — before anything
-        asks for them: the page cache is told to read
-        them all first (one pass of readahead), then each run of adjacent windows is
-        placed with one UFFDIO_COPY (GIL released).  Pages placed already are stepped
+        asks for them: the page cache is told to read them all first, in file order
+        (readahead of merged runs: as near one sequential read as the set allows), then
+        each run of adjacent windows is placed with one UFFDIO_COPY, in the order given
+        (GIL released).  Pages placed already are stepped
         over.  Returns how many pages it placed."""
         cdef uint64_t n = len(pages)
         cdef uint64_t *want = <uint64_t *>malloc(max(n, <uint64_t>1) * sizeof(uint64_t))
@@ -1428,12 +1469,7 @@ cdef class FaultServer:
                     want[runs] = (<uint64_t>(a - self.s.areas) << 48) | first
                     counts[runs] = count
                     runs += 1
-                for i in range(runs):
-                    a = &self.s.areas[want[i] >> 48]
-                    first = want[i] & ((1ULL << 48) - 1)
-                    if a.chunks == NULL:
-                        madvise(<void *>(a.src + first * PAGE), counts[i] * PAGE,
-                                MADV_WILLNEED)
+                _read_ahead(&self.s, want, counts, runs)
                 for i in range(runs):
                     a = &self.s.areas[want[i] >> 48]
                     rc = _place_window(&self.s, a, want[i] & ((1ULL << 48) - 1), counts[i],

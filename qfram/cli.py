@@ -292,9 +292,9 @@ def load_lazy(args: argparse.Namespace) -> int:
     from qfram import faults
     with faults.LazyRestore(args.snapshot, window_pages=args.window,
                             spin_us=args.spin_us, force=args.force,
-                            background=not args.no_background,
-                            prefetch=False if args.no_prefetch else None,
-                            record=not args.no_record) as lazy:
+                            background=args.background,
+                            prefetch=None if args.prefetch else False,
+                            record=args.record) as lazy:
         if args.hot_set:
             touched = faults.hot_set_workload(lazy.ram, args.hot_set,
                                               threads=args.touch_threads)
@@ -536,7 +536,7 @@ def cmd_restore_qemu(args: argparse.Namespace) -> int:
     from qfram import restore_qemu
     stats = restore_qemu.restore(args.snapshot, qmp=args.qmp, to=args.to,
                                  timeout=args.timeout, machine=args.machine,
-                                 prefetch=not args.no_prefetch, record=not args.no_record)
+                                 prefetch=args.prefetch, record=args.record)
     lat = stats.request_service
     emit(args, stats.as_dict(),
          f"restored {args.snapshot} ({human(stats.ram_bytes)} of RAM, "
@@ -614,15 +614,22 @@ def cmd_footprint(args: argparse.Namespace) -> int:
     return 0
 
 
-# what a lazy restore can leave out
+# a lazy restore's switches: each --NAME / --no-NAME, on by default
 WORKING_SET_SWITCHES = (
-    ("--no-prefetch", "do not place the recorded working set (SNAPSHOT.ws) first"),
-    ("--no-record", "do not record the pages touched first in SNAPSHOT.ws"),
+    ("prefetch", "place the recorded working set (SNAPSHOT.ws) first, when there is one "
+                 "that fits"),
+    ("record", "once complete, record the pages touched first in SNAPSHOT.ws"),
 )
 LAZY_SWITCHES = WORKING_SET_SWITCHES + (
-    ("--no-background", "place only what is touched until the workload ends (with "
-                        "--window 1: records the exact working set)"),
+    ("background", "fill what is not touched in the background (--no-background "
+                   "--window 1 records the exact working set)"),
 )
+
+
+def add_switches(p: argparse.ArgumentParser, switches, prefix: str = "") -> None:
+    for name, what in switches:
+        p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=True,
+                       help=prefix + what)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -665,8 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--touch-threads", type=int, default=4)
     p.add_argument("--hot-set", type=int, metavar="PAGES",
                    help="--lazy: the workload reads the same PAGES pages every run instead")
-    for flag, what in LAZY_SWITCHES:
-        p.add_argument(flag, action="store_true", help="--lazy: " + what)
+    add_switches(p, LAZY_SWITCHES, "--lazy: ")
     p.add_argument("--window", type=int, default=16, help="--lazy: pages placed per fault")
     p.add_argument("--spin-us", type=float, default=50.0,
                    help="--lazy: fault thread busy-waits this long before sleeping")
@@ -753,8 +759,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "snapshot's)")
     p.add_argument("--timeout", type=float, default=30.0,
                    help="seconds a wait on QEMU may last")
-    for flag, what in WORKING_SET_SWITCHES:
-        p.add_argument(flag, action="store_true", help=what)
+    add_switches(p, WORKING_SET_SWITCHES)
     add_output_options(p)
     p.set_defaults(func=cmd_restore_qemu)
 
