@@ -1381,8 +1381,12 @@ cdef class FaultServer:
                         arg.end = a.base + a.length
                         arg.vec = <uint64_t>vec
                         arg.vec_len = 4096
+                        # written, not the zero page, and there: a page dropped by
+                        # the last call and not touched since is a hole, which a
+                        # write-protected area's scan would report as written
                         arg.category_inverted = QF_PAGE_IS_PFNZERO
                         arg.category_mask = QF_PAGE_IS_WRITTEN | QF_PAGE_IS_PFNZERO
+                        arg.category_anyof_mask = QF_PAGE_IS_PRESENT | QF_PAGE_IS_SWAPPED
                         arg.return_mask = QF_PAGE_IS_WRITTEN
                         n = ioctl(self.pagemap, QF_PAGEMAP_SCAN, &arg)
                         if n < 0:

@@ -257,10 +257,10 @@ def target_blocks(info: dict, target: str,
 
 def cmd_load(args: argparse.Namespace) -> int:
     """Restore a snapshot, eagerly or lazily, and check it."""
-    if args.lazy:
-        return load_lazy(args)
     if args.reset_loop:
         return load_reset_loop(args)
+    if args.lazy:
+        return load_lazy(args)
     files = None
     ram = None
     if args.target:
@@ -331,14 +331,22 @@ def load_lazy(args: argparse.Namespace) -> int:
 
 
 def load_reset_loop(args: argparse.Namespace) -> int:
-    """Map the snapshot copy-on-write, then N times: write --dirty-pages pages, reset."""
-    from qfram import reset
+    """Map the snapshot copy-on-write (with --lazy: restore it into anonymous memory
+    with userfaultfd), then N times: write --dirty-pages pages, reset."""
+    from qfram import faults, reset
     from qfram.latency import percentiles
     if args.target:
         raise QFramError("--reset-loop keeps the RAM to itself: no TARGET")
     took = []
     pages = 0
-    with reset.Resettable(args.snapshot, force=args.force) as box:
+    if args.lazy:
+        box = faults.LazyRestore(args.snapshot, resettable=True, record=False,
+                                 prefetch=None if args.prefetch else False,
+                                 window_pages=args.window, force=args.force)
+        box.wait(verify=False)
+    else:
+        box = reset.Resettable(args.snapshot, force=args.force)
+    with box:
         for k in range(args.reset_loop):
             reset.scribble(box.ram, args.dirty_pages, seed=k + 1)
             stats = box.reset()
@@ -678,8 +686,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--lazy: fault thread busy-waits this long before sleeping")
     p.add_argument("--threads", type=int, default=2, help="reader threads (mapped layout)")
     p.add_argument("--reset-loop", type=int, default=0, metavar="N",
-                   help="map the snapshot copy-on-write and N times write --dirty-pages "
-                        "random pages then reset it (only the written pages are undone)")
+                   help="map the snapshot copy-on-write (--lazy: restore it lazily into "
+                        "anonymous memory) and N times write --dirty-pages random pages, "
+                        "then reset it (only the written pages are undone)")
     p.add_argument("--dirty-pages", type=int, default=100,
                    help="--reset-loop: pages written before each reset")
     p.add_argument("--no-verify", action="store_true", help="skip the checksum check")
