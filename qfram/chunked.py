@@ -56,6 +56,11 @@ BATCH_BYTES = 4 << 20                # compressed per task by a worker
 KIND_ZERO, KIND_RAW, KIND_LZ4, KIND_ZSTD = range(4)
 
 
+def _valid_chunk(chunk_bytes: int) -> bool:
+    """A power of two of 4 KiB to 16 MiB (whole pages; what the loops' buffers take)."""
+    return 4096 <= chunk_bytes <= 16 << 20 and not chunk_bytes & (chunk_bytes - 1)
+
+
 def is_chunked(fd: int) -> bool:
     return os.pread(fd, len(MAGIC), 0) == MAGIC
 
@@ -103,44 +108,17 @@ def save(blocks: List[RAMBlock], fd: int, *, codec: str = "lz4",
     from qfram import _chunks
     if codec not in CODECS:
         raise ValueError(f"the chunked layout compresses with lz4 or zstd, not {codec!r}")
-    if chunk_bytes % TARGET_PAGE_SIZE or not 4096 <= chunk_bytes <= 16 << 20 \
-            or chunk_bytes & (chunk_bytes - 1):
+    if not _valid_chunk(chunk_bytes):
         raise ValueError("a chunk is a power of two of 4 KiB to 16 MiB")
     pos = DATA_START
     entries: List[bytes] = []
     sums: Dict[str, str] = {}
     counts: Dict[str, Tuple[int, int]] = {}
-    per_task = max(chunk_bytes, BATCH_BYTES // chunk_bytes * chunk_bytes)
     with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
         for block in blocks:
-            length = block.used_length
-            hasher = xxhash.xxh3_64()
-            zero_pages = 0
-            tasks: List[concurrent.futures.Future] = []
-            starts = iter(range(0, length, per_task))
-
-            def submit() -> None:
-                start = next(starts, None)
-                if start is not None:
-                    tasks.append(pool.submit(_chunks.encode, block.region, start,
-                                             min(per_task, length - start), chunk_bytes,
-                                             _chunks.CODECS[codec], level))
-
-            for _ in range(2 * max(1, threads)):     # a bounded number in flight
-                submit()
-            done = 0
-            while tasks:
-                data, chunks, zeros = tasks.pop(0).result()
-                zero_pages += zeros
-                submit()
-                _write_all(fd, data, pos)
-                for kind, stored, digest in chunks:
-                    entries.append(_ENTRY.pack(pos if stored else 0, stored, kind, digest))
-                    pos += stored
-                end = min(length, done + len(chunks) * chunk_bytes)
-                hasher.update(memoryview(block.region)[done:end])
-                done = end
-            sums[block.name] = hasher.hexdigest()
+            pos, sums[block.name], zero_pages = _write_block(
+                pool, max(1, threads), fd, pos, block, _chunks.CODECS[codec], level,
+                chunk_bytes, entries)
             counts[block.name] = (block.npages - zero_pages, zero_pages)
     from qfram.snapshot import make_description
     desc = make_description("chunked", blocks, sums, counts, codec, devices)
@@ -158,6 +136,42 @@ def save(blocks: List[RAMBlock], fd: int, *, codec: str = "lz4",
                       xxhash.xxh3_64_intdigest(b"".join(tail)))
     _write_all(fd, head + struct.pack(">Q", xxhash.xxh3_64_intdigest(head)), 0)
     return sums, counts
+
+
+def _write_block(pool, threads: int, fd: int, pos: int, block: RAMBlock, codec: int,
+                 level: int, chunk_bytes: int, entries: List[bytes]) -> Tuple[int, str, int]:
+    """One block's chunks, encoded on the pool's threads a few MiB a task (a bounded
+    number in flight) and written in order from ``pos``; their index entries appended
+    to ``entries``.  Returns where the next block starts, its checksum, its zero pages."""
+    from qfram import _chunks
+    length = block.used_length
+    per_task = max(chunk_bytes, BATCH_BYTES // chunk_bytes * chunk_bytes)
+    starts = iter(range(0, length, per_task))
+    tasks: List[concurrent.futures.Future] = []
+
+    def submit() -> None:
+        start = next(starts, None)
+        if start is not None:
+            tasks.append(pool.submit(_chunks.encode, block.region, start,
+                                     min(per_task, length - start), chunk_bytes, codec,
+                                     level))
+
+    for _ in range(2 * threads):
+        submit()
+    hasher = xxhash.xxh3_64()
+    zero_pages = done = 0
+    while tasks:
+        data, chunks, zeros = tasks.pop(0).result()
+        submit()
+        zero_pages += zeros
+        _write_all(fd, data, pos)
+        for kind, stored, digest in chunks:
+            entries.append(_ENTRY.pack(pos if stored else 0, stored, kind, digest))
+            pos += stored
+        end = min(length, done + len(chunks) * chunk_bytes)
+        hasher.update(memoryview(block.region)[done:end])
+        done = end
+    return pos, hasher.hexdigest(), zero_pages
 
 
 def _write_all(fd: int, data: bytes, pos: int) -> None:
@@ -186,8 +200,7 @@ def read(fd: int, path: str) -> ChunkedFile:
     if version != VERSION:
         raise FormatError(f"{path}: chunked layout version {version}, this qfram reads "
                           f"{VERSION}", 8)
-    if chunk_bytes % TARGET_PAGE_SIZE or not 4096 <= chunk_bytes <= 16 << 20 \
-            or chunk_bytes & (chunk_bytes - 1):
+    if not _valid_chunk(chunk_bytes):
         raise FormatError(f"{path}: chunk size {chunk_bytes} is not a power of two of "
                           f"4 KiB to 16 MiB", 12)
     at = max(DATA_START, index_at)     # the chunk data, then these three
