@@ -758,7 +758,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("restore-qemu", help="resume a QEMU from a snapshot at once, its RAM "
                                             "following on demand (QEMU's postcopy)")
     p.add_argument("snapshot", help="a mapped-layout snapshot (qfram's, or QEMU's "
-                                    "mapped-ram file)")
+                                    "mapped-ram file), or a chunked one")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--qmp", metavar="SOCKET",
                        help="the monitor of a QEMU started with -incoming defer")

@@ -16,9 +16,10 @@ snapshot file:
   fails on a page placed twice) — read straight from the mmap'd snapshot by the core's
   zero-copy writer; then the RAM's END section and EOF, and QEMU's SHUT.
 
-The snapshot must have the mapped layout (every page at a fixed offset): qfram's
-``--layout mapped`` saves, QEMU's mapped-ram files as they are, or QEMU's stream after
-``qfram rewrite F SNAP --layout mapped``.
+The snapshot must have a layout whose pages can be found in any order: mapped (every
+page at a fixed offset: qfram's ``--layout mapped`` saves, QEMU's mapped-ram files as
+they are, or QEMU's stream after ``qfram rewrite F SNAP --layout mapped``), or chunked
+(compressed; decoded here as the pages are sent, by a lazy restore of its own).
 """
 from __future__ import annotations
 
@@ -66,27 +67,37 @@ class RestoreStats:
 
 
 class SnapshotSource(Source):
-    """A postcopy source whose RAM is a mapped snapshot file and whose destination is
-    QEMU: no precopy, no qfram extensions, the devices in the switch's package."""
+    """A postcopy source whose RAM is a snapshot file and whose destination is QEMU: no
+    precopy, no qfram extensions, the devices in the switch's package.  A mapped
+    snapshot is mapped copy-on-write; a chunked one is restored lazily here (its chunks
+    decoded as the sending reads them, and ahead in the background)."""
 
     def __init__(self, path: str, main, *, machine: Optional[str] = None,
                  timeout: float = 30.0, prefetch: bool = True) -> None:
         fd = snapshot.open_locked(path)
         try:
             info = snapshot.inspect_fd(path, fd)
-            if info.layout != "mapped":
-                raise FormatError(f"{path}: restoring into QEMU needs the mapped layout "
-                                  f"(pages at fixed offsets); `qfram rewrite {path} OUT "
+            if info.layout == "stream":
+                raise FormatError(f"{path}: restoring into QEMU needs a layout whose pages "
+                                  f"can be found in any order; `qfram rewrite {path} OUT "
                                   f"--layout mapped` makes one", 0)
-            devices = snapshot.devices_of(fd, info)
-            self._maps = []
-            ram = RAMList()
-            for b in info.blocks:        # (inspect checked every offset against the file)
-                # private: QEMU gets the bytes, the file is never written; pages the
-                # bitmap calls zero are zero even where the file has stale bytes
-                region = snapshot.map_block_private(fd, b, info)
-                self._maps.append(region)
-                ram.add(RAMBlock.from_buffer(b.name, region))
+            self._maps: list = []
+            self._lazy = None
+            if info.chunked is not None:
+                from qfram import chunked, faults
+                devices = chunked.device_state(info.chunked)
+                self._lazy = faults.LazyRestore(path, record=False, prefetch=False)
+                ram = RAMList([RAMBlock.from_buffer(b.name, b.region)
+                               for b in self._lazy.ram])
+            else:
+                devices = snapshot.devices_of(fd, info)
+                ram = RAMList()
+                for b in info.blocks:    # (inspect checked every offset against the file)
+                    # private: QEMU gets the bytes, the file is never written; pages the
+                    # bitmap calls zero are zero even where the file has stale bytes
+                    region = snapshot.map_block_private(fd, b, info)
+                    self._maps.append(region)
+                    ram.add(RAMBlock.from_buffer(b.name, region))
             working_set, self.working_set_note = (
                 workingset.load(path, fd, info) if prefetch else (None, "prefetch off"))
         finally:
@@ -173,6 +184,8 @@ class SnapshotSource(Source):
     def close(self) -> None:
         for region in self._maps:
             region.close()
+        if self._lazy is not None:
+            self._lazy.close()
 
 
 def restore(path: str, *, qmp: Optional[str] = None, to: Optional[str] = None,

@@ -122,6 +122,22 @@ def test_the_recorded_working_set_is_in_place_before_the_guest_runs(tmp_path, qe
     assert same_ram((tmp_path / "after.bin").read_bytes(), truth)
 
 
+def test_a_compressed_chunked_snapshot_resumes_a_vm_too(tmp_path, qemu_bin):
+    # the chunks are decoded by a lazy restore in qfram as the pages go out
+    snap, truth, pattern = saved_vm(tmp_path, qemu_bin)
+    small = str(tmp_path / "vm.chunked")
+    subprocess.run(qfram("rewrite", snap, small, "--layout", "chunked", "--codec", "zstd"),
+                   check=True, capture_output=True)
+    binary, firmware = qemu_bin
+    with Guest(qemu=binary, firmware=firmware, incoming="defer") as guest:
+        done = restore(small, guest)
+        assert done.returncode == 0, done.stderr + guest.output()
+        assert guest.cmd("query-migrate")["status"] == "completed"
+        guest.pmemsave(str(tmp_path / "after.bin"), MEM)
+    assert same_ram((tmp_path / "after.bin").read_bytes(), truth)
+    assert json.loads(done.stdout)["device_bytes"] > 0
+
+
 def test_a_running_guest_runs_on_from_the_snapshot(tmp_path, qemu_bin):
     """The guest runs from the moment QEMU switches, before its RAM is in (its touches
     become requests; the Linux guest test counts them)."""
