@@ -158,7 +158,7 @@ class LazyRestore:
         if self.working_set is None:
             return
         t0 = time.perf_counter()
-        self.prefetch_pages = self.server.prefetch(self.working_set.touches,
+        self.prefetch_pages = self.server.prefetch(self.working_set.in_place_order(),
                                                    self.working_set.window_pages)
         self.prefetch_seconds = time.perf_counter() - t0
         self.working_set_note = (f"{self.prefetch_pages} pages of the working set "

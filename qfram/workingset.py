@@ -51,11 +51,17 @@ class WorkingSet:
     def pages(self) -> int:
         return len(self.touches)
 
+    def in_place_order(self) -> List[Tuple[int, int]]:
+        """The pages sorted by block and page: the order they are placed in before the
+        program runs (the order of first touch then no longer matters, and adjacent
+        pages go in one UFFDIO_COPY, or one PART)."""
+        return sorted(set(self.touches))
+
     @property
     def runs(self) -> int:
-        """Runs of adjacent pages in the order they are placed."""
+        """Runs of adjacent pages, each placed at once."""
         runs, last = 0, None
-        for block, page in self.touches:
+        for block, page in self.in_place_order():
             if last != (block, page - 1):
                 runs += 1
             last = (block, page)

@@ -347,14 +347,14 @@ class Source:
         return pushed + requested, requested
 
     def _push_working_set(self, f) -> None:
-        """The working set's pages still to send, in its order, each run of adjacent
-        windows in one PART: before the switch, they are in place before the program
-        on the other side runs (and, sent, never sent again)."""
+        """The working set's pages still to send, each run of adjacent windows in one
+        PART: before the switch, they are in place before the program on the other side
+        runs (and, sent, never sent again)."""
         if self.working_set is None:
             return
         window = self.working_set.window_pages
         runs: List[list] = []
-        for index, page in self.working_set.touches:
+        for index, page in self.working_set.in_place_order():
             block = self.blocks[index]
             first = page - page % window
             count = min(window, block.npages - first)
