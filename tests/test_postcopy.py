@@ -43,8 +43,11 @@ def migrate(tmp_path, send_args, recv_args, address=None, timeout=120):
 
 
 def test_precopy_rounds_then_postcopy_move_running_memory(tmp_path):
+    # --converge-pages -1: never switch early (with 0, a round in which the workload
+    # thread did not get the CPU — a loaded machine — left nothing dirty: the switch came
+    # after one round)
     src, dst = migrate(tmp_path, ["--demo", "64M", "--workload", "--workload-pause-us", "0",
-                                  "--rounds", "3", "--converge-pages", "0"],
+                                  "--rounds", "3", "--converge-pages", "-1"],
                        ["--workload", "scan,read,write"])
     assert src["dirty_tracking"] == "userfaultfd-wp-async+pagemap-scan"
     assert src["precopy_rounds"] == 3
