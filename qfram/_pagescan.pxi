@@ -114,6 +114,7 @@ cdef class PageScan:
                     for k in range(n):
                         pages += (self.vec[k].end - self.vec[k].start) // PAGE
                         lo, hi = self.vec[k].start, self.vec[k].end
+                        self._dropping(lo, hi)
                         if self.whole_tables:
                             lo = max(lo & ~(TABLE_BYTES - 1), self.base)
                             hi = min((hi + TABLE_BYTES - 1) & ~(TABLE_BYTES - 1),
@@ -136,6 +137,10 @@ cdef class PageScan:
             return pages, runs
         finally:
             free(iov)
+
+    cdef void _dropping(self, uint64_t start, uint64_t end) noexcept nogil:
+        """[start, end) is about to be dropped: a subclass keeps its books here."""
+        pass
 
     def close(self):
         self._close()
@@ -248,3 +253,30 @@ cdef int _drop_ranges(iovec *iov, long n) noexcept nogil:
 def _probe_region():
     import mmap
     return mmap.mmap(-1, 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
+cdef class AreaWrites(PageScan):
+    """The pages of a fault server's area written since they were placed (a FaultServer
+    made with ``track_writes`` places them write-protected, asynchronously), leaving out
+    the zero page (UFFDIO_ZEROPAGE maps it unprotected; a write there makes a new page,
+    which is found) and holes (a page dropped by the last revert and not touched since,
+    which the scan of a write-protected area would call written).  Dropping them makes
+    them missing again: their claim bits are cleared first, so the next touch has the
+    server place them anew."""
+    cdef Server *s
+    cdef Area *area
+
+    def __init__(self, region):
+        PageScan.__init__(self, region)
+        self.scan_flags = QF_PM_SCAN_WP_MATCHING | QF_PM_SCAN_CHECK_WPASYNC
+        self.inverted = QF_PAGE_IS_PFNZERO
+        self.mask = QF_PAGE_IS_WRITTEN | QF_PAGE_IS_PFNZERO
+        self.anyof = QF_PAGE_IS_PRESENT | QF_PAGE_IS_SWAPPED
+
+    cdef void _dropping(self, uint64_t start, uint64_t end) noexcept nogil:
+        cdef uint64_t p, first = (start - self.area.base) // PAGE
+        cdef uint64_t last = (end - self.area.base) // PAGE
+        for p in range(first, last):
+            qf_set_bit(self.area.claimed, p, False)
+        qf_add(&self.area.placed, -(last - first))
+        qf_add(&self.s.placed_pages, -(last - first))

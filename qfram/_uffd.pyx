@@ -901,10 +901,9 @@ cdef class FaultServer:
     cdef int nviews
     cdef readonly uint64_t features
     cdef object remote           # the return path's channel (its transport lives in it)
-    cdef int pagemap             # track_writes: /proc/self/pagemap, for PAGEMAP_SCAN
+    cdef list writes             # track_writes: an AreaWrites per local area
 
     def __cinit__(self):
-        self.pagemap = -1
         self.s.uffd = -1
         self.s.stop_fd = -1
         self.s.request_fd = -1
@@ -941,10 +940,7 @@ cdef class FaultServer:
                 raise OSError(errno, f"UFFDIO_API: {os.strerror(errno)}")
         self.features = api.features
         self.s.track_writes = track_writes
-        if track_writes:
-            self.pagemap = c_open(b"/proc/self/pagemap", O_RDONLY | O_CLOEXEC)
-            if self.pagemap < 0:
-                raise OSError(errno, "/proc/self/pagemap")
+        self.writes = []
         self.s.stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
         if self.s.stop_fd < 0:
             raise OSError(errno, "eventfd")
@@ -972,13 +968,13 @@ cdef class FaultServer:
         if self.s.stop_fd >= 0:
             close(self.s.stop_fd)
             self.s.stop_fd = -1
-        if self.pagemap >= 0:
-            close(self.pagemap)
-            self.pagemap = -1
 
     def close(self):
         """Give back the memory exports and close the userfaultfd (closing it also
         unregisters every area).  The loops must have returned."""
+        for writes in self.writes or ():
+            writes.close()
+        self.writes = []
         self._release()
 
     cdef Py_buffer *_export(self, obj) except NULL:
@@ -1008,6 +1004,7 @@ cdef class FaultServer:
         cdef Py_buffer pview
         cdef Area *a
         cdef bytes encoded
+        cdef AreaWrites writes
         if self.s.nareas >= MAX_AREAS:
             raise ValueError(f"at most {MAX_AREAS} areas")
         encoded = (name or "").encode()
@@ -1058,6 +1055,11 @@ cdef class FaultServer:
                   | (UFFDIO_REGISTER_MODE_WP if self.s.track_writes else 0), "missing")
         if a.kind == AREA_REMOTE and present is not None:
             self._mark_present(a, present)
+        if self.s.track_writes and a.kind == AREA_LOCAL:
+            writes = AreaWrites(region)
+            writes.s = &self.s
+            writes.area = a
+            self.writes.append(writes)
         self.s.total_pages += a.npages
         self.s.nareas += 1
         return self.s.nareas - 1
@@ -1347,78 +1349,17 @@ cdef class FaultServer:
     def revert_written(self):
         """Drop the pages of local areas written since they were placed (or since the
         last call) and make them missing again: the next touch has them placed from the
-        source anew, as the first time.  Needs ``track_writes``; call it while no thread
-        touches the memory and no loop but serve_faults runs (a sandbox between runs).
-        Pages are placed write-protected (asynchronously: a write is never stopped, only
-        noted); PAGEMAP_SCAN finds the written ones, leaving out the zero page
-        (UFFDIO_ZEROPAGE maps it unprotected, and a write there makes a new page, which
-        is found).  Returns (pages, runs)."""
-        cdef qf_pm_scan_arg arg
-        cdef qf_page_region *vec
-        cdef iovec *iov
-        cdef Area *a
-        cdef int i, err = 0
-        cdef long n, k
-        cdef uint64_t start, p, first, last, pages = 0, runs = 0, dropped
+        source anew, as the first time (``AreaWrites``).  Needs ``track_writes``; call
+        it while no thread touches the memory and no loop but serve_faults runs (a
+        sandbox between runs).  Returns (pages, runs)."""
         if not self.s.track_writes:
             raise ValueError("revert_written() needs a FaultServer made with track_writes")
-        vec = <qf_page_region *>malloc(4096 * sizeof(qf_page_region))
-        iov = <iovec *>malloc(4096 * sizeof(iovec))
-        try:
-            if vec == NULL or iov == NULL:
-                raise MemoryError()
-            with nogil:
-                for i in range(self.s.nareas):
-                    a = &self.s.areas[i]
-                    if a.kind != AREA_LOCAL:
-                        continue
-                    start = a.base
-                    while start < a.base + a.length:
-                        memset(&arg, 0, sizeof(arg))
-                        arg.size = sizeof(arg)
-                        arg.flags = QF_PM_SCAN_WP_MATCHING | QF_PM_SCAN_CHECK_WPASYNC
-                        arg.start = start
-                        arg.end = a.base + a.length
-                        arg.vec = <uint64_t>vec
-                        arg.vec_len = 4096
-                        # written, not the zero page, and there: a page dropped by
-                        # the last call and not touched since is a hole, which a
-                        # write-protected area's scan would report as written
-                        arg.category_inverted = QF_PAGE_IS_PFNZERO
-                        arg.category_mask = QF_PAGE_IS_WRITTEN | QF_PAGE_IS_PFNZERO
-                        arg.category_anyof_mask = QF_PAGE_IS_PRESENT | QF_PAGE_IS_SWAPPED
-                        arg.return_mask = QF_PAGE_IS_WRITTEN
-                        n = ioctl(self.pagemap, QF_PAGEMAP_SCAN, &arg)
-                        if n < 0:
-                            err = errno
-                            break
-                        dropped = 0
-                        for k in range(n):
-                            first = (vec[k].start - a.base) // PAGE
-                            last = (vec[k].end - a.base) // PAGE
-                            for p in range(first, last):      # missing again, first
-                                qf_set_bit(a.claimed, p, False)
-                            dropped += last - first
-                            iov[k].iov_base = <void *>vec[k].start
-                            iov[k].iov_len = vec[k].end - vec[k].start
-                        if _drop_ranges(iov, n) < 0:
-                            err = errno
-                            break
-                        qf_add(&a.placed, -dropped)
-                        qf_add(&self.s.placed_pages, -dropped)
-                        pages += dropped
-                        runs += n
-                        if arg.walk_end <= start:
-                            break
-                        start = arg.walk_end
-                    if err:
-                        break
-            if err:
-                raise OSError(err, f"reverting written pages: {os.strerror(err)}")
-            return pages, runs
-        finally:
-            free(vec)
-            free(iov)
+        pages = runs = 0
+        for writes in self.writes:
+            p, r = writes.revert_written()
+            pages += p
+            runs += r
+        return pages, runs
 
     def touches(self):
         """The faults so far, in the order they came, as (area index, page) pairs (a

@@ -513,20 +513,9 @@ def open_locked(path: str) -> int:
     return fd
 
 
-def _open_snapshot(path: str) -> Tuple[int, Optional[dict], int, int]:
-    """The snapshot's fd (holding a shared lock: no incremental save changes it while it
-    is read), its description (from the end of the file), the file size, and where the
-    description starts (-1: none).  An incremental save a crash interrupted is finished
-    or dropped first."""
-    fd = open_locked(path)
-    try:
-        return (fd,) + _read_head(path, fd)     # type: ignore[return-value]
-    except BaseException:
-        os.close(fd)
-        raise
-
-
 def _read_head(path: str, fd: int) -> Tuple[Optional[Description], int, int]:
+    """The description (from the end of the file), the file size, and where the
+    description starts (-1: none)."""
     if os.pread(fd, 4, 0) == LEGACY_INCOMPLETE_MAGIC:
         raise FormatError(f"{path}: an incremental save of qfram 0.1 into this snapshot "
                           f"was interrupted; it is incomplete", 0)
@@ -549,7 +538,7 @@ def inspect(path: str) -> SnapshotInfo:
     capabilities, RAM blocks with sizes, page counts by kind (normal/zero/absent) and
     checksums, device sections with their byte ranges (names from the VMDESCRIPTION
     where present), commands.  Page data is checked and counted, not loaded."""
-    fd = _open_snapshot(path)[0]
+    fd = open_locked(path)
     try:
         return inspect_fd(path, fd)
     finally:
@@ -626,8 +615,11 @@ def load(path: str, ram: Optional[RAMList] = None, *, verify: bool = True,
                                sum(b["pages"] for b in blocks),
                                sum(b["zero_pages"] for b in blocks),
                                time.perf_counter() - t0, True, blocks)
-    os.close(fd)
-    fd, description, size, where = _open_snapshot(path)
+    try:
+        description, size, where = _read_head(path, fd)
+    except BaseException:
+        os.close(fd)
+        raise
     target = RestoreTarget(ram, fresh=zeroed, huge_budget=2 * size if huge else 0)
     try:
         def mapped_block(binfo: stream.BlockInfo, pos: int) -> None:

@@ -208,3 +208,82 @@ def test_rewrite_converts_to_every_layout_and_back(saved, tmp_path, layout):
         ram, result = snapshot.load(path)
         assert result.verified and {b.name: bytes(b.region) for b in ram} == original
         ram.close()
+
+
+# -- failures ------------------------------------------------------------------------------
+
+def test_a_chunked_file_cut_during_a_lazy_restore_is_an_error_not_a_crash(saved, tmp_path):
+    # chunks are read with pread: a file cut under the restore fails the read (EIO)
+    # where a mapping would SIGBUS
+    path = tmp_path / "snap"
+    path.write_bytes(open(saved[0]["lz4"], "rb").read())
+    lazy = faults.LazyRestore(str(path), background=False, on_failure="raise",
+                              record=False, prefetch=False)
+    os.truncate(path, 8192)
+    with pytest.raises(OSError, match="Input/output error"):
+        lazy.wait()
+    lazy.close()
+
+
+@pytest.fixture(scope="module")
+def injector(tmp_path_factory):
+    import shutil
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler for the fault injector")
+    lib = tmp_path_factory.mktemp("fi") / "faultinject.so"
+    here = os.path.dirname(os.path.abspath(__file__))
+    subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-o", str(lib),
+                    os.path.join(here, "helpers", "faultinject.c"), "-ldl"], check=True)
+    return str(lib)
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("write:{dir}:4194304", "Input/output error"),       # the disk dies 4 MiB in
+    ("full:{dir}:4194304", "No space left"),
+    ("sync:{dir}:0", "Input/output error"),              # the data never reaches it
+    ("rename:{dir}:0", "Input/output error"),            # all written, then the rename
+])
+def test_a_failed_chunked_save_leaves_the_old_snapshot_and_nothing_else(tmp_path, injector,
+                                                                        fault, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    snapshot.save(RAMList([RAMBlock.from_buffer("pc.ram", bytearray(b"old!" * 1024))]),
+                  str(out / "snap"))
+    old = (out / "snap").read_bytes()
+    env = dict(os.environ, LD_PRELOAD=injector, QFRAM_FAULT=fault.format(dir=out))
+    run = subprocess.run([sys.executable, "-m", "qfram", "save", "--demo", "32M",
+                          str(out / "snap"), "--layout", "chunked"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 1 and message in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr
+    assert (out / "snap").read_bytes() == old
+    assert os.listdir(out) == ["snap"]
+
+
+def test_a_chunked_save_killed_midway_leaves_the_old_snapshot(tmp_path):
+    import signal
+    import time
+    out = tmp_path / "out"
+    out.mkdir()
+    snapshot.save(RAMList([RAMBlock.from_buffer("pc.ram", bytearray(b"old!" * 1024))]),
+                  str(out / "snap"))
+    old = (out / "snap").read_bytes()
+    proc = subprocess.Popen([sys.executable, "-m", "qfram", "save", "--demo", "512M",
+                             str(out / "snap"), "--layout", "chunked", "--codec", "zstd"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    writing = False
+    while not writing and time.time() < deadline and proc.poll() is None:
+        for fd in os.listdir(f"/proc/{proc.pid}/fd"):     # its new file is open: kill it
+            try:
+                target = os.readlink(f"/proc/{proc.pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(str(out)) and target != str(out / "snap"):
+                writing = True
+        time.sleep(0.001)
+    assert writing, "the save never opened its new file"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / "snap").read_bytes() == old
+    assert os.listdir(out) == ["snap"]

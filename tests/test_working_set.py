@@ -138,3 +138,13 @@ def test_a_working_set_cut_short_with_a_good_checksum_is_ignored(snap):
     open(path, "wb").write(head + struct.pack(">Q", xxhash.xxh3_64_intdigest(head)))
     _, stats = restore(snap, record=False)
     assert stats.prefetch_pages == 0 and "ignored" in stats.working_set
+
+
+def test_a_working_set_that_cannot_be_written_is_reported_not_raised(tmp_path):
+    ram = RAMList([RAMBlock.anonymous("pc.ram", 1 << 20, huge=False)])
+    note = workingset.record_migration(str(tmp_path / "no-such-dir" / "ram.ws"), ram,
+                                       [(0, 1), (0, 7)], 16)
+    assert note.startswith("not recorded") and "No such file" in note
+    assert workingset.record_migration(str(tmp_path / "ram.ws"), ram, [(0, 1)], 16) \
+        == f"1 first touches recorded in {tmp_path / 'ram.ws'}"
+    ram.close()
