@@ -291,7 +291,7 @@ def _watch(monitor: QMP, stats: RestoreStats, t0: float, timeout: float) -> None
     while True:
         try:
             status = monitor.migration_status()
-        except QMPError:
+        except (QMPError, OSError):     # QEMU gone: the stream's end says why
             return
         now = time.perf_counter()
         if status == "postcopy-active" and stats.postcopy_active_ms is None:
