@@ -4,7 +4,7 @@
 with ``QFRAM_PURE_PYTHON=1``) and the entry points that open one over an fd, a socket,
 memory, or any Python object.
 """
-from qfram.core import DEFAULT_PARAMS, PURE_PYTHON, SEED_PARAMS, QEMUFile, is_zero
+from qfram.backend import DEFAULT_PARAMS, PURE_PYTHON, SEED_PARAMS, QEMUFile, is_zero
 from qfram.channel import (
     BufferChannel,
     FdChannel,

@@ -18,7 +18,7 @@ import socket
 import stat
 from typing import Any, Iterable, Optional
 
-from qfram import core
+from qfram import backend
 
 # A default 64 KiB pipe with its reader on the other core moves ~0.45 GB/s here, the same
 # pipe at 1 MiB ~2.2 GB/s: wake-ups, not copies, are the cost.
@@ -29,7 +29,7 @@ DEFAULT_SOCKET_BUFFER = 4 << 20
 
 
 def _file_class(file_class):
-    return core.QEMUFile if file_class is None else file_class
+    return backend.QEMUFile if file_class is None else file_class
 
 
 def grow_pipe(fd: int, size: int) -> int:

@@ -12,36 +12,21 @@ import sys
 import time
 from typing import List, Optional, Tuple
 
-from qfram import channel, core, outputs, qemu, snapshot, wire
+from qfram import channel, outputs, qemu, snapshot, wire
+from qfram import backend
 from qfram.demo import demo_ram, fill_demo
 from qfram.durable import DurableRelease
-from qfram.errors import QFramError, StreamEnded
+from qfram._util.text import human, parse_size as text_parse_size, printable
+from qfram.errors import OptionError, QFramError, StreamEnded
 from qfram.ram import RAMBlock, RAMList, disk_room
 from qfram.stream import TooLarge
 
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
 def parse_size(text: str) -> int:
-    """'4096', '512M', '4G', '1.5G' (binary units; a trailing 'B' or 'iB' is allowed)."""
-    s = text.strip().upper().removesuffix("IB").removesuffix("B")
-    unit = s[-1:] if s[-1:] in _UNITS else ""
-    number = s[:-1] if unit else s
+    """A size option: what _util.text.parse_size reads, its complaint in argparse's words."""
     try:
-        value = float(number)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512M or 4G)") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"a size cannot be negative: {text!r}")
-    return int(value * _UNITS[unit])
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
+        return text_parse_size(text)
+    except OptionError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def rss() -> int:
@@ -119,7 +104,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
         region = demo_ram(args.demo)
     else:
         region = map_source(args.source)
-    params = core.SEED_PARAMS if args.seed_params else {}
+    params = backend.SEED_PARAMS if args.seed_params else {}
     rss_before = rss()
     target = None if args.output == "-" else outputs.new_file(args.output)
     fd = os.dup(sys.stdout.fileno()) if target is None else target.fd
@@ -334,7 +319,7 @@ def load_reset_loop(args: argparse.Namespace) -> int:
     """Map the snapshot copy-on-write (with --lazy: restore it into anonymous memory
     with userfaultfd), then N times: write --dirty-pages pages, reset."""
     from qfram import faults, reset
-    from qfram.latency import percentiles
+    from qfram._util.latency import percentiles
     if args.target:
         raise QFramError("--reset-loop keeps the RAM to itself: no TARGET")
     took = []
@@ -369,7 +354,7 @@ def load_reset_loop(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     """Describe a snapshot or QEMU migration stream."""
     info = snapshot.inspect(args.snapshot)
-    shown = outputs.printable       # names come from the file: escape what a terminal obeys
+    shown = printable       # names come from the file: escape what a terminal obeys
     kind = "qfram snapshot" if info.chunked is not None else "QEMU migration stream"
     lines = [f"{args.snapshot}: {kind}, {info.layout} layout, "
              f"{human(info.file_bytes)}"
@@ -834,7 +819,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return args.func(args)
     except (OSError, ValueError, QFramError) as exc:
-        print(f"qfram {args.command}: {outputs.printable(str(exc))}", file=sys.stderr)
+        print(f"qfram {args.command}: {printable(str(exc))}", file=sys.stderr)
         return 1
 
 

@@ -17,7 +17,8 @@ import secrets
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
-from qfram import core, outputs
+from qfram import outputs
+from qfram import backend
 from qfram.errors import QFramError
 from qfram.ram import RAMBlock
 from qfram.wire import TARGET_PAGE_SIZE
@@ -60,7 +61,7 @@ class DurableRelease:
         ``length`` bytes at ``offset``."""
         if not self.enabled or count == 0:
             return
-        core.impl.start_writeback(fd, offset, length)
+        backend.impl.start_writeback(fd, offset, length)
         self.finish(fd)
         self._waiting = _Released(block, first, count, restore)
 

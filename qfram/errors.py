@@ -37,6 +37,12 @@ class StreamEnded(QFramError, OSError, EOFError):
         return (type(self), (self.offset, self.wanted, self.got))
 
 
+class OptionError(QFramError, ValueError):
+    """An option or argument a caller gave cannot be used (a size that is no size, two
+    options that exclude each other).  A ``ValueError`` too, for callers that catch
+    that."""
+
+
 class FormatError(QFramError, ValueError):
     """The bytes of a stream or file break its format.
 

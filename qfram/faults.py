@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, List, Optional, Tuple
 
 from qfram import snapshot, workingset
 from qfram.errors import FormatError
-from qfram.latency import Latency, percentiles
+from qfram._util.latency import Latency, percentiles
 from qfram.ram import RAMBlock, RAMList, bitmap_bytes, memory_room
 from qfram.wire import TARGET_PAGE_SIZE
 from qfram.stream import TooLarge

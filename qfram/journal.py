@@ -37,7 +37,8 @@ from typing import Dict, List, Optional, Tuple
 
 import xxhash
 
-from qfram import channel, core, stream
+from qfram import channel, stream
+from qfram import backend
 from qfram.errors import FormatError
 from qfram.ram import RAMBlock, bitmap_bytes
 from qfram.wire import TARGET_PAGE_SIZE
@@ -166,14 +167,14 @@ def _replay(fd: int, jfd: int, header: dict) -> None:
     for b, changed, present in maps:
         npages, pages_offset = int(b["npages"]), int(b["pages_offset"])
         data = _and(changed, present)
-        for first, count in core.impl.bitmap_runs(data, npages):
+        for first, count in backend.impl.bitmap_runs(data, npages):
             length = count * TARGET_PAGE_SIZE
             if pos + length > end:
                 raise FormatError("the journal's pages run past its end", pos)
             _copy_range(jfd, pos, fd, pages_offset + first * TARGET_PAGE_SIZE, length)
             pos += length
-        for first, count in core.impl.bitmap_runs(_and_not(changed, present), npages):
-            core.impl.punch_hole(fd, pages_offset + first * TARGET_PAGE_SIZE,
+        for first, count in backend.impl.bitmap_runs(_and_not(changed, present), npages):
+            backend.impl.punch_hole(fd, pages_offset + first * TARGET_PAGE_SIZE,
                                  count * TARGET_PAGE_SIZE)
         os.pwrite(fd, present, int(b["bitmap_offset"]))
     os.pwrite(fd, tail, int(header["tail_offset"]))
@@ -264,7 +265,7 @@ def _compare(fd: int, blocks: List[RAMBlock], info: dict, progress):
         old = mmap.mmap(fd, block.used_length, prot=mmap.PROT_READ,
                         offset=binfo.pages_offset)
         try:
-            core.impl.diff_pages(block.region, old, present, changed, nonzero)
+            backend.impl.diff_pages(block.region, old, present, changed, nonzero)
         finally:
             old.close()
         new_present = _or(_and_not(present, changed), _and(changed, nonzero))
@@ -328,7 +329,7 @@ def _write_journal(path: str, header: dict, blocks: List[RAMBlock],
         for block in blocks:
             changed, nonzero, _ = changes[block.name]
             view = memoryview(block.region)
-            runs = core.impl.bitmap_runs(_and(changed, nonzero), block.npages)
+            runs = backend.impl.bitmap_runs(_and(changed, nonzero), block.npages)
             for i in range(0, len(runs), IOV_BATCH):
                 put([view[first * TARGET_PAGE_SIZE:(first + count) * TARGET_PAGE_SIZE]
                      for first, count in runs[i:i + IOV_BATCH]])

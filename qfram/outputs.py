@@ -22,15 +22,10 @@ import os
 import secrets
 from typing import Dict, List, Optional, Tuple
 
+from qfram._util.text import printable
 from qfram.errors import FormatError
 
 TEMP_MARK = ".qfram-tmp-"
-
-
-def printable(name: str) -> str:
-    """A name as it can be shown on a terminal: control characters (escape sequences
-    among them) and other unprintables escaped, the rest as it is."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in name)
 
 
 def block_components(name: str, offset: int = -1) -> Tuple[str, ...]:

@@ -10,7 +10,8 @@ devices=...)``), which a real QEMU then loads with ``-incoming``.
 from __future__ import annotations
 
 import os
-from qfram import channel, core, outputs, snapshot, stream
+from qfram import channel, outputs, snapshot, stream
+from qfram import backend
 from qfram.errors import FormatError
 from qfram.ram import RAMBlock, bitmap_bytes, disk_room, memory_available
 from qfram.targets import RestoreTarget
@@ -67,7 +68,7 @@ def extract(path: str, outdir: str, *, force: bool = False) -> dict:
 
 def _write_sparse(block: RAMBlock, out: int) -> None:
     os.ftruncate(out, block.used_length)
-    core.impl.write_pages_at(out, block.region, 0, bytearray(bitmap_bytes(block.npages)))
+    backend.impl.write_pages_at(out, block.region, 0, bytearray(bitmap_bytes(block.npages)))
 
 
 def device_state(path: str) -> stream.DeviceState:

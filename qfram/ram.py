@@ -21,7 +21,7 @@ import mmap
 import os
 from typing import Dict, Iterator, List, Optional, Tuple
 
-from qfram import core
+from qfram import backend
 from qfram.wire import HOST_PAGE_SIZE, TARGET_PAGE_SIZE
 
 MFD_HUGETLB = 0x0004
@@ -184,7 +184,7 @@ class RAMBlock:
     def discard(self, offset: int = 0, length: int = -1) -> int:
         """Give the whole pages of [offset, offset+length) back to the kernel; they
         read as zero afterwards.  Returns the bytes released."""
-        return core.impl.discard(self.region, offset, length)
+        return backend.impl.discard(self.region, offset, length)
 
     def close(self) -> None:
         """Unmap (if the block made the mapping) and close its memfd."""

@@ -33,7 +33,7 @@ from typing import Optional
 
 from qfram import snapshot, stream, wire, workingset
 from qfram.errors import FormatError
-from qfram.latency import Latency
+from qfram._util.latency import Latency
 from qfram.postcopy import link
 from qfram.postcopy import messages as msg
 from qfram.postcopy.source import Source, block_all_dirty
@@ -142,7 +142,7 @@ class SnapshotSource(Source):
             except OSError:
                 pass
         self.stats.seconds = round(time.perf_counter() - t0, 3)
-        from qfram.latency import percentiles
+        from qfram._util.latency import percentiles
         self.stats.request_service = percentiles(self._serve_ns)
         return self.stats
 

@@ -30,7 +30,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import xxhash
 
-from qfram import channel, core, outputs, stream, wire
+from qfram import channel, outputs, stream, wire
+from qfram import backend
 from qfram.errors import FormatError
 from qfram.description import Description
 from qfram.durable import DurableRelease, ReleaseRollbackError  # noqa: F401 (re-exported)
@@ -402,7 +403,7 @@ def _write_blocks(layout: List[_MappedBlock], fd: int, threads: int, progress: P
                 mb, first, count = item
                 if errors:
                     continue
-                w, z, _, _ = core.impl.write_pages_at(
+                w, z, _, _ = backend.impl.write_pages_at(
                     fd, mb.block.region, mb.pages_offset, mb.present, first, count)
                 with lock:
                     per_block[mb.block.name][0] += w
@@ -460,7 +461,7 @@ def _write_blocks(layout: List[_MappedBlock], fd: int, threads: int, progress: P
 
 def _reread_window(fd: int, mb: _MappedBlock, first: int, count: int) -> None:
     """Put pages [first, first+count) of a mapped block back from the file."""
-    core.impl.read_pages_at(fd, mb.block.region, mb.pages_offset, mb.present, first, count)
+    backend.impl.read_pages_at(fd, mb.block.region, mb.pages_offset, mb.present, first, count)
 
 
 def _save_mapped(blocks: List[RAMBlock], fd: int, machine: str, direct: bool,
@@ -684,7 +685,7 @@ def map_block_private(fd: int, block: stream.BlockInfo, info: SnapshotInfo):
             hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
             first = (data - block.pages_offset) // TARGET_PAGE_SIZE
             last = min(block.npages, -(-(hole - block.pages_offset) // TARGET_PAGE_SIZE))
-            stale += core.impl.bitmap_runs(absent, last, first)
+            stale += backend.impl.bitmap_runs(absent, last, first)
             if len(stale) > MAX_STALE_RUNS:
                 raise FormatError(f"block {block.name!r}: more than {MAX_STALE_RUNS} runs "
                                   f"of pages the bitmap calls zero hold bytes in the "
@@ -732,7 +733,7 @@ def read_blocks(fd: int, block: RAMBlock, pages_offset: int, present: bytes,
 
     def run(first: int, count: int) -> None:
         try:
-            results.append(core.impl.read_pages_at(fd, block.region, pages_offset, present,
+            results.append(backend.impl.read_pages_at(fd, block.region, pages_offset, present,
                                                    first, count, touched=touched))
         except BaseException as exc:
             errors.append(exc)

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
-from qfram import core
+from qfram import backend
 from qfram.description import Description
 from qfram.description import encode as encode_description
 from qfram.errors import FormatError
@@ -167,7 +167,7 @@ def save_pages_compressed(f, block: RAMBlock, first: int, count: int, codec: str
     codec dominates.  Returns (pages, zero_pages, compressed_bytes)."""
     region = block.region
     view = memoryview(region)
-    is_zero = core.is_zero
+    is_zero = backend.is_zero
     compress = None
     if codec != "zlib":
         import lz4.block

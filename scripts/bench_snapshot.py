@@ -69,7 +69,7 @@ def child_load(path: str, huge: bool, verify: bool) -> dict:
 
 def child_lazy(path: str, background: bool, touches: int, spin_us: float) -> dict:
     from qfram import faults
-    from qfram.latency import percentiles
+    from qfram._util.latency import percentiles
     with faults.LazyRestore(path, background=background, spin_us=spin_us) as lazy:
         block = next(iter(lazy.ram))
         windows = list(range(block.npages // 16))

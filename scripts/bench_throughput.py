@@ -53,10 +53,11 @@ PURE_LIMIT = 128 << 20
 
 def child_write(writer: str, image: str, fd: int) -> dict:
     import qfram
-    from qfram import _pyfast, channel, core
+    from qfram import _pyfast, channel
+    from qfram import backend
     region = load_image(image, PURE_LIMIT if writer == "pure" else 0)
     if writer == "batch":
-        f = channel.fdopen(fd, "wb", pipe_size=None, socket_buffer=None, **core.SEED_PARAMS)
+        f = channel.fdopen(fd, "wb", pipe_size=None, socket_buffer=None, **backend.SEED_PARAMS)
     elif writer == "pure":
         f = channel.fdopen(fd, "wb", file_class=_pyfast.QEMUFile)
     else:

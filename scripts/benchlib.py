@@ -29,7 +29,7 @@ def build_cref() -> Path:
 
 
 def parse_size(text: str) -> int:
-    from qfram.cli import parse_size as parse
+    from qfram._util.text import parse_size as parse
     return parse(text)
 
 

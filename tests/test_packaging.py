@@ -52,10 +52,10 @@ def test_the_pure_python_twin_keeps_the_same_contract(tmp_path):
 
 
 def test_the_contract_is_what_the_stub_declares():
-    from qfram import core
+    from qfram import backend
     stub = (ROOT / "qfram" / "_fast.pyi").read_text()
     declared = set(re.findall(r"^(?:def|class) ([A-Za-z]\w*)", stub, re.M))
-    assert declared == set(core.CONTRACT)
+    assert declared == set(backend.CONTRACT)
 
 
 def test_the_compiled_core_is_the_default():

@@ -20,10 +20,11 @@ from typing import Callable, Dict, List, Optional
 
 import xxhash
 
-from qfram import sched, stream, wire, workingset
+from qfram import stream, wire, workingset
+from qfram._util import sched
 from qfram.errors import FormatError
-from qfram.latency import percentiles
-from qfram.outputs import printable
+from qfram._util.latency import percentiles
+from qfram._util.text import printable
 from qfram.postcopy import link
 from qfram.postcopy import messages as msg
 from qfram.postcopy.stats import DestinationStats

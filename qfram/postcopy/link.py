@@ -20,7 +20,8 @@ import threading
 import time
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from qfram import channel, core, wire
+from qfram import channel, wire
+from qfram import backend
 from qfram.errors import QFramError
 
 HELLO_BYTES = 8                # what tells the channels apart
@@ -234,7 +235,7 @@ class Link:
         self.sock.setblocking(False)
         if self.tls is None:
             return channel.socket_file(self.sock, mode, timeout=timeout)
-        return core.QEMUFile(TLSChannel(self.tls), mode, timeout=timeout)
+        return backend.QEMUFile(TLSChannel(self.tls), mode, timeout=timeout)
 
     def shutdown(self) -> None:
         try:

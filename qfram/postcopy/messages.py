@@ -9,7 +9,8 @@ from __future__ import annotations
 import struct
 from typing import Iterator, List, Optional, Tuple
 
-from qfram import core, wire
+from qfram import wire
+from qfram import backend
 from qfram.errors import FormatError
 
 # a command's length is a be16: at most this many (start, length) pairs per RAM_DISCARD
@@ -43,7 +44,7 @@ def parse_discard(data: bytes, pos: int) -> Tuple[str, List[Tuple[int, int]]]:
 def bitmap_ranges(bitmap: bytes, npages: int, page_size: int) -> List[Tuple[int, int]]:
     """The set bits of a page bitmap as (start byte, length) runs."""
     return [(first * page_size, count * page_size)
-            for first, count in core.impl.bitmap_runs(bitmap, npages)]
+            for first, count in backend.impl.bitmap_runs(bitmap, npages)]
 
 
 def put_return_message(f, msg_type: int, payload: bytes = b"") -> None:

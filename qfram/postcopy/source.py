@@ -24,9 +24,11 @@ from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 import xxhash
 
-from qfram import core, sched, stream, wire
+from qfram import stream, wire
+from qfram import backend
+from qfram._util import sched
 from qfram.errors import FormatError
-from qfram.latency import percentiles
+from qfram._util.latency import percentiles
 from qfram.workingset import WorkingSet
 from qfram.errors import QFramError
 from qfram.postcopy import link
@@ -318,7 +320,7 @@ class Source:
             # once it confirms the stream up to LISTEN
             end = listen_end
             for block, clean in clean_at_switch:
-                self.releases.sent(0, end, block, core.impl.bitmap_runs(clean, block.npages))
+                self.releases.sent(0, end, block, backend.impl.bitmap_runs(clean, block.npages))
         self._short_send_buffer()
         self.stats.downtime_source_ms = round(
             (time.perf_counter() - t_stop - t_verify) * 1000, 2)
@@ -492,7 +494,7 @@ class Source:
             if block.npages % 8:
                 dirty[-1] &= (1 << (block.npages % 8)) - 1
             if self.releases is not None:        # it holds these: they may go here
-                self.releases.sent(0, 0, block, core.impl.bitmap_runs(received,
+                self.releases.sent(0, 0, block, backend.impl.bitmap_runs(received,
                                                                       block.npages))
         stream.put_command(f, wire.CMD_POSTCOPY_RESUME)
         f.flush()
@@ -566,7 +568,7 @@ class Source:
         if p + z:
             f.flush()
             if claimed is not None and self.releases is not None:
-                runs = core.impl.bitmap_runs(claimed, first + count, first)
+                runs = backend.impl.bitmap_runs(claimed, first + count, first)
                 claimed[first // 8:(first + count + 7) // 8] = bytes(
                     (first + count + 7) // 8 - first // 8)
                 self.releases.sent(channel, f.tell(), block, runs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from qfram.latency import Latency
+from qfram._util.latency import Latency
 
 
 @dataclass

@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from qfram.experiments import footprint  # noqa: E402
-from qfram.cli import parse_size  # noqa: E402
+from qfram._util.text import parse_size  # noqa: E402
 
 
 def main() -> int:

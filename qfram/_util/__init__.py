@@ -1,0 +1,1 @@
+"""Small helpers every floor may use: latency percentiles, scheduling hints, text."""
