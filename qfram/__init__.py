@@ -5,7 +5,7 @@ with ``QFRAM_PURE_PYTHON=1``) and the entry points that open one over an fd, a s
 memory, or any Python object.
 """
 from qfram.backend import DEFAULT_PARAMS, PURE_PYTHON, SEED_PARAMS, QEMUFile, is_zero
-from qfram.channel import (
+from qfram.io.channel import (
     BufferChannel,
     FdChannel,
     ObjectChannel,

@@ -12,10 +12,12 @@ import sys
 import time
 from typing import List, Optional, Tuple
 
-from qfram import channel, outputs, qemu, snapshot, wire
+from qfram import qemu, snapshot, wire
+from qfram.io import channel
+from qfram.io import outputs
 from qfram import backend
 from qfram.demo import demo_ram, fill_demo
-from qfram.durable import DurableRelease
+from qfram.io.durable import DurableRelease
 from qfram._util.text import human, parse_size as text_parse_size, printable
 from qfram.errors import OptionError, QFramError, StreamEnded
 from qfram.ram import RAMBlock, RAMList, disk_room
@@ -51,7 +53,7 @@ def stream_records(out, region, idstr: str, release: bool,
                    durable: bool) -> Tuple[int, int, int]:
     """RAM page records of ``region`` then EOS.  ``release`` on a pipe or socket: each
     page goes once written (the reader has it).  On a file (``durable``) a page goes
-    only once its bytes are fdatasync'd (qfram.durable); should the stream fail later,
+    only once its bytes are fdatasync'd (qfram.io.durable); should the stream fail later,
     every released page is read back from the file first.  Returns (pages, zero pages,
     bytes released)."""
     if not (release and durable):

@@ -37,7 +37,8 @@ from typing import Dict, List, Optional, Tuple
 
 import xxhash
 
-from qfram import channel, stream
+from qfram import stream
+from qfram.io import channel
 from qfram import backend
 from qfram.errors import FormatError
 from qfram.ram import RAMBlock, bitmap_bytes

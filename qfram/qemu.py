@@ -10,15 +10,17 @@ devices=...)``), which a real QEMU then loads with ``-incoming``.
 from __future__ import annotations
 
 import os
-from qfram import channel, outputs, snapshot, stream
+from qfram import snapshot, stream
+from qfram.io import channel
+from qfram.io import outputs
 from qfram import backend
 from qfram.errors import FormatError
 from qfram.ram import RAMBlock, bitmap_bytes, disk_room, memory_available
-from qfram.targets import RestoreTarget
+from qfram.io.targets import RestoreTarget
 
 def extract(path: str, outdir: str, *, force: bool = False) -> dict:
     """Write each RAM block of a stream as a raw (sparse) file under ``outdir`` (block
-    names with '/' become folders, always inside ``outdir``: see qfram.outputs).  Only
+    names with '/' become folders, always inside ``outdir``: see qfram.io.outputs).  Only
     the RAM section is read (no VMDESCRIPTION needed); reading stops at the first device
     section after it.  The files appear together once the whole RAM section was read,
     or not at all: earlier files of the same names stay as they were on failure.  A

@@ -149,7 +149,7 @@ class SnapshotSource(Source):
     def _switch_commands(self, f) -> int:
         """QEMU's switch: LISTEN, the devices and RUN in one PACKAGED command, so the
         destination has them all before it runs anything."""
-        from qfram import channel
+        from qfram.io import channel
         package = channel.buffer_file()
         stream.put_command(package, wire.CMD_POSTCOPY_LISTEN)
         package.put_buffer(self.devices.sections)

@@ -11,8 +11,8 @@
   lazily on first touch (qfram.faults).
 
 Every save goes to an unnamed file that is fsync'd and renamed into place
-(qfram.outputs), so a crash leaves the old snapshot or the new one; with release, pages
-go only once durable, and come back if the save fails (qfram.durable).  Each block's
+(qfram.io.outputs), so a crash leaves the old snapshot or the new one; with release, pages
+go only once durable, and come back if the save fails (qfram.io.durable).  Each block's
 xxh3-64 checksum is kept in the VMDESCRIPTION JSON (QEMU's loader ignores it) and checked
 on restore; a restore that fails raises and the memory it was writing is not reported
 good.
@@ -30,14 +30,16 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import xxhash
 
-from qfram import channel, outputs, stream, wire
+from qfram import stream, wire
+from qfram.io import channel
+from qfram.io import outputs
 from qfram import backend
 from qfram.errors import FormatError
 from qfram.description import Description
-from qfram.durable import DurableRelease, ReleaseRollbackError  # noqa: F401 (re-exported)
+from qfram.io.durable import DurableRelease, ReleaseRollbackError  # noqa: F401 (re-exported)
 from qfram.description import find_tail as find_description
 from qfram.ram import RAMBlock, RAMList, bitmap_bytes, memory_room
-from qfram.targets import RestoreTarget
+from qfram.io.targets import RestoreTarget
 from qfram.wire import TARGET_PAGE_SIZE
 
 FORMAT_VERSION = 1

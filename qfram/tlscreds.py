@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from qfram.outputs import Directory, NewFile
+from qfram.io.outputs import Directory, NewFile
 
 FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem", "client-cert.pem",
          "client-key.pem")

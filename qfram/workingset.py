@@ -29,7 +29,7 @@ from typing import List, Optional, Tuple
 
 import xxhash
 
-from qfram import outputs
+from qfram.io import outputs
 
 MAGIC = b"QFRAMWS1"
 VERSION = 1

@@ -57,7 +57,7 @@ def migrate(size: str, send_extra, recv_extra) -> tuple:
 
 
 def child_core_tcp(port: int, size: int) -> None:
-    from qfram import channel
+    from qfram.io import channel
     from qfram.demo import demo_ram
     region = demo_ram(size)
     sock = socket.create_connection(("127.0.0.1", port))

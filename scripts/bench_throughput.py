@@ -53,7 +53,8 @@ PURE_LIMIT = 128 << 20
 
 def child_write(writer: str, image: str, fd: int) -> dict:
     import qfram
-    from qfram import _pyfast, channel
+    from qfram import _pyfast
+    from qfram.io import channel
     from qfram import backend
     region = load_image(image, PURE_LIMIT if writer == "pure" else 0)
     if writer == "batch":
@@ -87,7 +88,8 @@ def child_write(writer: str, image: str, fd: int) -> dict:
 
 
 def child_read(stream: str, size: int, huge: bool) -> dict:
-    from qfram import channel, wire
+    from qfram import wire
+    from qfram.io import channel
     region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if huge:
         region.madvise(mmap.MADV_HUGEPAGE)

@@ -9,7 +9,8 @@ from typing import List
 
 import pytest
 
-from qfram import _fast, _pyfast, channel
+from qfram import _fast, _pyfast
+from qfram.io import channel
 
 PAGE = mmap.PAGESIZE
 

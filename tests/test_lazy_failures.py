@@ -57,7 +57,7 @@ def test_fault_server_methods_refuse_areas_of_the_other_kind():
     other = mmap.mmap(-1, 1 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     source = bytes(1 << 20)
     local.add_area(other, source, bytes(32))
-    from qfram import channel
+    from qfram.io import channel
     r, w = os.pipe()
     with pytest.raises(ValueError, match="remote source"):
         local.receive(channel.fdopen(r, "rb"))

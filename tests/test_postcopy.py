@@ -101,7 +101,7 @@ def free_port() -> int:
 
 def fake_source_that_dies_after_the_switch(sock: socket.socket, size: int) -> None:
     """A source that announces RAM, switches to postcopy, and vanishes: no pages."""
-    from qfram import channel
+    from qfram.io import channel
     f = channel.socket_file(sock, "wb")
     stream.put_header(f, "pc-i440fx-7.2")
     stream.put_command(f, wire.CMD_OPEN_RETURN_PATH)

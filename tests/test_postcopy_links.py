@@ -236,7 +236,7 @@ def test_a_dripping_peer_is_bounded_by_the_deadline(tmp_path):
 def fake_source(sock: socket.socket, blocks, commands=(), switch=False, pages=()) -> object:
     """A hand-written source: header, RAM setup for ``blocks`` (name, length), extra
     commands, optionally the switch, and page records (name, index, bytes)."""
-    from qfram import channel
+    from qfram.io import channel
     f = channel.socket_file(sock, "wb")
     stream.put_header(f, "pc-i440fx-7.2")
     stream.put_command(f, wire.CMD_OPEN_RETURN_PATH)

@@ -19,7 +19,8 @@ RAM = 96 << 20
 
 SAVE_SCRIPT = r"""
 import json, sys, xxhash
-from qfram import durable, snapshot
+from qfram import snapshot
+from qfram.io import durable
 put_back = []                      # pages the failed save read back into the RAM
 real_undo = durable.DurableRelease.undo
 def counting_undo(self, *args, **kwargs):

@@ -61,7 +61,7 @@ def test_a_device_section_without_a_footer_is_a_format_error(tmp_path):
 
 
 def test_block_names_become_paths_inside_the_output_directory():
-    from qfram.outputs import block_components
+    from qfram.io.outputs import block_components
     assert block_components("/rom@etc/acpi/tables") == ("rom@etc", "acpi", "tables")
     assert block_components("0000:00:02.0/vga.vram") == ("0000:00:02.0", "vga.vram")
     for bad in ("../etc/passwd", "a/../../b", "/", "", "./.", "a\nb", "a\x00b"):

@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from qfram import outputs, snapshot
+from qfram import snapshot
+from qfram.io import outputs
 from qfram.ram import RAMBlock, RAMList
 
 PAGE = 4096

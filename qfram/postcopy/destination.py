@@ -31,7 +31,7 @@ from qfram.postcopy.stats import DestinationStats
 from qfram.description import Description
 from qfram.description import parse as parse_description
 from qfram.ram import RAMList, set_bits
-from qfram.targets import RestoreTarget
+from qfram.io.targets import RestoreTarget
 from qfram.wire import TARGET_PAGE_SIZE
 
 MAX_TRAILER = 1 << 20          # a postcopy VMDESCRIPTION: this, plus a byte per page

@@ -20,7 +20,8 @@ import threading
 import time
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from qfram import channel, wire
+from qfram import wire
+from qfram.io import channel
 from qfram import backend
 from qfram.errors import QFramError
 

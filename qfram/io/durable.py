@@ -17,7 +17,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
-from qfram import outputs
+from qfram.io import outputs
 from qfram import backend
 from qfram.errors import QFramError
 from qfram.ram import RAMBlock

@@ -6,7 +6,7 @@ A stream names its blocks as it goes (each with a used length, at a byte offset)
 caller's own block (matched by name and length), or a new one: private anonymous memory
 (with transparent huge pages only while the file holds enough data to fill them: a
 scattered page would otherwise take 2 MiB), or a new file that appears only when the
-caller commits (:class:`~qfram.outputs.BlockFiles`).  It also keeps the page bitmaps the
+caller commits (:class:`~qfram.io.outputs.BlockFiles`).  It also keeps the page bitmaps the
 record parser fills (``touched``: the memory was written; ``received``: the page
 arrived), which cost nothing until pages arrive.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Dict, Optional
 
 from qfram.errors import FormatError
-from qfram.outputs import BlockFiles
+from qfram.io.outputs import BlockFiles
 from qfram.ram import RAMBlock, RAMList, new_bitmap
 from qfram.wire import TARGET_PAGE_SIZE
 
