@@ -37,11 +37,12 @@ from typing import Dict, List, Optional, Tuple
 
 import xxhash
 
-from qfram import description as descriptions
-from qfram import stream, wire
+from qfram.format import vmdesc as descriptions
+from qfram import wire
+from qfram.format import savevm
 from qfram.errors import FormatError
 from qfram.ram import RAMBlock, RAMList, memory_room
-from qfram.stream import TooLarge
+from qfram.format.savevm import TooLarge
 from qfram.wire import TARGET_PAGE_SIZE
 
 MAGIC = b"QFRAMCHK"
@@ -101,7 +102,7 @@ class ChunkedFile:
 def save(blocks: List[RAMBlock], fd: int, *, codec: str = "lz4",
          chunk_bytes: int = DEFAULT_CHUNK, threads: int = 2, level: int = 3,
          machine: str = wire.DEFAULT_MACHINE,
-         devices: Optional[stream.DeviceState] = None) -> Tuple[Dict[str, str],
+         devices: Optional[savevm.DeviceState] = None) -> Tuple[Dict[str, str],
                                                                 Dict[str, Tuple[int, int]]]:
     """Write the chunked file to ``fd`` (new, empty).  Returns each block's checksum and
     (pages, zero pages) by name."""
@@ -324,17 +325,17 @@ def _decode_block(source, b: ChunkedBlock, block: RAMBlock, chunk_bytes: int,
                               offset)
 
 
-def device_state(cf: ChunkedFile) -> stream.DeviceState:
-    return stream.DeviceState(cf.machine, cf.ram_section_id, cf.devices,
+def device_state(cf: ChunkedFile) -> savevm.DeviceState:
+    return savevm.DeviceState(cf.machine, cf.ram_section_id, cf.devices,
                               cf.description.devices)
 
 
-def block_infos(cf: ChunkedFile) -> List[stream.BlockInfo]:
+def block_infos(cf: ChunkedFile) -> List[savevm.BlockInfo]:
     """The blocks as ``qfram info`` shows every layout's."""
     out = []
     for b in cf.blocks:
         facts = cf.description.blocks[b.name]
-        out.append(stream.BlockInfo(b.name, b.used_length, facts.pages, facts.zero_pages,
+        out.append(savevm.BlockInfo(b.name, b.used_length, facts.pages, facts.zero_pages,
                                     xxh3_64=facts.xxh3_64))
     return out
 

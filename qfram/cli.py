@@ -21,7 +21,7 @@ from qfram.io.durable import DurableRelease
 from qfram._util.text import human, parse_size as text_parse_size, printable
 from qfram.errors import OptionError, QFramError, StreamEnded
 from qfram.ram import RAMBlock, RAMList, disk_room
-from qfram.stream import TooLarge
+from qfram.format.savevm import TooLarge
 
 def parse_size(text: str) -> int:
     """A size option: what _util.text.parse_size reads, its complaint in argparse's words."""
@@ -396,7 +396,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def working_set_of(path: str, info) -> dict:
     """The recorded working set of a mapped snapshot, or why there is none to use."""
-    from qfram import workingset
+    from qfram.format import workingset
     fd = snapshot.open_locked(path)
     try:
         ws, note = workingset.load(path, fd, info)
@@ -474,7 +474,7 @@ def cmd_send(args: argparse.Namespace) -> int:
                                      pause_us=args.workload_pause_us)
     working_set, note = None, ""
     if args.working_set:
-        from qfram import workingset
+        from qfram.format import workingset
         working_set, note = workingset.for_migration(args.working_set, ram)
     before = rss()
     stats = postcopy.send(ram, args.to, preempt=not args.no_preempt, release=args.release,

@@ -18,12 +18,13 @@ import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, List, Optional, Tuple
 
-from qfram import snapshot, workingset
+from qfram import snapshot
+from qfram.format import workingset
 from qfram.errors import FormatError
 from qfram._util.latency import Latency, percentiles
 from qfram.ram import RAMBlock, RAMList, bitmap_bytes, memory_room
 from qfram.wire import TARGET_PAGE_SIZE
-from qfram.stream import TooLarge
+from qfram.format.savevm import TooLarge
 
 if TYPE_CHECKING:
     from qfram.reset import ResetStats

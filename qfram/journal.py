@@ -37,7 +37,7 @@ from typing import Dict, List, Optional, Tuple
 
 import xxhash
 
-from qfram import stream
+from qfram.format import savevm
 from qfram.io import channel
 from qfram import backend
 from qfram.errors import FormatError
@@ -295,7 +295,7 @@ def _new_tail(blocks: List[RAMBlock], info: dict, devices, sums, counts) -> byte
     """The bytes from the RAM's END section to the end of the file, as they will be."""
     from qfram import snapshot
     f = channel.buffer_file()
-    stream.put_ram_tail(f, devices.ram_section_id, devices, snapshot.make_description(
+    savevm.put_ram_tail(f, devices.ram_section_id, devices, snapshot.make_description(
         "mapped", blocks, sums, counts, None, devices))
     f.flush()
     return f.channel.getvalue()

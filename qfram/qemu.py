@@ -1,7 +1,7 @@
 """Real QEMU migration streams: extract their RAM, carry their device state.
 
 ``snapshot.inspect`` describes any QEMU stream (device sections measured by
-``stream.FooterScanner``).  Here: ``extract`` writes each RAM block as a raw file — the
+``savevm.FooterScanner``).  Here: ``extract`` writes each RAM block as a raw file — the
 RAM section is parseable by itself, so it works on streams without a VMDESCRIPTION
 (postcopy's) and stops when the RAM ends — and ``device_state`` takes a stream's device
 sections, byte for byte, to put them into a stream qfram writes (``snapshot.save(...,
@@ -10,7 +10,8 @@ devices=...)``), which a real QEMU then loads with ``-incoming``.
 from __future__ import annotations
 
 import os
-from qfram import snapshot, stream
+from qfram import snapshot
+from qfram.format import savevm
 from qfram.io import channel
 from qfram.io import outputs
 from qfram import backend
@@ -38,14 +39,14 @@ def extract(path: str, outdir: str, *, force: bool = False) -> dict:
     target = RestoreTarget(files=files, huge_budget=2 * size,
                            memory_budget=memory_available() // 2)
     try:
-        def mapped_block(block: stream.BlockInfo, pos: int) -> None:
-            present = stream.read_present(fd, block, pos)
+        def mapped_block(block: savevm.BlockInfo, pos: int) -> None:
+            present = savevm.read_present(fd, block, pos)
             block.pages, block.zero_pages = snapshot.read_blocks(
                 fd, target.ram[block.name], block.pages_offset, present,
                 target.touched.get(block.name), 2)
 
         f = channel.fdopen(fd, "rb", owned=False)
-        info = stream.StreamReader(f, on_section=lambda section, f: stream.STOP,
+        info = savevm.StreamReader(f, on_section=lambda section, f: savevm.STOP,
                                    mapped_block=mapped_block, file_size=size,
                                    max_ram=None if force else disk_room(files.root.path),
                                    **target.reader_options).read()
@@ -73,7 +74,7 @@ def _write_sparse(block: RAMBlock, out: int) -> None:
     backend.impl.write_pages_at(out, block.region, 0, bytearray(bitmap_bytes(block.npages)))
 
 
-def device_state(path: str) -> stream.DeviceState:
+def device_state(path: str) -> savevm.DeviceState:
     """The device sections of a QEMU stream, to carry into a stream qfram writes."""
     fd = snapshot.open_locked(path)
     try:

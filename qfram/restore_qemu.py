@@ -31,7 +31,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from qfram import snapshot, stream, wire, workingset
+from qfram import snapshot, wire
+from qfram.format import savevm
+from qfram.format import workingset
 from qfram.errors import FormatError
 from qfram._util.latency import Latency
 from qfram.postcopy import link
@@ -118,12 +120,12 @@ class SnapshotSource(Source):
         self._reader = threading.Thread(target=self._read_return_path, args=(rp,),
                                         daemon=True, name="qfram-return-path")
         try:
-            stream.put_header(f, self.machine)
-            stream.put_command(f, wire.CMD_OPEN_RETURN_PATH)
-            stream.put_command(f, wire.CMD_POSTCOPY_ADVISE,
+            savevm.put_header(f, self.machine)
+            savevm.put_command(f, wire.CMD_OPEN_RETURN_PATH)
+            savevm.put_command(f, wire.CMD_POSTCOPY_ADVISE,
                                msg.advise_payload(wire.TARGET_PAGE_SIZE,
                                                   wire.TARGET_PAGE_SIZE))
-            stream.put_ram_setup(f, self.ram_section_id, self.blocks)
+            savevm.put_ram_setup(f, self.ram_section_id, self.blocks)
             f.flush()
             self._reader.start()
             for block in self.blocks:         # every page goes, exactly once
@@ -151,12 +153,12 @@ class SnapshotSource(Source):
         destination has them all before it runs anything."""
         from qfram.io import channel
         package = channel.buffer_file()
-        stream.put_command(package, wire.CMD_POSTCOPY_LISTEN)
+        savevm.put_command(package, wire.CMD_POSTCOPY_LISTEN)
         package.put_buffer(self.devices.sections)
-        stream.put_command(package, wire.CMD_POSTCOPY_RUN)
+        savevm.put_command(package, wire.CMD_POSTCOPY_RUN)
         package.flush()
         body = package.channel.getvalue()
-        stream.put_command(f, wire.CMD_PACKAGED, len(body).to_bytes(4, "big"))
+        savevm.put_command(f, wire.CMD_PACKAGED, len(body).to_bytes(4, "big"))
         f.put_buffer(body)
         return f.tell_fast()
 

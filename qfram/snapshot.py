@@ -30,14 +30,15 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import xxhash
 
-from qfram import stream, wire
+from qfram import wire
+from qfram.format import savevm
 from qfram.io import channel
 from qfram.io import outputs
 from qfram import backend
 from qfram.errors import FormatError
-from qfram.description import Description
+from qfram.format.vmdesc import Description
 from qfram.io.durable import DurableRelease, ReleaseRollbackError  # noqa: F401 (re-exported)
-from qfram.description import find_tail as find_description
+from qfram.format.vmdesc import find_tail as find_description
 from qfram.ram import RAMBlock, RAMList, bitmap_bytes, memory_room
 from qfram.io.targets import RestoreTarget
 from qfram.wire import TARGET_PAGE_SIZE
@@ -101,9 +102,9 @@ class SnapshotInfo:
     layout: str                           # "stream", "mapped" or "chunked"
     machine: str
     capabilities: List[str]
-    blocks: List[stream.BlockInfo]
-    devices: List[stream.DeviceSection]
-    sections: List[stream.Section]        # START, FULL and END sections (PARTs are many)
+    blocks: List[savevm.BlockInfo]
+    devices: List[savevm.DeviceSection]
+    sections: List[savevm.Section]        # START, FULL and END sections (PARTs are many)
     commands: List[Tuple[int, int, int]]  # (command, length, offset)
     eof_offset: int
     ram_end_offset: int                   # the RAM's END section (-1: none)
@@ -175,7 +176,7 @@ def checksum(region, length: int) -> str:
 
 def make_description(layout: str, blocks: List[RAMBlock], sums: Dict[str, str],
                  counts: Dict[str, Tuple[int, int]], compression: Optional[str],
-                 devices: Optional[stream.DeviceState]) -> dict:
+                 devices: Optional[savevm.DeviceState]) -> dict:
     return {
         "page_size": TARGET_PAGE_SIZE,
         "devices": devices.description if devices else [],
@@ -198,7 +199,7 @@ def make_description(layout: str, blocks: List[RAMBlock], sums: Dict[str, str],
 def save(ram: RAMList, path: str, *, layout: str = "stream", machine: Optional[str] = None,
          release: bool = False, compress: Optional[str] = None, incremental: bool = False,
          direct: bool = False, threads: int = 2, progress: Progress = None,
-         devices: Optional[stream.DeviceState] = None,
+         devices: Optional[savevm.DeviceState] = None,
          chunk_bytes: int = 64 << 10) -> SaveResult:
     """Save the blocks of ``ram`` to ``path``.
 
@@ -267,7 +268,7 @@ def save(ram: RAMList, path: str, *, layout: str = "stream", machine: Optional[s
 
 
 def _save_chunked(blocks: List[RAMBlock], fd: int, machine: str, codec: str,
-                  threads: int, devices: Optional[stream.DeviceState],
+                  threads: int, devices: Optional[savevm.DeviceState],
                   chunk_bytes: int) -> SaveResult:
     from qfram import chunked
     sums, counts = chunked.save(blocks, fd, codec=codec, chunk_bytes=chunk_bytes,
@@ -278,7 +279,7 @@ def _save_chunked(blocks: List[RAMBlock], fd: int, machine: str, codec: str,
 
 
 def _save_stream(blocks: List[RAMBlock], fd: int, machine: str, compress: Optional[str],
-                 progress: Progress, devices: Optional[stream.DeviceState],
+                 progress: Progress, devices: Optional[savevm.DeviceState],
                  releaser: DurableRelease) -> SaveResult:
     f = channel.fdopen(fd, "wb", owned=False)
     sid = devices.ram_section_id if devices else wire.RAM_SECTION_ID
@@ -286,8 +287,8 @@ def _save_stream(blocks: List[RAMBlock], fd: int, machine: str, compress: Option
     counts: Dict[str, Tuple[int, int]] = {}
     total = sum(b.used_length for b in blocks)
     done = 0
-    stream.put_header(f, machine)
-    stream.put_ram_setup(f, sid, blocks)
+    savevm.put_header(f, machine)
+    savevm.put_ram_setup(f, sid, blocks)
     part_pages = PART_BYTES // TARGET_PAGE_SIZE
     for block in blocks:
         hasher = xxhash.xxh3_64()
@@ -296,14 +297,14 @@ def _save_stream(blocks: List[RAMBlock], fd: int, machine: str, compress: Option
         for part in range(0, block.npages, part_pages):
             part_offset = f.tell_fast()
             end = min(part + part_pages, block.npages)
-            with stream.ram_part(f, sid):
+            with savevm.ram_part(f, sid):
                 named = True              # each PART names its block again: always valid
                 for first in range(part, end, CHUNK_PAGES):
                     count = min(CHUNK_PAGES, end - first)
                     off, length = first * TARGET_PAGE_SIZE, count * TARGET_PAGE_SIZE
                     hasher.update(view[off:off + length])
                     if compress:
-                        p, z, _ = stream.save_pages_compressed(f, block, first, count,
+                        p, z, _ = savevm.save_pages_compressed(f, block, first, count,
                                                                compress, named)
                     else:
                         p, z, _ = f.save_pages(block.region, first, count, 0,
@@ -324,7 +325,7 @@ def _save_stream(blocks: List[RAMBlock], fd: int, machine: str, compress: Option
                                  part_offset, f.tell() - part_offset)
         sums[block.name] = hasher.hexdigest()
         counts[block.name] = (pages, zeros)
-    stream.put_ram_tail(f, sid, devices, make_description("stream", blocks, sums, counts,
+    savevm.put_ram_tail(f, sid, devices, make_description("stream", blocks, sums, counts,
                                                           compress, devices))
     f.flush()
     releaser.finish(fd)
@@ -341,7 +342,7 @@ def _reread_part(fd: int, block: RAMBlock, offset: int) -> None:
     if f.get_byte() != wire.SECTION_PART:
         raise FormatError("the section to read back is not a PART", offset)
     f.get_be32()
-    stream.RAMSectionReader.for_blocks(f, [block]).read_payload()
+    savevm.RAMSectionReader.for_blocks(f, [block]).read_payload()
     f.close()
 
 
@@ -361,25 +362,25 @@ def _put_mapped_setup(f, blocks: List[RAMBlock], machine: str, sid: int) -> List
     def mapped_header(f, block: RAMBlock) -> None:
         bitmap_offset = f.tell_fast() + wire.MAPPED_RAM_HEADER.size
         size = bitmap_bytes(block.npages)
-        pages_offset = stream.align_up(bitmap_offset + size, wire.MAPPED_RAM_ALIGN)
+        pages_offset = savevm.align_up(bitmap_offset + size, wire.MAPPED_RAM_ALIGN)
         f.put_buffer(wire.MAPPED_RAM_HEADER.pack(wire.MAPPED_RAM_VERSION, TARGET_PAGE_SIZE,
                                                  bitmap_offset, pages_offset))
         f.set_offset(pages_offset + block.used_length)
         layout.append(_MappedBlock(block, bitmap_offset, pages_offset, bytearray(size)))
 
     # QEMU 9+ validates the capability list against its own: mapped-ram must be named
-    stream.put_header(f, machine, capabilities=("mapped-ram",))
-    stream.put_ram_setup(f, sid, blocks, mapped_header)
+    savevm.put_header(f, machine, capabilities=("mapped-ram",))
+    savevm.put_ram_setup(f, sid, blocks, mapped_header)
     return layout
 
 
 def _put_mapped_end(f, layout: List[_MappedBlock], sums, counts, sid: int,
-                    devices: Optional[stream.DeviceState]) -> None:
+                    devices: Optional[savevm.DeviceState]) -> None:
     fd = f.channel.fd
     for mb in layout:
         os.pwrite(fd, mb.present, mb.bitmap_offset)
     blocks = [mb.block for mb in layout]
-    stream.put_ram_tail(f, sid, devices, make_description("mapped", blocks, sums, counts,
+    savevm.put_ram_tail(f, sid, devices, make_description("mapped", blocks, sums, counts,
                                                           None, devices))
     f.flush()
     os.ftruncate(fd, f.tell())
@@ -467,7 +468,7 @@ def _reread_window(fd: int, mb: _MappedBlock, first: int, count: int) -> None:
 
 
 def _save_mapped(blocks: List[RAMBlock], fd: int, machine: str, direct: bool,
-                 threads: int, progress: Progress, devices: Optional[stream.DeviceState],
+                 threads: int, progress: Progress, devices: Optional[savevm.DeviceState],
                  releaser: DurableRelease) -> SaveResult:
     f = channel.fdopen(fd, "wb", owned=False)
     sid = devices.ram_section_id if devices else wire.RAM_SECTION_ID
@@ -489,11 +490,11 @@ def _save_mapped(blocks: List[RAMBlock], fd: int, machine: str, direct: bool,
                       sum(c[1] for c in counts.values()), 0, 0.0, releaser.bytes, sums)
 
 
-def devices_of(fd: int, info: SnapshotInfo) -> stream.DeviceState:
+def devices_of(fd: int, info: SnapshotInfo) -> savevm.DeviceState:
     """The device sections a mapped file already holds (kept by incremental saves)."""
     parts = [os.pread(fd, d.end - d.offset, d.offset) for d in info.devices]
     ram_ids = [x.section_id for x in info.sections if x.name == wire.RAM_SECTION]
-    return stream.DeviceState(info.machine, ram_ids[0] if ram_ids else wire.RAM_SECTION_ID,
+    return savevm.DeviceState(info.machine, ram_ids[0] if ram_ids else wire.RAM_SECTION_ID,
                               b"".join(parts), [])
 
 
@@ -527,7 +528,7 @@ def _read_head(path: str, fd: int) -> Tuple[Optional[Description], int, int]:
     return description, size, where
 
 
-def _check_tail(info: stream.StreamInfo, size: int, where: int) -> None:
+def _check_tail(info: savevm.StreamInfo, size: int, where: int) -> None:
     """After EOF comes nothing, or a whole VMDESCRIPTION: anything else is a cut or
     damaged file, even if the RAM itself was all there."""
     after_eof = info.eof_offset + 1
@@ -555,14 +556,14 @@ def inspect_fd(path: str, fd: int) -> SnapshotInfo:
         return _inspect_chunked(path, chunked.read(fd, path))
     description, size, where = _read_head(path, fd)
     f = channel.fdopen(fd, "rb", owned=False)
-    info = stream.StreamInfo()
+    info = savevm.StreamInfo()
 
-    def mapped_block(block: stream.BlockInfo, pos: int) -> None:
-        block.pages = stream.count_bits(stream.read_present(fd, block, pos))
+    def mapped_block(block: savevm.BlockInfo, pos: int) -> None:
+        block.pages = savevm.count_bits(savevm.read_present(fd, block, pos))
         block.zero_pages = block.npages - block.pages
 
-    scanner = stream.FooterScanner(fd, size, description)
-    stream.StreamReader(f, info, on_section=scanner, mapped_block=mapped_block,
+    scanner = savevm.FooterScanner(fd, size, description)
+    savevm.StreamReader(f, info, on_section=scanner, mapped_block=mapped_block,
                         file_size=size).read()
     f.close()
     _check_tail(info, size, where)
@@ -625,14 +626,14 @@ def load(path: str, ram: Optional[RAMList] = None, *, verify: bool = True,
         raise
     target = RestoreTarget(ram, fresh=zeroed, huge_budget=2 * size if huge else 0)
     try:
-        def mapped_block(binfo: stream.BlockInfo, pos: int) -> None:
-            present = stream.read_present(fd, binfo, pos)
+        def mapped_block(binfo: savevm.BlockInfo, pos: int) -> None:
+            present = savevm.read_present(fd, binfo, pos)
             pages, zeros = read_blocks(fd, target.ram[binfo.name], binfo.pages_offset,
                                        present, target.touched.get(binfo.name), threads)
             binfo.pages, binfo.zero_pages = pages, zeros
 
         f = channel.fdopen(fd, "rb", owned=False)
-        info = stream.StreamReader(f, on_section=stream.FooterScanner(fd, size, description),
+        info = savevm.StreamReader(f, on_section=savevm.FooterScanner(fd, size, description),
                                    mapped_block=mapped_block, file_size=size,
                                    max_ram=None if force or not target.created
                                    else memory_room(), **target.reader_options).read()
@@ -660,7 +661,7 @@ def load(path: str, ram: Optional[RAMList] = None, *, verify: bool = True,
 MAX_STALE_RUNS = 4096        # zero-over-stale-bytes mappings one block may need
 
 
-def map_block_private(fd: int, block: stream.BlockInfo, info: SnapshotInfo):
+def map_block_private(fd: int, block: savevm.BlockInfo, info: SnapshotInfo):
     """A mapped snapshot's block, mapped copy-on-write (nothing read until touched, the
     file never written), showing what the snapshot holds: where the bitmap says a page
     is zero but the file still has bytes there — QEMU leaves a page it wrote in an
@@ -674,7 +675,7 @@ def map_block_private(fd: int, block: stream.BlockInfo, info: SnapshotInfo):
     if info.written_by_qfram:
         return region
     try:
-        absent = stream.read_present(fd, block, block.bitmap_offset).translate(_INVERT)
+        absent = savevm.read_present(fd, block, block.bitmap_offset).translate(_INVERT)
         stale = []
         pos, end = block.pages_offset, block.pages_offset + block.used_length
         while pos < end:

@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from qfram import stream, wire
+from qfram import wire
+from qfram.format import savevm
 from qfram.postcopy import messages as msg
 from qfram.ram import RAMBlock, RAMList
 
@@ -103,13 +104,13 @@ def fake_source_that_dies_after_the_switch(sock: socket.socket, size: int) -> No
     """A source that announces RAM, switches to postcopy, and vanishes: no pages."""
     from qfram.io import channel
     f = channel.socket_file(sock, "wb")
-    stream.put_header(f, "pc-i440fx-7.2")
-    stream.put_command(f, wire.CMD_OPEN_RETURN_PATH)
-    stream.put_command(f, wire.CMD_POSTCOPY_ADVISE, msg.advise_payload(4096, 4096))
+    savevm.put_header(f, "pc-i440fx-7.2")
+    savevm.put_command(f, wire.CMD_OPEN_RETURN_PATH)
+    savevm.put_command(f, wire.CMD_POSTCOPY_ADVISE, msg.advise_payload(4096, 4096))
     ram = RAMList([RAMBlock.from_buffer("pc.ram", bytearray(size))])
-    stream.put_ram_setup(f, 2, list(ram))
-    stream.put_command(f, wire.CMD_POSTCOPY_LISTEN)
-    stream.put_command(f, wire.CMD_POSTCOPY_RUN)
+    savevm.put_ram_setup(f, 2, list(ram))
+    savevm.put_command(f, wire.CMD_POSTCOPY_LISTEN)
+    savevm.put_command(f, wire.CMD_POSTCOPY_RUN)
     f.flush()
     time.sleep(0.5)                          # the destination runs and faults
     sock.shutdown(socket.SHUT_RDWR)

@@ -17,7 +17,8 @@ import time
 import psutil
 import pytest
 
-from qfram import stream, wire
+from qfram import wire
+from qfram.format import savevm
 from qfram.postcopy import messages as msg
 from qfram.ram import RAMBlock, RAMList
 
@@ -238,16 +239,16 @@ def fake_source(sock: socket.socket, blocks, commands=(), switch=False, pages=()
     commands, optionally the switch, and page records (name, index, bytes)."""
     from qfram.io import channel
     f = channel.socket_file(sock, "wb")
-    stream.put_header(f, "pc-i440fx-7.2")
-    stream.put_command(f, wire.CMD_OPEN_RETURN_PATH)
-    stream.put_command(f, wire.CMD_POSTCOPY_ADVISE, msg.advise_payload(4096, 4096))
+    savevm.put_header(f, "pc-i440fx-7.2")
+    savevm.put_command(f, wire.CMD_OPEN_RETURN_PATH)
+    savevm.put_command(f, wire.CMD_POSTCOPY_ADVISE, msg.advise_payload(4096, 4096))
     ram = RAMList([RAMBlock.from_buffer(name, untouched(length)) for name, length in blocks])
-    stream.put_ram_setup(f, 2, list(ram))
+    savevm.put_ram_setup(f, 2, list(ram))
     for cmd, payload in commands:
-        stream.put_command(f, cmd, payload)
+        savevm.put_command(f, cmd, payload)
     if switch:
-        stream.put_command(f, wire.CMD_POSTCOPY_LISTEN)
-        stream.put_command(f, wire.CMD_POSTCOPY_RUN)
+        savevm.put_command(f, wire.CMD_POSTCOPY_LISTEN)
+        savevm.put_command(f, wire.CMD_POSTCOPY_RUN)
     f.flush()
     return f
 
@@ -304,7 +305,7 @@ def test_a_hostile_trailer_after_the_switch_ends_with_a_clear_error(tmp_path):
     s.connect(address)
     npages = 64
     f = fake_source(s, [("pc.ram", npages * 4096)], switch=True)
-    with stream.ram_part(f, wire.RAM_SECTION_ID):
+    with savevm.ram_part(f, wire.RAM_SECTION_ID):
         f.save_pages(bytearray(b"\x01" * npages * 4096), 0, npages, 0,
                      wire.RAM_SAVE_FLAG_CONTINUE, idstr="pc.ram")
     f.put_byte(wire.SECTION_EOF)

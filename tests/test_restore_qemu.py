@@ -102,7 +102,8 @@ def test_a_qemu_saved_vm_resumes_lazily_with_every_byte(tmp_path, qemu_bin):
 def test_the_recorded_working_set_is_in_place_before_the_guest_runs(tmp_path, qemu_bin):
     # pages sent before the switch, while QEMU still loads as precopy: each exactly once
     # (QEMU fails on a page placed twice), and the RAM is the snapshot's to the byte
-    from qfram import snapshot, workingset
+    from qfram import snapshot
+    from qfram.format import workingset
     snap, truth, pattern = saved_vm(tmp_path, qemu_bin)
     info = snapshot.inspect(snap)
     ram_index = [b.name for b in info.blocks].index("pc.ram")

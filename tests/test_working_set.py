@@ -11,7 +11,8 @@ import sys
 import pytest
 import xxhash
 
-from qfram import faults, snapshot, workingset
+from qfram import faults, snapshot
+from qfram.format import workingset
 from qfram.demo import fill_demo
 from qfram.ram import RAMBlock, RAMList
 

@@ -20,7 +20,9 @@ from typing import Callable, Dict, List, Optional
 
 import xxhash
 
-from qfram import stream, wire, workingset
+from qfram import wire
+from qfram.format import savevm
+from qfram.format import workingset
 from qfram._util import sched
 from qfram.errors import FormatError
 from qfram._util.latency import percentiles
@@ -28,8 +30,8 @@ from qfram._util.text import printable
 from qfram.postcopy import link
 from qfram.postcopy import messages as msg
 from qfram.postcopy.stats import DestinationStats
-from qfram.description import Description
-from qfram.description import parse as parse_description
+from qfram.format.vmdesc import Description
+from qfram.format.vmdesc import parse as parse_description
 from qfram.ram import RAMList, set_bits
 from qfram.io.targets import RestoreTarget
 from qfram.wire import TARGET_PAGE_SIZE
@@ -180,7 +182,7 @@ class Destination:
     def _precopy(self, f, rp) -> bool:
         """The stream up to LISTEN (True) or EOF (a precopy-only migration: False): the
         stream walker places the RAM, commands are answered on the return path."""
-        reader = stream.StreamReader(
+        reader = savevm.StreamReader(
             f, on_command=lambda cmd, data, pos: self._command(cmd, data, pos, rp, f),
             **self.target.reader_options)
         reader.read()
@@ -194,7 +196,7 @@ class Destination:
             if self.confirm:             # every precopy page is in place by now
                 msg.put_return_message(rp, wire.MIG_RP_MSG_QFRAM_RECEIVED,
                                        msg.received_payload(0, f.tell()))
-            return stream.STOP
+            return savevm.STOP
         if cmd == wire.CMD_OPEN_RETURN_PATH:
             return None
         if cmd == wire.CMD_QFRAM_CONFIRM:

@@ -24,12 +24,13 @@ from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 import xxhash
 
-from qfram import stream, wire
+from qfram import wire
+from qfram.format import savevm
 from qfram import backend
 from qfram._util import sched
 from qfram.errors import FormatError
 from qfram._util.latency import percentiles
-from qfram.workingset import WorkingSet
+from qfram.format.workingset import WorkingSet
 from qfram.errors import QFramError
 from qfram.postcopy import link
 from qfram.postcopy import messages as msg
@@ -161,15 +162,15 @@ class Source:
         if self.preempt is not None:
             self.pf = self._open_preempt(self.preempt)
         try:
-            stream.put_header(f, self.machine)
-            stream.put_command(f, wire.CMD_OPEN_RETURN_PATH)
-            stream.put_command(f, wire.CMD_QFRAM_SESSION, self.session)
+            savevm.put_header(f, self.machine)
+            savevm.put_command(f, wire.CMD_OPEN_RETURN_PATH)
+            savevm.put_command(f, wire.CMD_QFRAM_SESSION, self.session)
             if self.releases is not None:
-                stream.put_command(f, wire.CMD_QFRAM_CONFIRM)  # release only what it confirms
+                savevm.put_command(f, wire.CMD_QFRAM_CONFIRM)  # release only what it confirms
             if self.postcopy:
-                stream.put_command(f, wire.CMD_POSTCOPY_ADVISE,
+                savevm.put_command(f, wire.CMD_POSTCOPY_ADVISE,
                                    msg.advise_payload(TARGET_PAGE_SIZE, TARGET_PAGE_SIZE))
-            stream.put_ram_setup(f, self.ram_section_id, self.blocks)
+            savevm.put_ram_setup(f, self.ram_section_id, self.blocks)
             f.flush()
             reader.start()
             for block in self.blocks:
@@ -278,7 +279,7 @@ class Source:
                 if stop_on_switch and self._switch.is_set():
                     return sent
                 count = min(PRECOPY_CHUNK, block.npages - first)
-                with stream.ram_part(f, self.ram_section_id):
+                with savevm.ram_part(f, self.ram_section_id):
                     p, z, _ = f.save_pages(block.region, first, count, 0,
                                            wire.RAM_SAVE_FLAG_CONTINUE, idstr=block.name,
                                            dirty=self.dirty[block.name])
@@ -312,7 +313,7 @@ class Source:
             name = block.name
             for payload in msg.discard_payloads(
                     name, msg.bitmap_ranges(self.dirty[name], block.npages, TARGET_PAGE_SIZE)):
-                stream.put_command(f, wire.CMD_POSTCOPY_RAM_DISCARD, payload)
+                savevm.put_command(f, wire.CMD_POSTCOPY_RAM_DISCARD, payload)
         listen_end = self._switch_commands(f)
         f.flush()
         if self.releases is not None:
@@ -370,9 +371,9 @@ class Source:
     def _switch_commands(self, f) -> int:
         """LISTEN and RUN; returns where LISTEN ends (what the destination holds once it
         confirms that far)."""
-        stream.put_command(f, wire.CMD_POSTCOPY_LISTEN)
+        savevm.put_command(f, wire.CMD_POSTCOPY_LISTEN)
         listen_end = f.tell_fast()
-        stream.put_command(f, wire.CMD_POSTCOPY_RUN)
+        savevm.put_command(f, wire.CMD_POSTCOPY_RUN)
         return listen_end
 
     def _short_send_buffer(self) -> None:
@@ -399,7 +400,7 @@ class Source:
                 self.pf.put_byte(wire.SECTION_EOF)
                 self.pf.flush()
                 self._pf_done = True
-        stream.put_ram_tail(self.f, self.ram_section_id, description=tail)
+        savevm.put_ram_tail(self.f, self.ram_section_id, description=tail)
         self.f.flush()
         if not self.shut.wait(self.timeout):
             raise NoConfirmation(f"the destination did not confirm within {self.timeout} s")
@@ -478,9 +479,9 @@ class Source:
         self.stats.resumes += 1
 
     def _exchange_bitmaps(self, f, rp) -> None:
-        stream.put_command(f, wire.CMD_QFRAM_RESUME, self.session)
+        savevm.put_command(f, wire.CMD_QFRAM_RESUME, self.session)
         for block in self.blocks:
-            stream.put_command(f, wire.CMD_RECV_BITMAP, msg.counted_name(block.name))
+            savevm.put_command(f, wire.CMD_RECV_BITMAP, msg.counted_name(block.name))
         f.flush()
         for block in self.blocks:
             pos = rp.tell()
@@ -496,7 +497,7 @@ class Source:
             if self.releases is not None:        # it holds these: they may go here
                 self.releases.sent(0, 0, block, backend.impl.bitmap_runs(received,
                                                                       block.npages))
-        stream.put_command(f, wire.CMD_POSTCOPY_RESUME)
+        savevm.put_command(f, wire.CMD_POSTCOPY_RESUME)
         f.flush()
         pos = rp.tell()
         kind, _ = msg.read_return_message(rp)
@@ -561,7 +562,7 @@ class Source:
         """The still-dirty pages of [first, first+count) in one PART, flushed.  With
         release-ram the pages it carried wait for the destination's confirmation."""
         claimed = self._claimed[channel][block.name] if self.releases is not None else None
-        with stream.ram_part(f, self.ram_section_id):
+        with savevm.ram_part(f, self.ram_section_id):
             p, z, _ = f.save_pages(block.region, first, count, 0, wire.RAM_SAVE_FLAG_CONTINUE,
                                    idstr=block.name, dirty=self.dirty[block.name],
                                    claimed=claimed)
@@ -590,7 +591,7 @@ class Source:
             self._preempt_pages += self._send_range(self.pf, block, first, count, channel=1)
             if sent_before:
                 resent[first >> 3] |= 1 << (first & 7)
-                with stream.ram_part(self.pf, self.ram_section_id):
+                with savevm.ram_part(self.pf, self.ram_section_id):
                     self.pf.save_pages(block.region, first, 1, 0, wire.RAM_SAVE_FLAG_CONTINUE,
                                        idstr=block.name)
                 self.pf.flush()

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from qfram import backend
-from qfram.description import Description
-from qfram.description import encode as encode_description
+from qfram.format.vmdesc import Description
+from qfram.format.vmdesc import encode as encode_description
 from qfram.errors import FormatError
 from qfram.ram import RAMBlock, bitmap_bytes, set_bits
 from qfram.wire import (CODECS, CODEC_LZ4, MAPPED_RAM_ALIGN, MAPPED_RAM_HEADER,
