@@ -21,7 +21,7 @@ from qfram.io.durable import DurableRelease
 from qfram._util.text import human, parse_size as text_parse_size, printable
 from qfram.errors import OptionError, QFramError, StreamEnded
 from qfram.ram import RAMBlock, RAMList, disk_room
-from qfram.format.savevm import TooLarge
+from qfram.errors import TooLarge
 
 def parse_size(text: str) -> int:
     """A size option: what _util.text.parse_size reads, its complaint in argparse's words."""

@@ -66,3 +66,17 @@ def raised_in(err: int, where: str, exc: BaseException) -> OSError:
     error = OSError(err, f"{where} raised {type(exc).__name__}: {exc}")
     error.__cause__ = exc
     return error
+
+
+class TooLarge(FormatError):
+    """A stream or snapshot declares more RAM than there is room for (``force`` lifts the
+    limit)."""
+
+
+class ChecksumError(FormatError):
+    """The restored memory is not what was saved."""
+
+
+class ReleaseRollbackError(QFramError, OSError):
+    """A save failed after it had released pages, and they could not be put back: the
+    file that holds them was kept, under the name this error gives."""

@@ -24,7 +24,7 @@ from qfram.errors import FormatError
 from qfram._util.latency import Latency, percentiles
 from qfram.ram import RAMBlock, RAMList, bitmap_bytes, memory_room
 from qfram.wire import TARGET_PAGE_SIZE
-from qfram.format.savevm import TooLarge
+from qfram.errors import TooLarge
 
 if TYPE_CHECKING:
     from qfram.reset import ResetStats

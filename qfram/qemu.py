@@ -80,7 +80,7 @@ def device_state(path: str) -> savevm.DeviceState:
     try:
         info = snapshot.inspect_fd(path, fd)
         if info.chunked is not None:
-            from qfram import chunked
+            from qfram.snapshot import chunked
             return chunked.device_state(info.chunked)
         state = snapshot.devices_of(fd, info)
     finally:

@@ -28,7 +28,7 @@ from typing import List
 from qfram import snapshot
 from qfram.errors import FormatError
 from qfram.ram import RAMBlock, RAMList, memory_room
-from qfram.format.savevm import TooLarge
+from qfram.errors import TooLarge
 from qfram.wire import TARGET_PAGE_SIZE
 
 

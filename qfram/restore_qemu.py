@@ -86,7 +86,8 @@ class SnapshotSource(Source):
             self._maps: list = []
             self._lazy = None
             if info.chunked is not None:
-                from qfram import chunked, faults
+                from qfram import faults
+                from qfram.snapshot import chunked
                 devices = chunked.device_state(info.chunked)
                 self._lazy = faults.LazyRestore(path, record=False, prefetch=False)
                 ram = RAMList([RAMBlock.from_buffer(b.name, b.region)

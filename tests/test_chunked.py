@@ -11,7 +11,8 @@ import sys
 import pytest
 import xxhash
 
-from qfram import FormatError, chunked, faults, snapshot
+from qfram import FormatError, faults, snapshot
+from qfram.snapshot import chunked
 from qfram.demo import fill_demo
 from qfram.ram import RAMBlock, RAMList
 

@@ -187,7 +187,7 @@ def test_an_interrupted_incremental_save_is_not_taken_for_a_snapshot(tmp_path):
     path = tmp_path / "snap"
     snapshot.save(ram, str(path), layout="mapped")
     with open(path, "r+b") as f:               # what a crash mid-update leaves
-        f.write(snapshot.LEGACY_INCOMPLETE_MAGIC)
+        f.write(snapshot.common.LEGACY_INCOMPLETE_MAGIC)
     with pytest.raises(FormatError, match="interrupted"):
         snapshot.load(str(path))
 

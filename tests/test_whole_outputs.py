@@ -184,7 +184,7 @@ def loaded(path):
 
 def test_an_incremental_save_that_dies_while_applying_is_finished_by_the_next_open(
         tmp_path, monkeypatch):
-    from qfram import journal
+    from qfram.snapshot import journal
     path, old, new = incremental_pair(tmp_path)
     real = journal._copy_range
     calls = []
@@ -208,7 +208,7 @@ def test_an_incremental_save_that_dies_while_applying_is_finished_by_the_next_op
 def journal_left_by_a_crash(tmp_path, monkeypatch):
     """An incremental save killed after its journal was written, before it was applied:
     the snapshot (old), the bytes of its journal, and the RAM it was saving (new)."""
-    from qfram import journal
+    from qfram.snapshot import journal
     path, old, new = incremental_pair(tmp_path)
     monkeypatch.setattr(journal, "_replay", lambda *a: (_ for _ in ()).throw(
         OSError(5, "killed before applying")))

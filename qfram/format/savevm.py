@@ -35,7 +35,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 from qfram import backend
 from qfram.format.vmdesc import Description
 from qfram.format.vmdesc import encode as encode_description
-from qfram.errors import FormatError
+from qfram.errors import FormatError, TooLarge
 from qfram.ram import RAMBlock, bitmap_bytes, set_bits
 from qfram.wire import (CODECS, CODEC_LZ4, MAPPED_RAM_ALIGN, MAPPED_RAM_HEADER,
                         MAPPED_RAM_VERSION, QEVM_MAGIC, QEVM_VERSION,
@@ -330,10 +330,6 @@ def get_counted_name(f, what: str) -> str:
         return raw.decode()
     except UnicodeDecodeError:
         raise FormatError(f"{what} is not UTF-8: {raw!r}", pos) from None
-
-
-class TooLarge(FormatError):
-    """A stream declares more RAM than there is room for (``force`` lifts the limit)."""
 
 
 def read_present(fd: int, block: "BlockInfo", pos: int) -> bytes:

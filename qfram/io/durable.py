@@ -19,16 +19,11 @@ from typing import Callable, List, Optional
 
 from qfram.io import outputs
 from qfram import backend
-from qfram.errors import QFramError
+from qfram.errors import ReleaseRollbackError
 from qfram.ram import RAMBlock
 from qfram.wire import TARGET_PAGE_SIZE
 
 RESCUE_MARK = ".qfram-rescue-"     # a failed save's file kept for the pages in it
-
-
-class ReleaseRollbackError(QFramError, OSError):
-    """A save failed after it had released pages, and they could not be put back: the
-    file that holds them was kept, under the name this error gives."""
 
 
 @dataclass

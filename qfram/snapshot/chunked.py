@@ -32,17 +32,19 @@ import json
 import mmap
 import os
 import struct
+import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import xxhash
 
-from qfram.format import vmdesc as descriptions
-from qfram import wire
+from qfram import _chunks, wire
+from qfram.errors import FormatError, TooLarge
 from qfram.format import savevm
-from qfram.errors import FormatError
+from qfram.format import vmdesc as descriptions
 from qfram.ram import RAMBlock, RAMList, memory_room
-from qfram.format.savevm import TooLarge
+from qfram.results import LoadResult, SaveResult
+from qfram.snapshot.common import SnapshotInfo, make_description
 from qfram.wire import TARGET_PAGE_SIZE
 
 MAGIC = b"QFRAMCHK"
@@ -94,6 +96,15 @@ class ChunkedFile:
     def codec(self) -> Optional[str]:
         return self.description.qfram.get("compression")
 
+    def describe(self) -> dict:
+        """What ``qfram info`` adds for a chunked file: chunks by kind."""
+        kinds = {"zero": 0, "raw": 0, "compressed": 0}
+        for b in self.blocks:
+            kinds["zero"] += b.kinds[KIND_ZERO]
+            kinds["raw"] += b.kinds[KIND_RAW]
+            kinds["compressed"] += b.kinds[KIND_LZ4] + b.kinds[KIND_ZSTD]
+        return {"chunk_bytes": self.chunk_bytes, "codec": self.codec, "chunks": kinds}
+
 
 # ---------------------------------------------------------------------------------------
 # writing
@@ -102,11 +113,8 @@ class ChunkedFile:
 def save(blocks: List[RAMBlock], fd: int, *, codec: str = "lz4",
          chunk_bytes: int = DEFAULT_CHUNK, threads: int = 2, level: int = 3,
          machine: str = wire.DEFAULT_MACHINE,
-         devices: Optional[savevm.DeviceState] = None) -> Tuple[Dict[str, str],
-                                                                Dict[str, Tuple[int, int]]]:
-    """Write the chunked file to ``fd`` (new, empty).  Returns each block's checksum and
-    (pages, zero pages) by name."""
-    from qfram import _chunks
+         devices: Optional[savevm.DeviceState] = None) -> SaveResult:
+    """Write the chunked file to ``fd`` (new, empty)."""
     if codec not in CODECS:
         raise ValueError(f"the chunked layout compresses with lz4 or zstd, not {codec!r}")
     if not _valid_chunk(chunk_bytes):
@@ -121,7 +129,6 @@ def save(blocks: List[RAMBlock], fd: int, *, codec: str = "lz4",
                 pool, max(1, threads), fd, pos, block, _chunks.CODECS[codec], level,
                 chunk_bytes, entries)
             counts[block.name] = (block.npages - zero_pages, zero_pages)
-    from qfram.snapshot import make_description
     desc = make_description("chunked", blocks, sums, counts, codec, devices)
     desc["qfram"].update(chunk_bytes=chunk_bytes, machine=machine,
                          ram_section_id=devices.ram_section_id if devices
@@ -136,7 +143,9 @@ def save(blocks: List[RAMBlock], fd: int, *, codec: str = "lz4",
     head = _HEAD.pack(MAGIC, VERSION, chunk_bytes, *offsets,
                       xxhash.xxh3_64_intdigest(b"".join(tail)))
     _write_all(fd, head + struct.pack(">Q", xxhash.xxh3_64_intdigest(head)), 0)
-    return sums, counts
+    return SaveResult("", "chunked", sum(b.used_length for b in blocks), 0,
+                      sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values()),
+                      0, 0.0, 0, sums, codec)
 
 
 def _write_block(pool, threads: int, fd: int, pos: int, block: RAMBlock, codec: int,
@@ -309,7 +318,6 @@ def load(fd: int, path: str, ram: Optional[RAMList], *, threads: int = 2,
 
 def _decode_block(source, b: ChunkedBlock, block: RAMBlock, chunk_bytes: int,
                   threads: int, zeroed: bool, path: str) -> None:
-    from qfram import _chunks
     per = max(1, -(-b.nchunks // max(1, threads)))
     ranges = [(first, min(per, b.nchunks - first)) for first in range(0, b.nchunks, per)]
     with concurrent.futures.ThreadPoolExecutor(len(ranges)) as pool:
@@ -340,11 +348,20 @@ def block_infos(cf: ChunkedFile) -> List[savevm.BlockInfo]:
     return out
 
 
-def describe(cf: ChunkedFile) -> dict:
-    """What ``qfram info`` adds for a chunked file: chunks by kind."""
-    kinds = {"zero": 0, "raw": 0, "compressed": 0}
-    for b in cf.blocks:
-        kinds["zero"] += b.kinds[KIND_ZERO]
-        kinds["raw"] += b.kinds[KIND_RAW]
-        kinds["compressed"] += b.kinds[KIND_LZ4] + b.kinds[KIND_ZSTD]
-    return {"chunk_bytes": cf.chunk_bytes, "codec": cf.codec, "chunks": kinds}
+def inspect(path: str, cf: ChunkedFile) -> SnapshotInfo:
+    """What ``qfram info`` shows of every layout, for a chunked file."""
+    return SnapshotInfo(path, cf.size, "chunked", cf.machine, [], block_infos(cf), [], [],
+                        [], -1, -1, True, cf.codec, cf.description.qfram.get("created"),
+                        False, cf.description, cf)
+
+
+def load_snapshot(fd: int, path: str, ram: Optional[RAMList], *, verify: bool = True,
+                  threads: int = 2, zeroed: bool = False,
+                  force: bool = False) -> Tuple[RAMList, LoadResult]:
+    """qfram.snapshot.load of a chunked file: ``load`` with its result."""
+    t0 = time.perf_counter()
+    ram, cf = load(fd, path, ram, threads=threads, zeroed=zeroed, force=force)
+    blocks = [b.as_dict() for b in block_infos(cf)]
+    return ram, LoadResult(path, "chunked", sum(b["used_length"] for b in blocks),
+                           sum(b["pages"] for b in blocks), sum(b["zero_pages"] for b in blocks),
+                           time.perf_counter() - t0, True, blocks)

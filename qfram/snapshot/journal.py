@@ -37,11 +37,14 @@ from typing import Dict, List, Optional, Tuple
 
 import xxhash
 
+from qfram import backend
+from qfram.errors import FormatError, OptionError
 from qfram.format import savevm
 from qfram.io import channel
-from qfram import backend
-from qfram.errors import FormatError
 from qfram.ram import RAMBlock, bitmap_bytes
+from qfram.results import SaveResult
+from qfram.snapshot import chunked, reader
+from qfram.snapshot.common import checksum, devices_of, make_description
 from qfram.wire import TARGET_PAGE_SIZE
 
 MAGIC = b"QFJ1"
@@ -82,6 +85,19 @@ def _or(a: bytes, b: bytes) -> bytes:
 # ---------------------------------------------------------------------------------------
 # recovery: what the next opener does
 # ---------------------------------------------------------------------------------------
+
+
+def open_locked(path: str) -> int:
+    """The snapshot open read-only with a shared lock (incremental saves wait while it
+    is held), after finishing or dropping an interrupted incremental save."""
+    recover(path)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def recover(path: str) -> Optional[str]:
@@ -207,20 +223,22 @@ def save_incremental(blocks: List[RAMBlock], path: str, release: bool, progress)
     """Update a mapped snapshot in place through a journal: only pages that differ from
     the file are written.  ``release``: every page is given back once the updated
     snapshot is durable."""
-    from qfram import snapshot
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)          # one writer; readers wait
         _recover_locked(path, fd)
-        info = snapshot.inspect_fd(path, fd)
+        if chunked.is_chunked(fd):
+            raise OptionError(f"{path}: an incremental save needs a mapped snapshot, not a "
+                              f"chunked one")
+        info = reader.inspect_fd(path, fd)
         if info.layout != "mapped":
-            raise ValueError(f"{path}: an incremental save needs a mapped snapshot")
+            raise OptionError(f"{path}: an incremental save needs a mapped snapshot")
         names = [(b.name, b.used_length) for b in info.blocks]
         if names != [(b.name, b.used_length) for b in blocks]:
-            raise ValueError(f"{path} holds blocks {names}; an incremental save needs the "
-                             f"same")
+            raise OptionError(f"{path} holds blocks {names}; an incremental save needs the "
+                              f"same")
         changes, sums, counts, written, unchanged = _compare(fd, blocks, info, progress)
-        devices = snapshot.devices_of(fd, info)
+        devices = devices_of(fd, info)
         tail = _new_tail(blocks, info, devices, sums, counts)
         final_size = info.ram_end_offset + len(tail)
         st = os.fstat(fd)
@@ -244,9 +262,8 @@ def save_incremental(blocks: List[RAMBlock], path: str, release: bool, progress)
         released = sum(b.discard() for b in blocks) if release else 0
     finally:
         os.close(fd)
-    return snapshot.SaveResult("", "mapped", sum(b.used_length for b in blocks), 0, written,
-                               sum(c[1] for c in counts.values()), unchanged, 0.0, released,
-                               sums)
+    return SaveResult("", "mapped", sum(b.used_length for b in blocks), 0, written,
+                      sum(c[1] for c in counts.values()), unchanged, 0.0, released, sums)
 
 
 def _compare(fd: int, blocks: List[RAMBlock], info: dict, progress):
@@ -287,15 +304,13 @@ def _popcount(bits: bytes) -> int:
 
 
 def _checksum(block: RAMBlock) -> str:
-    from qfram import snapshot
-    return snapshot.checksum(block.region, block.used_length)
+    return checksum(block.region, block.used_length)
 
 
 def _new_tail(blocks: List[RAMBlock], info: dict, devices, sums, counts) -> bytes:
     """The bytes from the RAM's END section to the end of the file, as they will be."""
-    from qfram import snapshot
     f = channel.buffer_file()
-    savevm.put_ram_tail(f, devices.ram_section_id, devices, snapshot.make_description(
+    savevm.put_ram_tail(f, devices.ram_section_id, devices, make_description(
         "mapped", blocks, sums, counts, None, devices))
     f.flush()
     return f.channel.getvalue()
