@@ -16,7 +16,7 @@ from qfram import qemu, snapshot, wire
 from qfram.io import channel
 from qfram.io import outputs
 from qfram import backend
-from qfram.demo import demo_ram, fill_demo
+from qfram.lab.demo import demo_ram, fill_demo
 from qfram.io.durable import DurableRelease
 from qfram._util.text import human, parse_size as text_parse_size, printable
 from qfram.errors import OptionError, QFramError, StreamEnded
@@ -276,17 +276,18 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 
 def load_lazy(args: argparse.Namespace) -> int:
-    from qfram import faults
-    with faults.LazyRestore(args.snapshot, window_pages=args.window,
+    from qfram.lazy import LazyRestore
+    from qfram.lab import workloads
+    with LazyRestore(args.snapshot, window_pages=args.window,
                             spin_us=args.spin_us, force=args.force,
                             background=args.background,
                             prefetch=None if args.prefetch else False,
                             record=args.record) as lazy:
         if args.hot_set:
-            touched = faults.hot_set_workload(lazy.ram, args.hot_set,
+            touched = workloads.hot_set_workload(lazy.ram, args.hot_set,
                                               threads=args.touch_threads)
         else:
-            touched = faults.touch_workload(lazy.ram, args.touches,
+            touched = workloads.touch_workload(lazy.ram, args.touches,
                                             threads=args.touch_threads)
         stats = lazy.wait(verify=not args.no_verify)
         if args.target:
@@ -320,22 +321,23 @@ def load_lazy(args: argparse.Namespace) -> int:
 def load_reset_loop(args: argparse.Namespace) -> int:
     """Map the snapshot copy-on-write (with --lazy: restore it into anonymous memory
     with userfaultfd), then N times: write --dirty-pages pages, reset."""
-    from qfram import faults, reset
+    from qfram.lab import workloads
+    from qfram.lazy import LazyRestore, Resettable
     from qfram._util.latency import percentiles
     if args.target:
         raise QFramError("--reset-loop keeps the RAM to itself: no TARGET")
     took = []
     pages = 0
     if args.lazy:
-        box = faults.LazyRestore(args.snapshot, resettable=True, record=False,
+        box = LazyRestore(args.snapshot, resettable=True, record=False,
                                  prefetch=None if args.prefetch else False,
                                  window_pages=args.window, force=args.force)
         box.wait(verify=False)
     else:
-        box = reset.Resettable(args.snapshot, force=args.force)
+        box = Resettable(args.snapshot, force=args.force)
     with box:
         for k in range(args.reset_loop):
-            reset.scribble(box.ram, args.dirty_pages, seed=k + 1)
+            workloads.scribble(box.ram, args.dirty_pages, seed=k + 1)
             stats = box.reset()
             took.append(int(stats.seconds * 1e9))
             pages += stats.pages
@@ -590,7 +592,7 @@ def add_link_options(p: argparse.ArgumentParser, side: str) -> None:
 
 def cmd_footprint(args: argparse.Namespace) -> int:
     """Run memory-footprint scenarios and write series, plots and a report."""
-    from qfram.experiments import footprint
+    from qfram.lab import footprint
     names = list(footprint.SCENARIOS) if args.scenario == ["all"] else args.scenario
     unknown = [n for n in names if n not in footprint.SCENARIOS]
     if unknown:

@@ -86,10 +86,10 @@ class SnapshotSource(Source):
             self._maps: list = []
             self._lazy = None
             if info.chunked is not None:
-                from qfram import faults
+                from qfram.lazy import LazyRestore
                 from qfram.snapshot import chunked
                 devices = chunked.device_state(info.chunked)
-                self._lazy = faults.LazyRestore(path, record=False, prefetch=False)
+                self._lazy = LazyRestore(path, record=False, prefetch=False)
                 ram = RAMList([RAMBlock.from_buffer(b.name, b.region)
                                for b in self._lazy.ram])
             else:

@@ -7,8 +7,10 @@ compares plain strings keeps working, and JSON shows the string.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
+
+from qfram._util.latency import Latency
 
 
 class Layout(str, enum.Enum):
@@ -69,3 +71,31 @@ class LoadResult(_Timed):
     seconds: float
     verified: bool
     blocks: List[dict] = field(default_factory=list)
+
+
+@dataclass
+class LazyStats:
+    faults: int
+    fault_pages: int
+    background_pages: int
+    zero_pages: int
+    eexist: int
+    seconds: float
+    verified: bool
+    handler_latency: Latency
+    prefetch_pages: int = 0         # placed from the recorded working set before use
+    prefetch_seconds: float = 0.0
+    working_set: str = ""           # what became of the working set (used, recorded, why not)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ResetStats:
+    pages: int                  # written since the last reset, now the snapshot's again
+    runs: int                   # runs of adjacent pages among them
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)

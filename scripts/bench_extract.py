@@ -27,7 +27,7 @@ sys.path.insert(0, str(HERE))
 from benchlib import arguments, emit, parse_size  # noqa: E402
 
 from qfram._testing.qmp import Guest, find_qemu  # noqa: E402
-from qfram.demo import fill_demo  # noqa: E402
+from qfram.lab.demo import fill_demo  # noqa: E402
 
 
 def analyzer() -> str:

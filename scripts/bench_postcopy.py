@@ -58,7 +58,7 @@ def migrate(size: str, send_extra, recv_extra) -> tuple:
 
 def child_core_tcp(port: int, size: int) -> None:
     from qfram.io import channel
-    from qfram.demo import demo_ram
+    from qfram.lab.demo import demo_ram
     region = demo_ram(size)
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

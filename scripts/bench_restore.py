@@ -5,12 +5,12 @@ chunked layout, each against what it replaces, in the same run.
 The demo RAM (--size, 1 GiB by default) is saved mapped and chunked (lz4, zstd).  Then,
 --repeat times each (medians, with the lowest and highest):
 
-* working set: a program with a stable hot set (qfram.faults.hot_set_workload, --hot
+* working set: a program with a stable hot set (qfram.lazy.restore.hot_set_workload, --hot
   pages) restored lazily without prefetch and with the working set an earlier restore
   recorded (recorded once, with 1-page windows and no background fill); faults the
   program waited for, and the time from the restore's start until the program is done;
   again from a cold page cache when run as root (the snapshot read from the disk);
-* reset: a copy-on-write mapping of the mapped snapshot (qfram.reset.Resettable) after
+* reset: a copy-on-write mapping of the mapped snapshot (qfram.lazy.reset.Resettable) after
   1 / 100 / 10,000 pages were written, against an eager reload of the whole snapshot
   into fresh memory; and a resettable lazy restore (anonymous memory) after 1 / 100;
 * chunked: bytes on disk against the mapped file's, the fault service p99 of a lazy
@@ -36,8 +36,10 @@ sys.path.insert(0, str(HERE.parent))
 
 from benchlib import arguments, emit, note, parse_size  # noqa: E402
 
-from qfram import faults, reset, snapshot  # noqa: E402
-from qfram.demo import demo_ram  # noqa: E402
+from qfram import snapshot  # noqa: E402
+from qfram.lab import workloads
+from qfram.lazy import LazyRestore, Resettable
+from qfram.lab.demo import demo_ram  # noqa: E402
 from qfram.ram import RAMBlock, RAMList  # noqa: E402
 
 
@@ -69,7 +71,7 @@ def save_all(size: int, work: str) -> Dict[str, dict]:
 def lazy_run(path: str, workload: Callable, **options) -> dict:
     """One lazy restore with a workload: faults it waited for, its time to done."""
     t0 = time.perf_counter()
-    with faults.LazyRestore(path, **options) as lazy:
+    with LazyRestore(path, **options) as lazy:
         workload(lazy.ram)
         done = time.perf_counter() - t0
         during = lazy.server.counters["faults"]
@@ -91,7 +93,7 @@ def drop_caches() -> bool:
 
 def working_set(path: str, hot: int, repeat: int) -> dict:
     def program(ram):
-        faults.hot_set_workload(ram, hot)
+        workloads.hot_set_workload(ram, hot)
 
     ws = path + ".ws"
     if os.path.exists(ws):
@@ -125,22 +127,22 @@ def working_set(path: str, hot: int, repeat: int) -> dict:
 
 def resets(path: str, repeat: int) -> dict:
     out = {}
-    with reset.Resettable(path) as box:
+    with Resettable(path) as box:
         for dirty in (1, 100, 10000):
             took = []
             for k in range(max(repeat, 5) * (4 if dirty < 10000 else 1)):
-                reset.scribble(box.ram, dirty, seed=k + 1)
+                workloads.scribble(box.ram, dirty, seed=k + 1)
                 took.append(box.reset().seconds * 1e6)
             out[f"reset_us_{dirty}"] = summary(took, 1)["median"]
             out[f"reset_us_{dirty}_spread"] = summary(took, 1)
         out["reset_verified"] = box.verify()
     # the same for anonymous memory a userfaultfd restore filled (every page present)
-    with faults.LazyRestore(path, resettable=True, record=False, prefetch=False) as lazy:
+    with LazyRestore(path, resettable=True, record=False, prefetch=False) as lazy:
         lazy.wait(verify=False)
         for dirty in (1, 100):
             took = []
             for k in range(max(repeat, 5) * 2):
-                reset.scribble(lazy.ram, dirty, seed=k + 1)
+                workloads.scribble(lazy.ram, dirty, seed=k + 1)
                 took.append(lazy.reset().seconds * 1e6)
             out[f"lazy_reset_us_{dirty}"] = summary(took, 1)["median"]
             out[f"lazy_reset_us_{dirty}_spread"] = summary(took, 1)
@@ -164,7 +166,7 @@ def chunked_figures(files: Dict[str, dict], repeat: int) -> dict:
                                             / files["mapped"]["disk_bytes"], 3)}
 
     def program(ram):
-        faults.touch_workload(ram, 4000)
+        workloads.touch_workload(ram, 4000)
 
     for name, key in (("mapped", "mapped"), ("chunked-lz4", "chunked"),
                       ("chunked-zstd", "chunked_zstd")):

@@ -68,9 +68,9 @@ def child_load(path: str, huge: bool, verify: bool) -> dict:
 
 
 def child_lazy(path: str, background: bool, touches: int, spin_us: float) -> dict:
-    from qfram import faults
+    from qfram.lazy import LazyRestore
     from qfram._util.latency import percentiles
-    with faults.LazyRestore(path, background=background, spin_us=spin_us) as lazy:
+    with LazyRestore(path, background=background, spin_us=spin_us) as lazy:
         block = next(iter(lazy.ram))
         windows = list(range(block.npages // 16))
         random.Random(7).shuffle(windows)
@@ -123,7 +123,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="qfram-bench-", dir=args.dir) as tmp:
         work = Path(tmp)
         image = work / "image"
-        from qfram.demo import fill_demo
+        from qfram.lab.demo import fill_demo
         with open(image, "wb") as f:
             f.truncate(size)
         with open(image, "r+b") as f, mmap.mmap(f.fileno(), 0) as m:

@@ -191,7 +191,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="qfram-bench-", dir="/dev/shm") as tmp:
         workdir = Path(tmp)
         image = workdir / "image"
-        from qfram.demo import fill_demo
+        from qfram.lab.demo import fill_demo
         with open(image, "wb") as f:
             f.truncate(size - size % PAGE)
         with open(image, "r+b") as f:

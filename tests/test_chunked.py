@@ -11,9 +11,11 @@ import sys
 import pytest
 import xxhash
 
-from qfram import FormatError, faults, snapshot
+from qfram import FormatError, snapshot
+from qfram.lazy import LazyRestore
+from qfram.lab import workloads
 from qfram.snapshot import chunked
-from qfram.demo import fill_demo
+from qfram.lab.demo import fill_demo
 from qfram.ram import RAMBlock, RAMList
 
 CHUNK = 64 << 10
@@ -61,8 +63,8 @@ def test_every_byte_comes_back_lazily(saved, codec):
     paths, _, original = saved
     # no background fill until the workload is done: its touches are served as faults,
     # then wait() fills the rest
-    with faults.LazyRestore(paths[codec], record=False, background=False) as lazy:
-        faults.touch_workload(lazy.ram, 400, threads=2)
+    with LazyRestore(paths[codec], record=False, background=False) as lazy:
+        workloads.touch_workload(lazy.ram, 400, threads=2)
         stats = lazy.wait()
         assert {b.name: bytes(b.region) for b in lazy.ram} == original
     assert stats.verified and stats.faults > 0
@@ -84,8 +86,8 @@ def test_the_working_set_is_prefetched_from_chunks_too(saved, tmp_path):
     path = str(tmp_path / "snap")
     os.link(paths["lz4"], path)
     for run in range(2):
-        with faults.LazyRestore(path, background=False) as lazy:
-            faults.hot_set_workload(lazy.ram, 64, threads=2)
+        with LazyRestore(path, background=False) as lazy:
+            workloads.hot_set_workload(lazy.ram, 64, threads=2)
             during = lazy.server.counters["faults"]
             stats = lazy.wait()
     assert stats.prefetch_pages >= 64 and during == 0
@@ -218,7 +220,7 @@ def test_a_chunked_file_cut_during_a_lazy_restore_is_an_error_not_a_crash(saved,
     # where a mapping would SIGBUS
     path = tmp_path / "snap"
     path.write_bytes(open(saved[0]["lz4"], "rb").read())
-    lazy = faults.LazyRestore(str(path), background=False, on_failure="raise",
+    lazy = LazyRestore(str(path), background=False, on_failure="raise",
                               record=False, prefetch=False)
     os.truncate(path, 8192)
     with pytest.raises(OSError, match="Input/output error"):

@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from qfram.experiments import footprint
+from qfram.lab import footprint
 
 MIB = 1 << 20
 

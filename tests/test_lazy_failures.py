@@ -12,7 +12,7 @@ import time
 import pytest
 
 from qfram import snapshot
-from qfram.demo import fill_demo
+from qfram.lab.demo import fill_demo
 from qfram.ram import RAMBlock, RAMList
 
 
@@ -66,12 +66,12 @@ def test_fault_server_methods_refuse_areas_of_the_other_kind():
 
 
 def test_with_on_failure_raise_the_error_reaches_the_caller(tmp_path):
-    from qfram import faults
+    from qfram.lazy import LazyRestore
     block = RAMBlock.anonymous("pc.ram", 16 << 20, huge=False)
     fill_demo(block.region, seed=3)
     path = tmp_path / "snap"
     snapshot.save(RAMList([block]), str(path), layout="mapped")
-    lazy = faults.LazyRestore(str(path), background=False, on_failure="raise")
+    lazy = LazyRestore(str(path), background=False, on_failure="raise")
     os.truncate(path, 1 << 20)
     with pytest.raises(OSError, match="placing page .* of block pc.ram from the snapshot"):
         lazy.wait()

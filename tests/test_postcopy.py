@@ -136,7 +136,7 @@ def test_a_source_that_dies_ends_the_destination_with_an_error(tmp_path):
 def test_a_dead_destination_stops_the_source_and_keeps_its_ram(tmp_path):
     from qfram.postcopy import Source
     from qfram.snapshot import checksum
-    from qfram.demo import fill_demo
+    from qfram.lab.demo import fill_demo
     a, b = socket.socketpair()
     block = RAMBlock.anonymous("pc.ram", 32 << 20, huge=False)
     fill_demo(block.region)

@@ -27,7 +27,7 @@ def counting_undo(self, *args, **kwargs):
     put_back.append(sum(e.count for e in self.done))
     return real_undo(self, *args, **kwargs)
 durable.DurableRelease.undo = counting_undo
-from qfram.demo import fill_demo
+from qfram.lab.demo import fill_demo
 from qfram.ram import RAMBlock, RAMList
 kind, layout, path, direct, memfile, size = sys.argv[1:7]
 size = int(size)
@@ -172,7 +172,7 @@ def test_a_successful_release_save_still_frees_memory_as_it_goes(tmp_path):
 
 def test_the_cli_reports_a_full_disk_and_leaves_the_memory_file_whole(small_fs, tmp_path):
     import xxhash
-    from qfram.demo import fill_demo
+    from qfram.lab.demo import fill_demo
     mem = f"/dev/shm/qfram-cli-{os.getpid()}"
     try:
         with open(mem, "wb") as f:
@@ -208,7 +208,7 @@ print(json.dumps({"code": code, "before": before, "after": after}))
 @pytest.mark.parametrize("fault", [None, "write", "sync"])
 def test_stream_release_into_a_file_waits_for_durable_bytes(tmp_path, injector, fault):
     import mmap
-    from qfram.demo import fill_demo
+    from qfram.lab.demo import fill_demo
     mem = f"/dev/shm/qfram-stream-{os.getpid()}"
     out_dir = tmp_path / "out"
     out_dir.mkdir()
@@ -254,7 +254,7 @@ def test_postcopy_release_frees_only_confirmed_pages(tmp_path, confirming):
     import time
     import xxhash
     from qfram import postcopy
-    from qfram.demo import fill_demo
+    from qfram.lab.demo import fill_demo
     from qfram.ram import RAMBlock, RAMList
     block = RAMBlock.memfd("pc.ram", 256 << 20)
     fill_demo(block.region, seed=6)

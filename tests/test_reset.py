@@ -11,9 +11,9 @@ import pytest
 
 from conftest import PAGE
 from qfram import FormatError, snapshot
-from qfram.demo import fill_demo
+from qfram.lab.demo import fill_demo
 from qfram.ram import RAMBlock, RAMList
-from qfram.reset import Resettable
+from qfram.lazy.reset import Resettable
 
 pytestmark = pytest.mark.skipif(
     not __import__("qfram._uffd", fromlist=["DirtyTracker"]).DirtyTracker.available(),
@@ -134,7 +134,7 @@ def test_the_reset_loop_demo_reports_and_verifies(tmp_path, lazy):
 
 @pytest.mark.parametrize("layout", ["mapped", "chunked"])
 def test_a_lazy_restore_resets_to_the_snapshot(tmp_path, layout):
-    from qfram.faults import LazyRestore
+    from qfram.lazy.restore import LazyRestore
     path, original = saved(tmp_path, layout=layout)
     with LazyRestore(path, resettable=True, record=False, background=False) as lazy:
         pc = lazy.ram["pc.ram"].region
@@ -160,7 +160,7 @@ def test_a_lazy_restore_resets_to_the_snapshot(tmp_path, layout):
 
 
 def test_a_lazy_reset_is_refused_before_the_restore_is_complete(tmp_path):
-    from qfram.faults import LazyRestore
+    from qfram.lazy.restore import LazyRestore
     path, _ = saved(tmp_path)
     with LazyRestore(path, resettable=True, record=False) as lazy:
         with pytest.raises(ValueError, match="wait"):

@@ -14,8 +14,9 @@ import time
 import pytest
 
 from conftest import PAGE, resident_pages
-from qfram import FormatError, QFramError, faults, snapshot
-from qfram.demo import fill_demo
+from qfram import FormatError, QFramError, snapshot
+from qfram.lazy import LazyRestore
+from qfram.lab.demo import fill_demo
 from qfram.ram import RAMBlock, RAMList
 
 LAYOUTS = ["stream", "mapped"]
@@ -249,7 +250,7 @@ def test_lazy_restore_serves_the_right_bytes_to_concurrent_touches(tmp_path):
     path = str(tmp_path / "snap")
     snapshot.save(RAMList([block]), path, layout="mapped")
     wrong = []
-    with faults.LazyRestore(path, background=False) as lazy:
+    with LazyRestore(path, background=False) as lazy:
         region = lazy.ram["pc.ram"].region
 
         def toucher(seed):
@@ -277,7 +278,7 @@ def test_lazy_restore_needs_a_random_access_layout(tmp_path):
     ram = RAMList([demo_block("anonymous", "pc.ram", 1 << 20, tmp_path)])
     snapshot.save(ram, str(tmp_path / "snap"))
     with pytest.raises(FormatError, match="mapped or chunked layout"):
-        faults.LazyRestore(str(tmp_path / "snap"))
+        LazyRestore(str(tmp_path / "snap"))
 
 
 # -- hostile files ------------------------------------------------------------------------------

@@ -11,9 +11,11 @@ import sys
 import pytest
 import xxhash
 
-from qfram import faults, snapshot
+from qfram import snapshot
+from qfram.lazy import LazyRestore
+from qfram.lab import workloads
 from qfram.format import workingset
-from qfram.demo import fill_demo
+from qfram.lab.demo import fill_demo
 from qfram.ram import RAMBlock, RAMList
 
 HOT = 512
@@ -34,8 +36,8 @@ def snap(tmp_path):
 def restore(path, **kw):
     """A lazy restore that places only what is touched (no background fill), the hot
     set workload, then completion: the faults the workload caused, and the stats."""
-    with faults.LazyRestore(path, background=False, **kw) as lazy:
-        faults.hot_set_workload(lazy.ram, HOT, threads=2)
+    with LazyRestore(path, background=False, **kw) as lazy:
+        workloads.hot_set_workload(lazy.ram, HOT, threads=2)
         during = lazy.server.counters["faults"]
         stats = lazy.wait()
     assert stats.verified
@@ -59,8 +61,8 @@ def test_the_second_restore_places_the_working_set_before_it_is_touched(snap):
 
 def test_new_first_touches_are_added_to_the_working_set(snap):
     restore(snap, window_pages=1)
-    with faults.LazyRestore(snap, background=False) as lazy:
-        faults.hot_set_workload(lazy.ram, HOT, threads=2)
+    with LazyRestore(snap, background=False) as lazy:
+        workloads.hot_set_workload(lazy.ram, HOT, threads=2)
         lazy.ram["vga.vram"].region[4096 * 7]           # a page the first run did not read
         lazy.wait()
     ws, _ = workingset.load(snap, os.open(snap, os.O_RDONLY), snapshot.inspect(snap))

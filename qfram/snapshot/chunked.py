@@ -4,7 +4,7 @@ RAM is cut into fixed-size chunks (64 KiB by default), each compressed on its ow
 or zstd; kept raw when that does not shrink it; an all-zero chunk takes no bytes) and
 hashed (xxh3-64).  An index gives every chunk's offset, stored length, kind and hash, so
 any chunk can be read and decoded alone: an eager restore decodes on several threads,
-a lazy one (qfram.faults) decodes the chunk a fault lands in, in C without the GIL.
+a lazy one (qfram.lazy.restore) decodes the chunk a fault lands in, in C without the GIL.
 
 QEMU cannot load this file (it is qfram's, not a migration stream); ``qfram rewrite
 SNAP OUT --layout mapped`` gives QEMU one it can, device state included.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from qfram.experiments import footprint  # noqa: E402
+from qfram.lab import footprint  # noqa: E402
 from qfram._util.text import parse_size  # noqa: E402
 
 

@@ -181,7 +181,7 @@ SCENARIOS = {
 
 
 def _child_command(role: str, **options) -> List[str]:
-    return [sys.executable, "-m", "qfram.experiments.footprint", "--child", role, json.dumps(options)]
+    return [sys.executable, "-m", "qfram.lab.footprint", "--child", role, json.dumps(options)]
 
 
 def _pump(proc: subprocess.Popen, label: str, sampler: Sampler, lines: List[dict]) -> None:
@@ -278,7 +278,7 @@ def _emit(event: str, **data) -> None:
 
 
 def _make_ram(size: int, kind: str, zero_percent: int, workdir: str):
-    from qfram.demo import fill_demo
+    from qfram.lab.demo import fill_demo
     from qfram.ram import RAMBlock, RAMList
     if kind == "memfd":
         block = RAMBlock.memfd("pc.ram", size)
@@ -311,10 +311,11 @@ def _child(role: str, o: dict) -> None:
     elif role == "load":
         _emit("load-start")
         if o.get("lazy"):
-            from qfram import faults
-            with faults.LazyRestore(o["path"]) as lazy:
+            from qfram.lazy import LazyRestore
+            from qfram.lab import workloads
+            with LazyRestore(o["path"]) as lazy:
                 _emit("running")
-                faults.touch_workload(lazy.ram, 2000)
+                workloads.touch_workload(lazy.ram, 2000)
                 stats = lazy.wait()
                 _emit("load-end", faults=stats.faults, background=stats.background_pages)
                 time.sleep(0.3)

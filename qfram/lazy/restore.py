@@ -15,37 +15,15 @@ import mmap
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, List, Optional, Tuple
+from typing import List, Optional
 
 from qfram import snapshot
+from qfram._util.latency import percentiles
+from qfram._uffd import FaultServer
+from qfram.errors import FormatError, TooLarge
 from qfram.format import workingset
-from qfram.errors import FormatError
-from qfram._util.latency import Latency, percentiles
 from qfram.ram import RAMBlock, RAMList, bitmap_bytes, memory_room
-from qfram.wire import TARGET_PAGE_SIZE
-from qfram.errors import TooLarge
-
-if TYPE_CHECKING:
-    from qfram.reset import ResetStats
-
-
-@dataclass
-class LazyStats:
-    faults: int
-    fault_pages: int
-    background_pages: int
-    zero_pages: int
-    eexist: int
-    seconds: float
-    verified: bool
-    handler_latency: Latency
-    prefetch_pages: int = 0         # placed from the recorded working set before use
-    prefetch_seconds: float = 0.0
-    working_set: str = ""           # what became of the working set (used, recorded, why not)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+from qfram.results import LazyStats, ResetStats
 
 
 class LazyRestore:
@@ -72,7 +50,7 @@ class LazyRestore:
     stopped, only noted) and the fault thread keeps serving after ``wait()``, so that
     ``reset()`` can return the RAM to the snapshot: the pages written since are dropped
     and come back from the snapshot on their next touch.  (Without a need for
-    anonymous memory, :class:`qfram.reset.Resettable` does the same with no fault
+    anonymous memory, :class:`qfram.lazy.reset.Resettable` does the same with no fault
     server at all.)
     """
 
@@ -80,7 +58,6 @@ class LazyRestore:
                  background: bool = True, on_failure: str = "exit",
                  force: bool = False, prefetch: Optional[bool] = None,
                  record: bool = True, resettable: bool = False) -> None:
-        from qfram._uffd import FaultServer
         if on_failure not in ("exit", "raise"):
             raise ValueError("on_failure is 'exit' or 'raise'")
         self._fd = snapshot.open_locked(path)
@@ -225,12 +202,11 @@ class LazyRestore:
                          percentiles(self.server.latencies_ns()), self.prefetch_pages,
                          self.prefetch_seconds, self.working_set_note)
 
-    def reset(self) -> "ResetStats":
+    def reset(self) -> ResetStats:
         """Return the RAM to the snapshot (``resettable`` restores, after ``wait()``,
         while no thread touches the memory): the pages written since the restore or the
         last reset become missing again, and the next touch places them from the
         snapshot."""
-        from qfram.reset import ResetStats
         if not self.resettable or not self._done:
             raise ValueError("reset() needs LazyRestore(..., resettable=True) and wait() "
                              "first")
@@ -266,64 +242,3 @@ class LazyRestore:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
-
-
-def touch_workload(ram: RAMList, touches: int = 2000, threads: int = 4,
-                   seed: int = 1) -> Latency:
-    """A workload that touches memory the way a guest would on wake-up: several threads
-    reading random pages.  Returns the first-touch latency percentiles it saw."""
-    import random
-    blocks = list(ram)
-
-    def pages_of(k: int) -> List[Tuple[RAMBlock, int]]:
-        rng = random.Random(seed * 1000 + k)
-        chosen = []
-        for _ in range(touches // threads):
-            block = rng.choice(blocks)
-            chosen.append((block, rng.randrange(block.npages)))
-        return chosen
-
-    return _touch([pages_of(k) for k in range(threads)])
-
-
-def hot_set_workload(ram: RAMList, pages: int = 4096, threads: int = 4,
-                     seed: int = 1) -> Latency:
-    """A program with a stable hot set: the same ``pages`` pages (chosen by ``seed``,
-    scattered over the RAM in small clusters, as a program's data is) are read by
-    ``threads`` threads, each page once, every time it runs."""
-    import random
-    rng = random.Random(seed)
-    blocks = list(ram)
-    weights = [b.npages for b in blocks]
-    pages = min(pages, sum(weights))
-    chosen: dict = {}                   # (block index, page) -> block, in order
-    while len(chosen) < pages:
-        k = rng.choices(range(len(blocks)), weights)[0]
-        start = rng.randrange(blocks[k].npages)
-        for p in range(start, min(blocks[k].npages, start + 4)):
-            chosen.setdefault((k, p), blocks[k])
-    hot = [(block, p) for (_, p), block in list(chosen.items())[:pages]]
-    rng.shuffle(hot)
-    return _touch([hot[k::threads] for k in range(threads)])
-
-
-def _touch(shares: List[List[Tuple[RAMBlock, int]]]) -> Latency:
-    """One thread per share reads one byte of each of its pages; the latencies seen."""
-    latencies: List[int] = []
-    lock = threading.Lock()
-
-    def run(share: List[Tuple[RAMBlock, int]]) -> None:
-        mine = []
-        for block, page in share:
-            t0 = time.perf_counter_ns()
-            block.region[page * TARGET_PAGE_SIZE]
-            mine.append(time.perf_counter_ns() - t0)
-        with lock:
-            latencies.extend(mine)
-
-    pool = [threading.Thread(target=run, args=(share,)) for share in shares]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
-    return percentiles(latencies)

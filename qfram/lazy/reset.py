@@ -22,24 +22,14 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass
 from typing import List
 
 from qfram import snapshot
+from qfram._uffd import PrivateCopies
+from qfram.results import ResetStats
 from qfram.errors import FormatError
 from qfram.ram import RAMBlock, RAMList, memory_room
 from qfram.errors import TooLarge
-from qfram.wire import TARGET_PAGE_SIZE
-
-
-@dataclass
-class ResetStats:
-    pages: int                  # written since the last reset, now the snapshot's again
-    runs: int                   # runs of adjacent pages among them
-    seconds: float
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 class Resettable:
@@ -48,7 +38,6 @@ class Resettable:
     the machine has available."""
 
     def __init__(self, path: str, *, force: bool = False) -> None:
-        from qfram._uffd import PrivateCopies
         self.path = path
         self._fd = snapshot.open_locked(path)
         self._trackers: List[PrivateCopies] = []
@@ -103,15 +92,3 @@ class Resettable:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
-
-
-def scribble(ram: RAMList, pages: int, seed: int) -> None:
-    """Write one byte into each of ``pages`` random pages (a sandbox's run, for the
-    demo and the benchmark)."""
-    import random
-    rng = random.Random(seed)
-    blocks = list(ram)
-    weights = [b.npages for b in blocks]
-    for _ in range(pages):
-        block = rng.choices(blocks, weights)[0]
-        block.region[rng.randrange(block.npages) * TARGET_PAGE_SIZE] = seed & 0xFF | 1

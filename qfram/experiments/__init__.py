@@ -1,1 +1,0 @@
-"""Experiments about qfram, apart from the library: the memory-footprint harness."""
