@@ -12,7 +12,8 @@ import sys
 import time
 from typing import List, Optional, Tuple
 
-from qfram import qemu, snapshot, wire
+from qfram import snapshot, wire
+from qfram.qemu import extract
 from qfram.io import channel
 from qfram.io import outputs
 from qfram import backend
@@ -194,7 +195,7 @@ def cmd_save(args: argparse.Namespace) -> int:
     if not args.demo and not args.sources:
         raise ValueError("name a memory file to save, or --demo SIZE")
     ram = source_blocks(args)
-    devices = qemu.device_state(args.devices_from) if args.devices_from else None
+    devices = extract.device_state(args.devices_from) if args.devices_from else None
     before = rss()
     progress = Progress("save")
     result = snapshot.save(ram, args.snapshot, layout=args.layout, machine=args.machine,
@@ -410,7 +411,7 @@ def working_set_of(path: str, info) -> dict:
 def cmd_extract(args: argparse.Namespace) -> int:
     """Write each RAM block of a QEMU stream as a raw file."""
     t0 = time.perf_counter()
-    result = qemu.extract(args.stream, args.outdir, force=args.force)
+    result = extract.extract(args.stream, args.outdir, force=args.force)
     result["seconds"] = round(time.perf_counter() - t0, 4)
     lines = [f"extracted {len(result['blocks'])} RAM blocks from {args.stream} in "
              f"{result['seconds']:.3f} s:"]
@@ -424,7 +425,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def cmd_rewrite(args: argparse.Namespace) -> int:
     """Read a stream, replace block contents, write it again (either layout); the
     device sections and machine type are carried over byte for byte."""
-    devices = qemu.device_state(args.input)
+    devices = extract.device_state(args.input)
     ram, _ = snapshot.load(args.input, verify=not args.no_verify, huge=False)
     for spec in args.set or []:
         name, sep, path = spec.partition("=")
@@ -530,10 +531,10 @@ def cmd_receive(args: argparse.Namespace) -> int:
 
 def cmd_restore_qemu(args: argparse.Namespace) -> int:
     """Resume a QEMU from a snapshot at once; its RAM follows on demand (postcopy)."""
-    from qfram import restore_qemu
-    stats = restore_qemu.restore(args.snapshot, qmp=args.qmp, to=args.to,
-                                 timeout=args.timeout, machine=args.machine,
-                                 prefetch=args.prefetch, record=args.record)
+    from qfram.qemu.restore import restore
+    stats = restore(args.snapshot, qmp=args.qmp, to=args.to,
+                    timeout=args.timeout, machine=args.machine,
+                    prefetch=args.prefetch, record=args.record)
     lat = stats.request_service
     emit(args, stats.as_dict(),
          f"restored {args.snapshot} ({human(stats.ram_bytes)} of RAM, "
@@ -547,7 +548,7 @@ def cmd_restore_qemu(args: argparse.Namespace) -> int:
 
 def cmd_tls_init(args: argparse.Namespace) -> int:
     """Make a CA, server and client certificates for TLS migration (QEMU's layout)."""
-    from qfram import tlscreds
+    from qfram.postcopy import tlscreds
     paths = tlscreds.init(args.directory, host=args.host, force=args.force)
     emit(args, {"directory": args.directory, "files": paths},
          f"wrote {len(paths)} files to {args.directory} (server certificate for "

@@ -99,3 +99,88 @@ class ResetStats:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class SourceStats:
+    """The sending side: rounds, pages, bytes, what was released, how requests were
+    served, and the downtime it saw."""
+
+    role: str = "source"
+    ram_bytes: int = 0
+    dirty_tracking: str = ""
+    precopy_rounds: int = 0
+    precopy_pages: int = 0
+    dirty_at_switch: int = 0
+    postcopy_pages: int = 0         # sent after the switch, requested ones included
+    requested_pages: int = 0
+    requests: int = 0
+    pages_sent: int = 0
+    bytes_sent: int = 0
+    released_bytes: int = 0         # freed here once the destination confirmed them
+    confirmations: int = 0
+    preempt_channel: bool = False
+    verify_s: float = 0.0           # hashing the RAM at the switch, for the destination
+    request_service: Latency = field(default_factory=Latency)
+    downtime_source_ms: Optional[float] = None
+    postcopy_s: Optional[float] = None
+    postcopy_gbps: Optional[float] = None
+    postcopy_bytes: int = 0
+    resumes: int = 0                # links lost after the switch and resumed
+    tls: Optional[str] = None       # the channels' protocol and cipher (None: clear)
+    prefetched_pages: int = 0       # the working set's, sent at the switch before the rest
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class DestinationStats:
+    """The receiving side: when it switched and ran, how faults were served, and
+    whether the memory checked out against the source."""
+
+    role: str = "destination"
+    precopy_s: Optional[float] = None
+    pages_at_switch: int = 0
+    downtime_destination_ms: Optional[float] = None
+    postcopy_s: Optional[float] = None
+    faults: int = 0
+    requests: int = 0
+    requested_pages: int = 0
+    received_pages: int = 0
+    duplicate_pages: int = 0
+    eexist: int = 0
+    fault_latency: Latency = field(default_factory=Latency)
+    workload_first_touch: Optional[Latency] = None
+    verified: bool = False
+    resumes: int = 0                # links lost after the switch and resumed
+    tls: Optional[str] = None       # the channels' protocol and cipher (None: clear)
+    working_set: str = ""           # what was recorded for the next migration, or why not
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RestoreStats:
+    """What a restore into QEMU did and how long the guest waited."""
+
+    snapshot: str = ""
+    machine: str = ""
+    ram_bytes: int = 0
+    device_bytes: int = 0
+    postcopy_active_ms: Optional[float] = None   # start -> QEMU says postcopy-active
+    completed_s: Optional[float] = None          # start -> QEMU says completed
+    pages_pushed: int = 0
+    pages_requested: int = 0
+    requests: int = 0
+    request_service: Latency = field(default_factory=Latency)
+    bytes_sent: int = 0
+    qemu_version: str = ""
+    pages_prefetched: int = 0     # the recorded working set, in place before the guest ran
+    working_set: str = ""         # what became of it (used, recorded, why not)
+
+    def as_dict(self) -> dict:
+        return asdict(self)

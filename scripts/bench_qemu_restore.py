@@ -9,7 +9,7 @@ exec:cat`), qfram makes the mapped snapshot (`qfram rewrite --layout mapped`).  
 
 * eager: `migrate-incoming exec:cat STREAM` (QEMU 7.2 cannot load anything else), then
   `cont` (the saved VM was stopped: an eager load keeps that run state);
-* qfram: `restore_qemu.restore(SNAPSHOT, qmp=...)`.
+* qfram: `qfram.qemu.restore.restore(SNAPSHOT, qmp=...)`.
 
 Reported: time to running (eager: completed; qfram: postcopy-active), time to
 completed, and the guest's own time to finish its next walk of the filled memory (the
@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from benchlib import arguments, emit, note, parse_size  # noqa: E402
 
-from qfram import restore_qemu  # noqa: E402
+from qfram.qemu import restore
 from qfram._testing import linux  # noqa: E402
 from qfram._testing.qmp import Guest  # noqa: E402
 
@@ -86,7 +86,7 @@ def lazy(work: str, args, memory: str, snap: str, run: int) -> dict:
     with Guest(memory=memory, running=True, incoming="defer", timeout=600,
                extra=args + ["-serial", f"file:{serial}"]) as guest:
         t0 = time.perf_counter()
-        stats = restore_qemu.restore(snap, qmp=guest.spare_qmp_path, timeout=600)
+        stats = restore.restore(snap, qmp=guest.spare_qmp_path, timeout=600)
         walk = next_walk(serial, t0)
     return {"running_s": stats.postcopy_active_ms / 1000, "completed_s": stats.completed_s,
             "walk_s": walk, "requested": stats.pages_requested,

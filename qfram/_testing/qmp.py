@@ -10,7 +10,7 @@ import tempfile
 import time
 from typing import List, Optional
 
-from qfram.qmp import QMP, QMPError
+from qfram.qemu.qmp import QMP, QMPError
 
 __all__ = ["Guest", "QMPError", "find_qemu", "qemu_command", "qemu_version"]
 

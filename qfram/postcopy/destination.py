@@ -29,7 +29,7 @@ from qfram._util.latency import percentiles
 from qfram._util.text import printable
 from qfram.postcopy import link
 from qfram.postcopy import messages as msg
-from qfram.postcopy.stats import DestinationStats
+from qfram.results import DestinationStats
 from qfram.format.vmdesc import Description
 from qfram.format.vmdesc import parse as parse_description
 from qfram.ram import RAMList, set_bits

@@ -35,7 +35,7 @@ from qfram.errors import QFramError
 from qfram.postcopy import link
 from qfram.postcopy import messages as msg
 from qfram.postcopy.release import ConfirmedRelease
-from qfram.postcopy.stats import SourceStats
+from qfram.results import SourceStats
 from qfram.ram import RAMBlock, RAMList, bitmap_bytes
 from qfram.wire import TARGET_PAGE_SIZE
 

@@ -28,44 +28,20 @@ import os
 import socket
 import threading
 import time
-from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from qfram import snapshot, wire
 from qfram.format import savevm
 from qfram.format import workingset
 from qfram.errors import FormatError
-from qfram._util.latency import Latency
 from qfram.postcopy import link
 from qfram.postcopy import messages as msg
 from qfram.postcopy.source import Source, block_all_dirty
-from qfram.qmp import QMP, QMPError
+from qfram.qemu.qmp import QMP, QMPError
 from qfram.ram import RAMBlock, RAMList
+from qfram.results import RestoreStats
 
 POLL_INTERVAL = 0.001          # seconds between QMP status polls while restoring
-
-
-@dataclass
-class RestoreStats:
-    """What a restore into QEMU did and how long the guest waited."""
-
-    snapshot: str = ""
-    machine: str = ""
-    ram_bytes: int = 0
-    device_bytes: int = 0
-    postcopy_active_ms: Optional[float] = None   # start -> QEMU says postcopy-active
-    completed_s: Optional[float] = None          # start -> QEMU says completed
-    pages_pushed: int = 0
-    pages_requested: int = 0
-    requests: int = 0
-    request_service: Latency = field(default_factory=Latency)
-    bytes_sent: int = 0
-    qemu_version: str = ""
-    pages_prefetched: int = 0     # the recorded working set, in place before the guest ran
-    working_set: str = ""         # what became of it (used, recorded, why not)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 class SnapshotSource(Source):
