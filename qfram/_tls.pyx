@@ -25,6 +25,8 @@ from posix.unistd cimport close
 from qfram.includes.system cimport pollfd, poll, POLLIN, POLLOUT, qf_set_errno, qf_now_ns
 from qfram._fast cimport Transport
 
+from qfram.errors import TLSError
+
 import ipaddress
 import os
 
@@ -136,9 +138,6 @@ SERVER_KEY = "server-key.pem"
 CLIENT_CERT = "client-cert.pem"
 CLIENT_KEY = "client-key.pem"
 
-
-class TLSError(OSError):
-    """A TLS handshake or record failed: the peer is not who it must be, or broke TLS."""
 
 
 cdef str _openssl_errors():

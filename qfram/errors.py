@@ -80,3 +80,27 @@ class ChecksumError(FormatError):
 class ReleaseRollbackError(QFramError, OSError):
     """A save failed after it had released pages, and they could not be put back: the
     file that holds them was kept, under the name this error gives."""
+
+
+class LinkError(QFramError, OSError):
+    """A migration's connection could not be made, or is not what it must be."""
+
+
+class TLSError(QFramError, OSError):
+    """A TLS handshake or record failed: the peer is not who it must be, or broke TLS."""
+
+
+class MigrationFailed(QFramError, RuntimeError):
+    """A migration ended without every page in place: the reason says why."""
+
+
+class NoConfirmation(QFramError, RuntimeError):
+    """The destination did not confirm the migration (it failed, or never answered)."""
+
+
+class QMPError(QFramError, RuntimeError):
+    """QEMU refused a command, closed the monitor, or answered something unreadable."""
+
+
+class NoGuest(QFramError, RuntimeError):
+    """A test guest's kernel or init cannot be had here (the reason says why)."""

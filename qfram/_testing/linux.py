@@ -10,13 +10,11 @@ import subprocess
 import time
 from typing import List, Tuple
 
+from qfram.errors import NoGuest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KERNEL = os.path.join(ROOT, ".cache", "guest-kernel", "vmlinuz")
 INIT_SOURCE = os.path.join(ROOT, "tests", "helpers", "guest_init.c")
-
-
-class NoGuest(RuntimeError):
-    """The kernel or the init cannot be had here (the reason says why)."""
 
 
 def newc(entries) -> bytes:

@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
+from qfram.errors import QFramError
+
 
 
 
@@ -219,9 +221,9 @@ def _run_children(children: Dict[str, List[str]], sampler: Sampler, timeout: flo
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
-            raise RuntimeError(f"{label} did not finish within {timeout} s")
+            raise QFramError(f"{label} did not finish within {timeout} s")
         if proc.returncode:
-            raise RuntimeError(f"{label} failed: {proc.stderr.read()[-2000:]}")  # type: ignore
+            raise QFramError(f"{label} failed: {proc.stderr.read()[-2000:]}")  # type: ignore
     for t in pumps:
         t.join(5)
     return outputs

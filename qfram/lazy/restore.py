@@ -20,7 +20,7 @@ from typing import List, Optional
 from qfram import snapshot
 from qfram._util.latency import percentiles
 from qfram._uffd import FaultServer
-from qfram.errors import FormatError, TooLarge
+from qfram.errors import FormatError, QFramError, TooLarge
 from qfram.format import workingset
 from qfram.ram import RAMBlock, RAMList, bitmap_bytes, memory_room
 from qfram.results import LazyStats, ResetStats
@@ -190,7 +190,7 @@ class LazyRestore:
         if self._errors:
             raise self._errors[0]
         if not self.complete:
-            raise RuntimeError(f"lazy restore stopped with {self.server.placed_pages} of "
+            raise QFramError(f"lazy restore stopped with {self.server.placed_pages} of "
                                f"{self.server.total_pages} pages in place")
         verified = verify and self.verify()
         self._done = True

@@ -24,7 +24,7 @@ from qfram import wire
 from qfram.format import savevm
 from qfram.format import workingset
 from qfram._util import sched
-from qfram.errors import FormatError
+from qfram.errors import FormatError, MigrationFailed
 from qfram._util.latency import percentiles
 from qfram._util.text import printable
 from qfram.postcopy import link
@@ -39,9 +39,6 @@ from qfram.wire import TARGET_PAGE_SIZE
 MAX_TRAILER = 1 << 20          # a postcopy VMDESCRIPTION: this, plus a byte per page
 CONFIRM_INTERVAL = 0.005       # seconds between QFRAM_RECEIVED messages
 
-
-class MigrationFailed(RuntimeError):
-    pass
 
 
 class Destination:

@@ -23,7 +23,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 from qfram import wire
 from qfram.io import channel
 from qfram import backend
-from qfram.errors import QFramError
+from qfram.errors import LinkError
 
 HELLO_BYTES = 8                # what tells the channels apart
 HELLO_TIMEOUT = 10.0           # seconds a new connection has for its handshake + hello
@@ -33,9 +33,6 @@ STALE_PROBES = 5               # refusals, 50 ms apart, that make a unix socket 
 MAIN, PREEMPT, RESUME = "main", "preempt", "resume"
 _RESUME_HELLO = bytes([wire.SECTION_COMMAND]) + wire.CMD_QFRAM_RESUME.to_bytes(2, "big")
 
-
-class LinkError(QFramError, OSError):
-    """A connection could not be made, or is not what it must be."""
 
 
 def parse_address(text: str) -> Tuple[int, object]:

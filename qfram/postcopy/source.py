@@ -28,10 +28,9 @@ from qfram import wire
 from qfram.format import savevm
 from qfram import backend
 from qfram._util import sched
-from qfram.errors import FormatError
+from qfram.errors import FormatError, NoConfirmation, QFramError
 from qfram._util.latency import percentiles
 from qfram.format.workingset import WorkingSet
-from qfram.errors import QFramError
 from qfram.postcopy import link
 from qfram.postcopy import messages as msg
 from qfram.postcopy.release import ConfirmedRelease
@@ -250,7 +249,7 @@ class Source:
                 t.close()
             # No way to see writes: one round, with the program stopped while it runs.
             if self.workload is not None:
-                raise RuntimeError("this kernel cannot track dirty pages (needs Linux 6.7+ "
+                raise QFramError("this kernel cannot track dirty pages (needs Linux 6.7+ "
                                    "for asynchronous userfaultfd write protection); "
                                    "migrate without a running workload") from None
             return [None] * len(self.blocks), "none"
@@ -653,9 +652,6 @@ class Source:
         finally:
             self.shut.set()
 
-
-class NoConfirmation(RuntimeError):
-    """The destination did not confirm the migration (it failed, or never answered)."""
 
 
 def block_all_dirty(bitmap: bytearray, npages: int) -> None:

@@ -11,11 +11,8 @@ import socket
 import time
 from typing import Any, Optional
 
-from qfram.errors import QFramError
+from qfram.errors import QMPError
 
-
-class QMPError(QFramError, RuntimeError):
-    """QEMU refused a command, closed the monitor, or answered something unreadable."""
 
 
 class QMP:
