@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any, Tuple
 
+from qfram.errors import OptionError
+
 
 def check(channel: Any, mode: str, iov_max: int, buf_size: int, release_min: int,
           iov_limit: int) -> Tuple[bool, int]:
@@ -10,13 +12,13 @@ def check(channel: Any, mode: str, iov_max: int, buf_size: int, release_min: int
     -1 for a channel with methods instead)."""
     if mode not in ("rb", "wb"):
         # qemu_file_mode_is_not_valid(): exactly "rb" or "wb"
-        raise ValueError(f"QEMUFile mode must be 'rb' or 'wb', not {mode!r}")
+        raise OptionError(f"QEMUFile mode must be 'rb' or 'wb', not {mode!r}")
     if not 1 <= iov_max <= iov_limit:
-        raise ValueError(f"iov_max must be between 1 and {iov_limit}, not {iov_max}")
+        raise OptionError(f"iov_max must be between 1 and {iov_limit}, not {iov_max}")
     if buf_size < 64:
-        raise ValueError(f"buf_size must be at least 64 bytes, not {buf_size}")
+        raise OptionError(f"buf_size must be at least 64 bytes, not {buf_size}")
     if release_min < 0:
-        raise ValueError("release_min cannot be negative")
+        raise OptionError("release_min cannot be negative")
     writable = mode == "wb"
     fd = getattr(channel, "fd", -1)
     if isinstance(fd, int) and fd >= 0:

@@ -22,6 +22,7 @@ import os
 from typing import Dict, Iterator, List, Optional, Tuple
 
 from qfram import backend
+from qfram.errors import OptionError
 from qfram.wire import HOST_PAGE_SIZE, TARGET_PAGE_SIZE
 
 MFD_HUGETLB = 0x0004
@@ -100,12 +101,12 @@ class RAMBlock:
                  fd: int = -1, path: Optional[str] = None, owns_region: bool = True) -> None:
         encoded = name.encode()
         if not 0 < len(encoded) <= 255:
-            raise ValueError(f"a block name holds 1 to 255 bytes, not {len(encoded)}")
+            raise OptionError(f"a block name holds 1 to 255 bytes, not {len(encoded)}")
         view = memoryview(region)
         if view.readonly:
-            raise ValueError(f"block {name!r}: the region must be writable")
+            raise OptionError(f"block {name!r}: the region must be writable")
         if view.nbytes % TARGET_PAGE_SIZE:
-            raise ValueError(f"block {name!r}: {view.nbytes} bytes is not a whole number "
+            raise OptionError(f"block {name!r}: {view.nbytes} bytes is not a whole number "
                              f"of {TARGET_PAGE_SIZE}-byte pages")
         self.name = name
         self.region = region
@@ -154,7 +155,7 @@ class RAMBlock:
             elif create and os.fstat(fd).st_size != size:
                 os.ftruncate(fd, size)
             if size <= 0:
-                raise ValueError(f"{path}: an empty memory file")
+                raise OptionError(f"{path}: an empty memory file")
             region = mmap.mmap(fd, size)
         finally:
             os.close(fd)
@@ -207,9 +208,26 @@ class RAMList:
         for block in blocks or []:
             self.add(block)
 
+    @classmethod
+    def from_files(cls, specs: List[str], single_name: str) -> "RAMList":
+        """Memory files mapped shared, each spec 'PATH' or 'NAME=PATH'; a lone PATH is
+        named ``single_name``, several are named after their files."""
+        ram = cls()
+        try:
+            for spec in specs:
+                name, sep, path = spec.partition("=")
+                if not sep:
+                    name = single_name if len(specs) == 1 else os.path.basename(spec)
+                    path = spec
+                ram.add(RAMBlock.map_file(name, path))
+        except BaseException:
+            ram.close()
+            raise
+        return ram
+
     def add(self, block: RAMBlock) -> RAMBlock:
         if block.name in self._blocks:
-            raise ValueError(f"a block named {block.name!r} is already in the list")
+            raise OptionError(f"a block named {block.name!r} is already in the list")
         self._blocks[block.name] = block
         return block
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from qfram import snapshot
-from qfram.qemu import extract
+from qfram.qemu import streams
 from qfram._testing.qmp import Guest, find_qemu, qemu_command
 from qfram.ram import RAMBlock, RAMList
 
@@ -55,7 +55,7 @@ def migrated(qemu_ready, tmp_path_factory):
 
 def test_extract_reproduces_the_guest_ram(migrated, tmp_path):
     work, pattern = migrated
-    result = extract.extract(str(work / "stream.bin"), str(tmp_path / "out"))
+    result = streams.extract(str(work / "stream.bin"), str(tmp_path / "out"))
     names = {b["name"] for b in result["blocks"]}
     assert {"pc.ram", "pc.bios", "pc.rom"} <= names
     ram = (tmp_path / "out" / "pc.ram").read_bytes()
@@ -87,7 +87,7 @@ def test_extraction_does_not_need_the_vmdescription(migrated, tmp_path):
     data = (work / "stream.bin").read_bytes()
     eof = snapshot.inspect(str(work / "stream.bin")).eof_offset
     (tmp_path / "bare.bin").write_bytes(data[:eof + 1])          # as a postcopy stream
-    extract.extract(str(tmp_path / "bare.bin"), str(tmp_path / "out"))
+    streams.extract(str(tmp_path / "bare.bin"), str(tmp_path / "out"))
     ram = (tmp_path / "out" / "pc.ram").read_bytes()
     assert ram[PATTERN_ADDR:PATTERN_ADDR + len(pattern)] == pattern
 
@@ -103,11 +103,11 @@ def load_in_qemu(stream_path, tmp_path) -> bytes:
 @pytest.mark.parametrize("devices", ["left-out", "carried-over"])
 def test_qemu_loads_a_stream_qfram_wrote(migrated, tmp_path, devices):
     work, _ = migrated
-    extract.extract(str(work / "stream.bin"), str(tmp_path / "out"))
+    streams.extract(str(work / "stream.bin"), str(tmp_path / "out"))
     ram = bytearray((tmp_path / "out" / "pc.ram").read_bytes())
     ram[32 << 20:(32 << 20) + 8192] = b"written by qfram" * 512
     ram[PATTERN_ADDR:PATTERN_ADDR + 4096] = bytes(4096)       # and a page zeroed
-    state = extract.device_state(str(work / "stream.bin")) if devices == "carried-over" else None
+    state = streams.device_state(str(work / "stream.bin")) if devices == "carried-over" else None
     ours = tmp_path / "ours.bin"
     snapshot.save(RAMList([RAMBlock.from_buffer("pc.ram", ram)]), str(ours),
                   machine="pc-i440fx-7.2", devices=state)
@@ -117,7 +117,7 @@ def test_qemu_loads_a_stream_qfram_wrote(migrated, tmp_path, devices):
 
 def test_qemu_loads_a_rewritten_stream(migrated, tmp_path):
     work, _ = migrated
-    extract.extract(str(work / "stream.bin"), str(tmp_path / "out"))
+    streams.extract(str(work / "stream.bin"), str(tmp_path / "out"))
     ram = bytearray((tmp_path / "out" / "pc.ram").read_bytes())
     ram[48 << 20:(48 << 20) + 4096] = b"R" * 4096
     (tmp_path / "new.ram").write_bytes(ram)
@@ -204,7 +204,7 @@ def test_qfram_reads_qemus_mapped_ram_files(newer_qemu, tmp_path):
     assert info.machine == machine_of(qemu_bin)
     ram = {b.name: b for b in info.blocks}["pc.ram"]
     assert ram.pages + ram.zero_pages == MEM // 4096 and ram.pages >= 256
-    extract.extract(str(tmp_path / "mapped.bin"), str(tmp_path / "out"))
+    streams.extract(str(tmp_path / "mapped.bin"), str(tmp_path / "out"))
     got = (tmp_path / "out" / "pc.ram").read_bytes()
     assert same_ram(got, (tmp_path / "truth.bin").read_bytes())
     assert got[PATTERN_ADDR:PATTERN_ADDR + len(pattern)] == pattern

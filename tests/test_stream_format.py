@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from qfram import FormatError, snapshot
-from qfram.qemu import extract
+from qfram.qemu import streams
 from qfram.ram import RAMBlock, RAMList
 
 
@@ -48,7 +48,7 @@ def test_device_sections_are_measured_by_their_footers(tmp_path):
     assert timer.offset == eof and timer.end == cpu.offset
     assert timer.end - timer.offset == len(device_section(10, "timer",
                                                           b"abc" + decoy + b"xyz"))
-    state = extract.device_state(str(path))
+    state = streams.device_state(str(path))
     assert state.sections == (path.read_bytes()[eof:cpu.end])
 
 

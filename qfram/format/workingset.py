@@ -29,6 +29,7 @@ from typing import List, Optional, Tuple
 
 import xxhash
 
+from qfram.errors import FormatError
 from qfram.io import outputs
 
 MAGIC = b"QFRAMWS1"
@@ -168,15 +169,15 @@ def read(path: str, identity: Tuple[int, int, int, int],
 def _parse(data: bytes, identity: Tuple[int, int, int, int],
            blocks: List[Tuple[str, int]]) -> WorkingSet:
     if len(data) < _HEAD.size + 8:
-        raise ValueError(f"{len(data)} bytes, shorter than a header")
+        raise FormatError(f"{len(data)} bytes, shorter than a header")
     body, (digest,) = data[:-8], struct.unpack(">Q", data[-8:])
     if xxhash.xxh3_64_intdigest(body) != digest:
-        raise ValueError(f"checksum mismatch at byte offset {len(body)}")
+        raise FormatError(f"checksum mismatch at byte offset {len(body)}")
     magic, version, window, recorded, *who = _HEAD.unpack_from(body, 0)
     if magic != MAGIC or version != VERSION:
-        raise ValueError("not a qfram working set (version 1) at byte offset 0")
+        raise FormatError("not a qfram working set (version 1) at byte offset 0")
     if tuple(who) != tuple(identity):
-        raise ValueError("stale: recorded for another snapshot or RAM, or the snapshot "
+        raise FormatError("stale: recorded for another snapshot or RAM, or the snapshot "
                          "changed since")
     pos = _HEAD.size
     (nblocks,) = struct.unpack_from(">I", body, pos)
@@ -184,24 +185,24 @@ def _parse(data: bytes, identity: Tuple[int, int, int, int],
     recorded_blocks = []
     for _ in range(min(nblocks, len(blocks) + 1)):
         if pos >= len(body):
-            raise ValueError(f"block list cut short at byte offset {pos}")
+            raise FormatError(f"block list cut short at byte offset {pos}")
         n = body[pos]
         name = body[pos + 1:pos + 1 + n].decode(errors="replace")
         (npages,) = struct.unpack_from(">Q", body, pos + 1 + n)
         recorded_blocks.append((name, npages))
         pos += 1 + n + 8
     if recorded_blocks != list(blocks):
-        raise ValueError("recorded for other blocks than the snapshot's")
+        raise FormatError("recorded for other blocks than the snapshot's")
     (count,) = struct.unpack_from(">Q", body, pos)
     pos += 8
     if count > MAX_TOUCHES or pos + count * _TOUCH.size != len(body):
-        raise ValueError(f"{count} touches declared at byte offset {pos - 8}, "
+        raise FormatError(f"{count} touches declared at byte offset {pos - 8}, "
                          f"{len(body) - pos} bytes hold them")
     sizes = [npages for _, npages in recorded_blocks]
     touches = []
     for k, (block, page) in enumerate(_TOUCH.iter_unpack(body[pos:])):
         if block >= len(sizes) or page >= sizes[block]:
-            raise ValueError(f"page {page} of block {block} lies outside the snapshot "
+            raise FormatError(f"page {page} of block {block} lies outside the snapshot "
                              f"(byte offset {pos + k * _TOUCH.size})")
         touches.append((block, page))
     return WorkingSet(touches, window, recorded / 1e9)

@@ -19,6 +19,7 @@ import stat
 from typing import Any, Iterable, Optional
 
 from qfram import backend
+from qfram.errors import OptionError
 
 # A default 64 KiB pipe with its reader on the other core moves ~0.45 GB/s here, the same
 # pipe at 1 MiB ~2.2 GB/s: wake-ups, not copies, are the cost.
@@ -71,7 +72,7 @@ class FdChannel:
                  pipe_size: Optional[int] = DEFAULT_PIPE_SIZE,
                  socket_buffer: Optional[int] = DEFAULT_SOCKET_BUFFER) -> None:
         if fd < 0:
-            raise ValueError(f"not a file descriptor: {fd}")
+            raise OptionError(f"not a file descriptor: {fd}")
         self.fd = fd
         self.owned = owned
         if pipe_size:

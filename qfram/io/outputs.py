@@ -23,7 +23,7 @@ import secrets
 from typing import Dict, List, Optional, Tuple
 
 from qfram._util.text import printable
-from qfram.errors import FormatError
+from qfram.errors import OptionError, FormatError
 
 TEMP_MARK = ".qfram-tmp-"
 
@@ -165,7 +165,7 @@ class NewFile:
                  named: bool = False, owns_directory: bool = False) -> None:
         self.owns_directory = owns_directory
         if "/" in name or name in ("", ".", ".."):
-            raise ValueError(f"not a file name: {name!r}")
+            raise OptionError(f"not a file name: {name!r}")
         self.directory = directory
         self.name = name
         self.path = os.path.join(directory.path, name)

@@ -1,5 +1,5 @@
 """Where a stream's RAM blocks land when it is read: the one resolver that snapshot.load,
-qemu.extract and the postcopy destination share.
+qemu.streams.extract and the postcopy destination share.
 
 A stream names its blocks as it goes (each with a used length, at a byte offset).  A
 :class:`RestoreTarget` answers each with the RAMBlock to place its pages in — the
@@ -12,11 +12,11 @@ arrived), which cost nothing until pages arrive.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
-from qfram.errors import FormatError
+from qfram.errors import FormatError, TooLarge
 from qfram.io.outputs import BlockFiles
-from qfram.ram import RAMBlock, RAMList, new_bitmap
+from qfram.ram import RAMBlock, RAMList, disk_room, new_bitmap
 from qfram.wire import TARGET_PAGE_SIZE
 
 
@@ -91,3 +91,28 @@ class RestoreTarget:
         """Unmap the blocks this target made (after a failure, or once written out)."""
         if self.created:
             self.ram.close()
+
+
+def new_block_files(blocks: List[Tuple[str, int]], target: str, what: str,
+                    force: bool = False) -> Tuple[RAMList, BlockFiles]:
+    """New memory files to restore ``blocks`` (name, used length) into: ``target``
+    itself for one block, else a directory with a file per block (names with '/' become
+    folders, never outside it).  They appear only on the files' commit(), once the
+    restore is verified.  More RAM than the disk has free is refused unless ``force``
+    (``what`` names the source in the message)."""
+    files = BlockFiles(target, single=len(blocks) == 1)
+    ram = RAMList()
+    try:
+        room, where = disk_room(files.root.path)
+        total = sum(length for _, length in blocks)
+        if not force and total > room:
+            raise TooLarge(f"{what} declares {total / 2**30:.2f} GiB of RAM, more than "
+                           f"{where} ({room / 2**30:.2f} GiB); --force to try anyway", 0)
+        for name, length in blocks:
+            out = files.new(name)
+            ram.add(RAMBlock.map_fd(name, out.fd, length, path=out.path))
+    except BaseException:
+        ram.close()
+        files.abort()
+        raise
+    return ram, files

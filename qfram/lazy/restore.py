@@ -20,7 +20,7 @@ from typing import List, Optional
 from qfram import snapshot
 from qfram._util.latency import percentiles
 from qfram._uffd import FaultServer
-from qfram.errors import FormatError, QFramError, TooLarge
+from qfram.errors import OptionError, FormatError, QFramError, TooLarge
 from qfram.format import workingset
 from qfram.ram import RAMBlock, RAMList, bitmap_bytes, memory_room
 from qfram.results import LazyStats, ResetStats
@@ -59,7 +59,7 @@ class LazyRestore:
                  force: bool = False, prefetch: Optional[bool] = None,
                  record: bool = True, resettable: bool = False) -> None:
         if on_failure not in ("exit", "raise"):
-            raise ValueError("on_failure is 'exit' or 'raise'")
+            raise OptionError("on_failure is 'exit' or 'raise'")
         self._fd = snapshot.open_locked(path)
         try:
             info = snapshot.inspect_fd(path, self._fd)
@@ -208,7 +208,7 @@ class LazyRestore:
         last reset become missing again, and the next touch places them from the
         snapshot."""
         if not self.resettable or not self._done:
-            raise ValueError("reset() needs LazyRestore(..., resettable=True) and wait() "
+            raise OptionError("reset() needs LazyRestore(..., resettable=True) and wait() "
                              "first")
         t0 = time.perf_counter()
         pages, runs = self.server.revert_written()

@@ -24,7 +24,7 @@ from qfram import wire
 from qfram.format import savevm
 from qfram.format import workingset
 from qfram._util import sched
-from qfram.errors import FormatError, MigrationFailed
+from qfram.errors import OptionError, FormatError, MigrationFailed
 from qfram._util.latency import percentiles
 from qfram._util.text import printable
 from qfram.postcopy import link
@@ -69,12 +69,12 @@ class Destination:
                  confirm: bool = True, resume: bool = True,
                  working_set: Optional[str] = None) -> None:
         if on_failure not in ("exit", "raise"):
-            raise ValueError("on_failure is 'exit' or 'raise'")
+            raise OptionError("on_failure is 'exit' or 'raise'")
         self.main = link.as_link(main)
         self.preempt = None if preempt in (None, False, True) else link.as_link(preempt)
         self.want_preempt = preempt not in (None, False)
         if preempt is True and acceptor is None:
-            raise ValueError("preempt=True takes the channel from an acceptor")
+            raise OptionError("preempt=True takes the channel from an acceptor")
         self.acceptor = acceptor
         self.resumable = resume and acceptor is not None
         # blocks the source announces: the caller's (fresh, zeroed memory) or new 4 KiB

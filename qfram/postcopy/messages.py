@@ -11,7 +11,7 @@ from typing import Iterator, List, Optional, Tuple
 
 from qfram import wire
 from qfram import backend
-from qfram.errors import FormatError
+from qfram.errors import OptionError, FormatError
 
 # a command's length is a be16: at most this many (start, length) pairs per RAM_DISCARD
 MAX_DISCARD_PAIRS = 4000
@@ -101,7 +101,7 @@ def counted_name(name: str) -> bytes:
     """A block name as QEMU's commands carry it: u8 length, bytes."""
     raw = name.encode()
     if not 0 < len(raw) < 256:
-        raise ValueError(f"a block name of {len(raw)} bytes")
+        raise OptionError(f"a block name of {len(raw)} bytes")
     return bytes([len(raw)]) + raw
 
 

@@ -33,7 +33,7 @@ from typing import Optional
 from qfram import snapshot, wire
 from qfram.format import savevm
 from qfram.format import workingset
-from qfram.errors import FormatError
+from qfram.errors import OptionError, FormatError
 from qfram.postcopy import link
 from qfram.postcopy import messages as msg
 from qfram.postcopy.source import Source, block_all_dirty
@@ -177,7 +177,7 @@ def restore(path: str, *, qmp: Optional[str] = None, to: Optional[str] = None,
     ``prefetch``: send the working set an earlier restore recorded (``SNAP.ws``) before
     the guest runs; ``record``: once complete, keep the pages QEMU asked for in it."""
     if (qmp is None) == (to is None):
-        raise ValueError("give the QEMU's monitor (qmp) or its listening address (to)")
+        raise OptionError("give the QEMU's monitor (qmp) or its listening address (to)")
     stats = RestoreStats(snapshot=path)
     t0 = time.perf_counter()
     monitor = QMP(qmp, timeout) if qmp is not None else None

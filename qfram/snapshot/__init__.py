@@ -58,7 +58,7 @@ def save(ram: RAMList, path: str, *, layout: str = "stream", machine: Optional[s
     ``direct``: write the pages with O_DIRECT (mapped layout).  ``machine``: the machine
     type in the configuration section (default: the device state's, else
     pc-i440fx-7.2).  ``devices``: device sections to carry (from
-    ``qemu.extract.device_state``), copied byte for byte before EOF.
+    ``qemu.streams.device_state``), copied byte for byte before EOF.
 
     ``layout="chunked"`` (qfram.snapshot.chunked): ``chunk_bytes`` chunks compressed on
     their own with ``compress`` (lz4, the default, or zstd) on ``threads`` threads —

@@ -39,7 +39,7 @@ from typing import Dict, List, Optional, Tuple
 import xxhash
 
 from qfram import _chunks, wire
-from qfram.errors import FormatError, TooLarge
+from qfram.errors import OptionError, FormatError, TooLarge
 from qfram.format import savevm
 from qfram.format import vmdesc as descriptions
 from qfram.ram import RAMBlock, RAMList, memory_room
@@ -116,9 +116,9 @@ def save(blocks: List[RAMBlock], fd: int, *, codec: str = "lz4",
          devices: Optional[savevm.DeviceState] = None) -> SaveResult:
     """Write the chunked file to ``fd`` (new, empty)."""
     if codec not in CODECS:
-        raise ValueError(f"the chunked layout compresses with lz4 or zstd, not {codec!r}")
+        raise OptionError(f"the chunked layout compresses with lz4 or zstd, not {codec!r}")
     if not _valid_chunk(chunk_bytes):
-        raise ValueError("a chunk is a power of two of 4 KiB to 16 MiB")
+        raise OptionError("a chunk is a power of two of 4 KiB to 16 MiB")
     pos = DATA_START
     entries: List[bytes] = []
     sums: Dict[str, str] = {}
