@@ -141,7 +141,7 @@ def test_every_test_the_readme_cites_for_a_guarantee_exists():
     section = section[:section.index("\n## ", 10)]
     cited = set(re.findall(r"`(test_[a-z0-9_]+)`", section))
     assert len(cited) > 10
-    sources = {p.stem: p.read_text() for p in (ROOT / "tests").glob("test_*.py")}
+    sources = {p.stem: p.read_text() for p in (ROOT / "tests").rglob("test_*.py")}
     missing = [name for name in cited if name not in sources
                and not any(f"def {name}(" in text for text in sources.values())]
     assert not missing

@@ -23,7 +23,7 @@ from qfram.postcopy import messages as msg
 from qfram.ram import RAMBlock, RAMList
 
 PY = sys.executable
-HELPERS = os.path.join(os.path.dirname(__file__), "helpers")
+HELPERS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "helpers")
 
 
 def qfram(*args) -> list:

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RAM = 96 << 20
 
 SAVE_SCRIPT = r"""

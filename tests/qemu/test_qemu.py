@@ -166,7 +166,7 @@ def test_a_wrong_machine_type_is_refused_by_qemu(migrated, tmp_path):
 
 # -- mapped-ram, with a newer QEMU (scripts/fetch_qemu_backports.sh) -------------------------
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NEWER = os.path.join(ROOT, ".cache", "qemu-backports", "root")
 
 

@@ -234,7 +234,7 @@ def injector(tmp_path_factory):
     if shutil.which("cc") is None:
         pytest.skip("no C compiler for the fault injector")
     lib = tmp_path_factory.mktemp("fi") / "faultinject.so"
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-o", str(lib),
                     os.path.join(here, "helpers", "faultinject.c"), "-ldl"], check=True)
     return str(lib)

@@ -19,7 +19,7 @@ from qfram._testing.qmp import Guest, find_qemu, qemu_version
 from qfram.postcopy import messages as msg
 
 PY = sys.executable
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NEWER = os.path.join(ROOT, ".cache", "qemu-backports", "root")
 MEM = 64 << 20
 PATTERN_ADDR = 16 << 20

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from qfram import _fast, wire
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_c_loops_use_the_values_of_wire_py():
