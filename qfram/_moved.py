@@ -15,29 +15,31 @@ if TYPE_CHECKING:
     from typing import Any, Dict, Tuple
 
 # old module -> the modules its names now live in, searched in order
+_TABLE = """
+qfram.core                   qfram.backend
+qfram.latency                qfram._util.latency
+qfram.sched                  qfram._util.sched
+qfram.channel                qfram.io.channel
+qfram.outputs                qfram.io.outputs qfram._util.text
+qfram.durable                qfram.io.durable qfram.errors
+qfram.targets                qfram.io.targets
+qfram.stream                 qfram.format.savevm qfram.errors
+qfram.description            qfram.format.vmdesc
+qfram.workingset             qfram.format.workingset
+qfram.chunked                qfram.snapshot.chunked
+qfram.journal                qfram.snapshot.journal
+qfram.faults                 qfram.lazy.restore qfram.lab.workloads qfram.results
+qfram.reset                  qfram.lazy.reset qfram.lab.workloads qfram.results
+qfram.demo                   qfram.lab.demo
+qfram.experiments            qfram.lab
+qfram.experiments.footprint  qfram.lab.footprint
+qfram.qmp                    qfram.qemu.qmp qfram.errors
+qfram.restore_qemu           qfram.qemu.restore qfram.results
+qfram.tlscreds               qfram.postcopy.tlscreds
+qfram.postcopy.stats         qfram.results
+"""
 MOVED: Dict[str, Tuple[str, ...]] = {
-    "qfram.core": ("qfram.backend",),
-    "qfram.latency": ("qfram._util.latency",),
-    "qfram.sched": ("qfram._util.sched",),
-    "qfram.channel": ("qfram.io.channel",),
-    "qfram.outputs": ("qfram.io.outputs", "qfram._util.text"),
-    "qfram.durable": ("qfram.io.durable", "qfram.errors"),
-    "qfram.targets": ("qfram.io.targets",),
-    "qfram.stream": ("qfram.format.savevm", "qfram.errors"),
-    "qfram.description": ("qfram.format.vmdesc",),
-    "qfram.workingset": ("qfram.format.workingset",),
-    "qfram.chunked": ("qfram.snapshot.chunked",),
-    "qfram.journal": ("qfram.snapshot.journal",),
-    "qfram.faults": ("qfram.lazy.restore", "qfram.lab.workloads", "qfram.results"),
-    "qfram.reset": ("qfram.lazy.reset", "qfram.lab.workloads", "qfram.results"),
-    "qfram.demo": ("qfram.lab.demo",),
-    "qfram.experiments": ("qfram.lab",),
-    "qfram.experiments.footprint": ("qfram.lab.footprint",),
-    "qfram.qmp": ("qfram.qemu.qmp", "qfram.errors"),
-    "qfram.restore_qemu": ("qfram.qemu.restore", "qfram.results"),
-    "qfram.tlscreds": ("qfram.postcopy.tlscreds",),
-    "qfram.postcopy.stats": ("qfram.results",),
-}
+    line.split()[0]: tuple(line.split()[1:]) for line in _TABLE.strip().splitlines()}
 
 
 class _Alias(types.ModuleType):

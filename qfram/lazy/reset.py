@@ -25,6 +25,7 @@ import time
 from typing import List
 
 from qfram import snapshot
+from qfram._util.closing import Closing
 from qfram._uffd import PrivateCopies
 from qfram.results import ResetStats
 from qfram.errors import FormatError
@@ -32,7 +33,7 @@ from qfram.ram import RAMBlock, RAMList, memory_room
 from qfram.errors import TooLarge
 
 
-class Resettable:
+class Resettable(Closing):
     """The RAM of the mapped snapshot at ``path``, usable at once (``ram``); ``reset()``
     returns it to the snapshot.  ``force``: map it even when it declares more RAM than
     the machine has available."""
@@ -86,9 +87,3 @@ class Resettable:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
-    def __enter__(self) -> "Resettable":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()

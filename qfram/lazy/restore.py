@@ -18,6 +18,7 @@ import time
 from typing import List, Optional
 
 from qfram import snapshot
+from qfram._util.closing import Closing
 from qfram._util.latency import percentiles
 from qfram._uffd import FaultServer
 from qfram.errors import OptionError, FormatError, QFramError, TooLarge
@@ -26,7 +27,7 @@ from qfram.ram import RAMBlock, RAMList, bitmap_bytes, memory_room
 from qfram.results import LazyStats, ResetStats
 
 
-class LazyRestore:
+class LazyRestore(Closing):
     """Restore a mapped snapshot lazily.  ``ram`` is usable as soon as the object
     exists; ``wait()`` returns once every page is in place (and checks the checksums).
 
@@ -236,9 +237,3 @@ class LazyRestore:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
-    def __enter__(self) -> "LazyRestore":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
