@@ -11,8 +11,8 @@ from libc.stdlib cimport malloc, free
 from libc.string cimport memcmp
 
 from qfram.includes.chunks cimport (qf_chunk, qf_hash, qf_chunk_bound, qf_chunk_encode,
-                                    qf_chunk_decode, QF_CHUNK_LZ4, QF_CHUNK_ZSTD,
-                                    QF_CHUNK_ZERO)
+                                    qf_chunk_decode, qf_chunk_decompress, QF_CHUNK_LZ4,
+                                    QF_CHUNK_ZSTD, QF_CHUNK_ZERO, QF_CHUNK_RAW)
 
 CODECS = {"lz4": QF_CHUNK_LZ4, "zstd": QF_CHUNK_ZSTD}
 cdef enum:
@@ -115,5 +115,65 @@ def decode(source, index, size_t first, size_t count, region, size_t chunk_bytes
                 PyBuffer_Release(&dst)
         finally:
             PyBuffer_Release(&idx)
+    finally:
+        PyBuffer_Release(&src)
+
+
+def decode_one(uint32_t kind, stored, out, uint64_t xxh3=0, bint check=True):
+    """Decode one chunk's ``stored`` bytes of ``kind`` into ``out`` (a writable buffer of
+    exactly the chunk's length), GIL released: 0, -1 when they do not decode to that
+    many bytes, -2 when (``check``) they decode to other bytes than ``xxh3`` says.  A
+    zero chunk fills ``out`` with zeros."""
+    cdef Py_buffer src, dst
+    cdef qf_chunk c
+    cdef int rc
+    PyObject_GetBuffer(stored, &src, PyBUF_SIMPLE)
+    try:
+        PyObject_GetBuffer(out, &dst, PyBUF_WRITABLE)
+        try:
+            c.offset = 0
+            c.length = <uint32_t>src.len
+            c.kind = kind
+            c.hash = xxh3
+            if <uint64_t>src.len > 0xFFFFFFFF:
+                return -1
+            with nogil:
+                if check:
+                    rc = qf_chunk_decode(&c, <const unsigned char *>src.buf,
+                                         <unsigned char *>dst.buf, dst.len)
+                else:
+                    rc = qf_chunk_decompress(kind, <const unsigned char *>src.buf, src.len,
+                                             <unsigned char *>dst.buf, dst.len)
+            return rc
+        finally:
+            PyBuffer_Release(&dst)
+    finally:
+        PyBuffer_Release(&src)
+
+
+def encode_one(data, int codec, int level=3):
+    """One chunk, compressed on its own (GIL released): (kind, stored bytes, xxh3-64) —
+    kind zero (no bytes), raw (when compressing does not shrink it), lz4 or zstd."""
+    cdef Py_buffer src
+    cdef size_t bound, used
+    cdef uint32_t kind = 0
+    cdef uint64_t digest
+    cdef unsigned char *out
+    if codec not in (QF_CHUNK_LZ4, QF_CHUNK_ZSTD):
+        raise ValueError("a codec: lz4 or zstd")
+    PyObject_GetBuffer(data, &src, PyBUF_SIMPLE)
+    try:
+        bound = qf_chunk_bound(src.len)
+        out = <unsigned char *>malloc(bound + 1)
+        if out == NULL:
+            raise MemoryError()
+        try:
+            with nogil:
+                digest = qf_hash(src.buf, src.len)
+                used = qf_chunk_encode(codec, level, <const unsigned char *>src.buf,
+                                       src.len, out, &kind)
+            return kind, PyBytes_FromStringAndSize(<char *>out, used), digest
+        finally:
+            free(out)
     finally:
         PyBuffer_Release(&src)

@@ -38,9 +38,9 @@ from libc.errno cimport (errno, EINTR, EAGAIN, EEXIST, EINVAL, EPIPE, ETIMEDOUT,
 from libc.stdint cimport uint32_t, uint64_t, int64_t
 from libc.stdio cimport snprintf
 from libc.stdlib cimport calloc, free, malloc, qsort
-from libc.string cimport memset, memcpy, memcmp
+from libc.string cimport memset, memcpy, memcmp, strlen
 from posix.fcntl cimport O_CLOEXEC, O_NONBLOCK, O_RDWR, O_RDONLY, open as c_open
-from posix.unistd cimport read, write, close, _exit, pread, sysconf, _SC_PAGESIZE
+from posix.unistd cimport read, write, close, _exit, pread, sysconf, _SC_PAGESIZE, lseek
 from posix.types cimport off_t
 from posix.mman cimport madvise, MADV_DONTNEED, MADV_WILLNEED
 from posix.uio cimport iovec
@@ -50,7 +50,7 @@ from qfram.includes.atomics cimport (qf_load, qf_store, qf_add, qf_load_int, qf_
 from qfram.includes.bits cimport qf_bit, qf_set_bit, qf_claim_bit, qf_bit_atomic
 from qfram.includes.system cimport (pollfd, poll, POLLIN, POLLOUT, strerror, ioctl, syscall,
                                     SYS_userfaultfd, eventfd, EFD_CLOEXEC, EFD_NONBLOCK,
-                                    qf_set_errno, qf_now_ns, qf_process_madvise_self,
+                                    qf_set_errno, qf_now_ns, qf_process_madvise_self, SEEK_DATA,
                                     IOV_MAX)
 from qfram.includes.uffd cimport *
 from qfram.includes.chunks cimport (qf_chunk, qf_chunk_decode, qf_hash, QF_CHUNK_ZERO,
@@ -85,6 +85,7 @@ cdef enum:
 cdef enum AreaKind:
     AREA_LOCAL = 1
     AREA_REMOTE = 2
+    AREA_SHARED = 3               # a host page server's cache, mapped copy-on-write
 
 # What a broken postcopy stream did (Server.format_error).
 cdef enum StreamFault:
@@ -112,6 +113,14 @@ cdef struct Area:
     unsigned char *zero_known     # bit set = arrived as zero and never touched: a fault
                                   # there gets the zero page here, nothing is asked for
     uint64_t *fault_ns            # when the page's fault was read (0: not faulted)
+    # shared source (a host page server, _shared.pxi): per chunk of chunk_pages pages
+    uint64_t nchunks
+    const unsigned char *zero_chunks  # bit set: all zero, never in the cache
+    unsigned char *ready          # bit set: READY came once (its pages count as placed)
+    unsigned char *by_fault       # bit set: asked for by a fault (its latency is noted)
+    uint64_t *asked_ns            # when it was asked for, until READY (0: not asked)
+    int server_block              # the block's index at the server
+    uint64_t cache_offset         # where the block starts in the server's cache
     unsigned char name[256]
     int name_len
 
@@ -166,6 +175,17 @@ cdef struct Server:
     bint exit_on_failure          # a failure ends the process (see _die)
     int format_error              # a StreamFault
     int64_t format_offset
+    # shared source: the page server's socket and cache (_shared.pxi)
+    int ps_fd                     # -1: none (or it went away)
+    size_t ps_have[1]             # bytes of a frame header read so far
+    int ps_progress_fd            # eventfd: READYs came (wakes the fill thread)
+    int cache_fd                  # the cache memfd (read-only): is a page in it?
+    uint64_t ps_outstanding       # chunks asked for, not READY yet
+    int ps_window                 # at most this many asked for by the background
+    Area *ps_streak_area          # the chunk asked for again and again (a lying server)
+    int64_t ps_streak_chunk
+    int ps_streak
+    char ps_reason[512]           # what went wrong with the page server
 
 
 ctypedef int (*Loop)(Server *s) noexcept nogil
@@ -407,7 +427,7 @@ cdef void _note_latency(Server *s, uint64_t ns) noexcept nogil:
 
 cdef int _serve_loop(Server *s) noexcept nogil:
     cdef uffd_msg msgs[64]
-    cdef pollfd fds[2]
+    cdef pollfd fds[3]
     cdef unsigned char *stage = _new_stage(s)
     cdef int rc
     if s.stage_bytes and stage == NULL:
@@ -471,15 +491,18 @@ cdef unsigned char *_new_stage(Server *s) noexcept nogil:
 cdef int _serve_faults(Server *s, uffd_msg *msgs, pollfd *fds,
                        unsigned char *stage) noexcept nogil:
     cdef ssize_t n
-    cdef int k
-    cdef uint64_t t0, spin_until, page, first, count, placed
+    cdef int k, nfds, wait_ms
+    cdef uint64_t t0, spin_until, page, first, count, placed, last_scan = 0
     cdef Area *a
     fds[0].fd = s.uffd
     fds[0].events = POLLIN
     fds[1].fd = s.stop_fd
     fds[1].events = POLLIN
+    fds[2].events = POLLIN
     spin_until = 0
     while not qf_load_int(&s.stopping):
+        if s.ps_fd >= 0 and _ps_read(s) < 0:
+            return -1
         if qf_load_int(&s.resume_pending):
             read(s.stop_fd, &t0, 8)            # the wake-up resume_remote() wrote
             qf_store_int(&s.resume_pending, 0)
@@ -496,9 +519,20 @@ cdef int _serve_faults(Server *s, uffd_msg *msgs, pollfd *fds,
                 continue            # busy-wait a little: a wake-up costs more
             fds[0].revents = 0
             fds[1].revents = 0
-            if poll(fds, 2, -1) < 0 and errno != EINTR:
+            fds[2].revents = 0
+            fds[2].fd = s.ps_fd
+            nfds = 3 if s.ps_fd >= 0 else 2
+            # with chunks asked of a page server, wake now and then to notice one that
+            # is never answered
+            wait_ms = PS_SCAN_MS if qf_load(&s.ps_outstanding) else -1
+            if poll(fds, nfds, wait_ms) < 0 and errno != EINTR:
                 s.error = errno
                 return -1
+            t0 = qf_now_ns()
+            if wait_ms > 0 and t0 - last_scan > <uint64_t>PS_SCAN_MS * 1000000:
+                last_scan = t0
+                if _ps_overdue(s, t0) < 0:
+                    return -1
             continue
         t0 = qf_now_ns()
         for k in range(<int>(n // sizeof(uffd_msg))):
@@ -512,6 +546,10 @@ cdef int _serve_faults(Server *s, uffd_msg *msgs, pollfd *fds,
             _note_touch(s, a, page)
             if a.kind == AREA_REMOTE:
                 if _request(s, a, page, t0) < 0:
+                    return -1
+                continue
+            if a.kind == AREA_SHARED:
+                if _shared_fault(s, a, page, t0) < 0:
                     return -1
                 continue
             _window_of(a.chunk_pages if a.chunks != NULL else s.window_pages, a, page,
@@ -562,6 +600,10 @@ cdef int _fill(Server *s, unsigned char *stage) noexcept nogil:
     cdef Area *a
     for i in range(s.nareas):
         a = &s.areas[i]
+        if a.kind == AREA_SHARED:
+            if _shared_fill(s, a, s.ps_window) < 0:
+                return -1
+            continue
         first = 0
         while first < a.npages:
             if qf_load_int(&s.stopping):
@@ -873,6 +915,9 @@ cdef void _die(Server *s, QEMUFile f, const char *what) noexcept nogil:
         n = snprintf(line, sizeof(line), "qfram: postcopy failed while %s: broken stream "
                      "(%d) at byte %lld\n", what, s.format_error,
                      <long long>s.format_offset)
+    elif s.ps_reason[0]:
+        n = snprintf(line, sizeof(line), "qfram: lazy restore failed while %s%s: %s\n",
+                     what, where, s.ps_reason)
     else:
         n = snprintf(line, sizeof(line), "qfram: %s failed while %s%s: %s%s\n",
                      b"lazy restore" if a != NULL and a.kind == AREA_LOCAL else
@@ -907,6 +952,10 @@ cdef class FaultServer:
         self.s.uffd = -1
         self.s.stop_fd = -1
         self.s.request_fd = -1
+        self.s.ps_fd = -1
+        self.s.cache_fd = -1
+        self.s.ps_progress_fd = -1
+        self.s.ps_streak_chunk = -1
         self.s.last_request_area = -1
         self.s.request_timeout_ms = 10000
 
@@ -957,6 +1006,9 @@ cdef class FaultServer:
             free(self.s.areas[i].requested)
             free(self.s.areas[i].zero_known)
             free(self.s.areas[i].fault_ns)
+            free(self.s.areas[i].ready)
+            free(self.s.areas[i].by_fault)
+            free(self.s.areas[i].asked_ns)
         memset(self.s.areas, 0, sizeof(self.s.areas))
         self.s.nareas = 0
         for i in range(self.nviews):
@@ -968,6 +1020,10 @@ cdef class FaultServer:
         if self.s.stop_fd >= 0:
             close(self.s.stop_fd)
             self.s.stop_fd = -1
+        for fd in (self.s.ps_fd, self.s.cache_fd, self.s.ps_progress_fd):
+            if fd >= 0:
+                close(fd)
+        self.s.ps_fd = self.s.cache_fd = self.s.ps_progress_fd = -1
 
     def close(self):
         """Give back the memory exports and close the userfaultfd (closing it also
@@ -1151,6 +1207,127 @@ cdef class FaultServer:
         qf_unlock(&self.s.rp_lock)
         self.remote = remote           # the transport lives in it
 
+    # -- the shared source: a host page server (_shared.pxi) ---------------------------------
+
+    def add_shared_area(self, region, int server_block, uint64_t chunk_bytes,
+                        zero_chunks, uint64_t cache_offset):
+        """Register ``region`` — a copy-on-write mapping of the page server's cache at
+        ``cache_offset`` — in MISSING mode: a hole touched there becomes a request for
+        its chunk (``chunk_bytes``) of block ``server_block`` at the server;
+        ``zero_chunks`` marks the chunks that are all zero (mapped to the zero page
+        here).  Returns the area's index."""
+        cdef Py_buffer *r
+        cdef Area *a
+        cdef uint64_t n
+        if self.s.nareas >= MAX_AREAS:
+            raise ValueError(f"at most {MAX_AREAS} areas")
+        if self.s.track_writes:
+            raise ValueError("a shared area cannot be reset (its pages are the server's)")
+        if chunk_bytes < PAGE or chunk_bytes % PAGE or not 0 <= server_block < 256:
+            raise ValueError("a shared area needs whole-page chunks and a block 0..255")
+        r = self._export(region)
+        if <uint64_t>r.buf % PAGE or r.len % PAGE or r.len == 0:
+            raise ValueError("a userfaultfd area must be whole, aligned pages")
+        n = (<uint64_t>r.len + chunk_bytes - 1) // chunk_bytes
+        if <uint64_t>len(zero_chunks) != (n + 7) // 8:
+            raise ValueError(f"a zero-chunk bitmap of {len(zero_chunks)} bytes for {n} "
+                             f"chunks")
+        a = &self.s.areas[self.s.nareas]
+        memset(a, 0, sizeof(Area))
+        a.kind = AREA_SHARED
+        a.base = <uint64_t>r.buf
+        a.length = r.len
+        a.npages = r.len // PAGE
+        a.chunk_pages = chunk_bytes // PAGE
+        a.nchunks = n
+        a.server_block = server_block
+        a.cache_offset = cache_offset
+        kept = bytes(zero_chunks)
+        self.exports.append(kept)
+        a.zero_chunks = <const unsigned char *><char *>kept
+        a.claimed = self._bitmap(n)
+        a.ready = self._bitmap(n)
+        a.by_fault = self._bitmap(n)
+        a.asked_ns = <uint64_t *>calloc(n, 8)
+        if a.asked_ns == NULL:
+            raise MemoryError()
+        _register(self.s.uffd, a.base, a.length, UFFDIO_REGISTER_MODE_MISSING, "missing")
+        self.s.total_pages += a.npages
+        self.s.nareas += 1
+        return self.s.nareas - 1
+
+    def set_page_server(self, int sock, int cache_fd, double timeout=10.0,
+                        int window=64):
+        """The page server's socket (handshake done; ours from now on: the fault thread
+        reads its frames) and its cache memfd (ours too).  ``timeout`` bounds each
+        write to it and each wait for a chunk asked for; ``window``: chunks the
+        background asks for at a time."""
+        if self.s.ps_fd >= 0:
+            raise ValueError("a page server is set already")
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        os.set_blocking(sock, False)
+        self.s.ps_progress_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
+        if self.s.ps_progress_fd < 0:
+            raise OSError(errno, "eventfd")
+        self.s.ps_fd = sock
+        self.s.cache_fd = cache_fd
+        self.s.request_timeout_ms = <int>(timeout * 1000)
+        self.s.ps_window = window
+
+    def ask_chunks(self, int area, uint64_t first, uint64_t count):
+        """Ask the page server for chunks [first, first+count) of a shared area (those
+        not asked for yet; zero chunks are mapped here): the working set, before the
+        program runs.  Returns how many were asked for."""
+        cdef Area *a
+        cdef uint64_t c, run_start = 0, run = 0, asked = 0
+        cdef int rc = 0
+        if not 0 <= area < self.s.nareas or self.s.areas[area].kind != AREA_SHARED:
+            raise ValueError(f"area {area} is not a shared one")
+        a = &self.s.areas[area]
+        if first >= a.nchunks:
+            return 0
+        count = min(count, a.nchunks - first)
+        with nogil:
+            for c in range(first, first + count + 1):
+                if c < first + count and not qf_bit(a.zero_chunks, c) \
+                        and qf_claim_bit(a.claimed, c):
+                    if run == 0:
+                        run_start = c
+                    run += 1
+                    continue
+                if c < first + count and qf_bit(a.zero_chunks, c):
+                    if qf_claim_bit(a.claimed, c):
+                        rc = _place_zero_chunk(&self.s, a, c)
+                        if rc < 0:
+                            break
+                if run:
+                    rc = _ps_ask(&self.s, a, run_start, run, qf_now_ns(), False)
+                    if rc < 0:
+                        break
+                    asked += run
+                    run = 0
+        if rc < 0:
+            raise OSError(self.s.error or EIO, f"asking the page server: {self._failure()}")
+        return asked
+
+    def chunks_ready(self, int area, uint64_t first, uint64_t count):
+        """Whether every chunk of [first, first+count) of a shared area is in place
+        (READY once, or zero and mapped)."""
+        cdef Area *a = &self.s.areas[area]
+        cdef uint64_t c
+        if not 0 <= area < self.s.nareas or a.kind != AREA_SHARED:
+            raise ValueError(f"area {area} is not a shared one")
+        for c in range(first, min(first + count, a.nchunks)):
+            if not qf_bit_atomic(a.ready, c):
+                return False
+        return True
+
+    @property
+    def page_server_reason(self):
+        """What the page server said when it failed or left ("" when nothing)."""
+        return self.s.ps_reason.decode(errors="replace")
+
     def pause_remote(self):
         """The link is down: requests wait (dropped now, asked again on resume)."""
         qf_lock(&self.s.rp_lock)
@@ -1188,6 +1365,8 @@ cdef class FaultServer:
         cdef char where[320]
         _where(&self.s, where, sizeof(where))
         reason = os.strerror(self.s.error)
+        if self.s.ps_reason[0]:
+            reason = self.s.ps_reason.decode(errors="replace")
         return f"{where.decode(errors='replace').strip()}: {reason}" if where[0] else reason
 
     # -- the loops --------------------------------------------------------------------------
@@ -1212,7 +1391,10 @@ cdef class FaultServer:
         """Place every page not placed yet, in order (GIL released); returns when all
         are in place or stop() was called.  Local areas only (a remote area's pages
         arrive through receive())."""
-        self._require(AREA_LOCAL, "fill_background")
+        for i in range(self.s.nareas):
+            if self.s.areas[i].kind == AREA_REMOTE:
+                raise ValueError("fill_background needs local or shared areas: a remote "
+                                 "area's pages arrive through receive()")
         self._run(_fill_loop, b"filling in the background", "background fill")
 
     def receive(self, QEMUFile f not None, int channel=0):
@@ -1478,3 +1660,4 @@ def write_memory(region, Py_ssize_t offset, data):
 
 # the page scans (dirty tracker, private copies): qfram/_pagescan.pxi
 include "_pagescan.pxi"
+include "_shared.pxi"

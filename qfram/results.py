@@ -184,3 +184,28 @@ class RestoreStats:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class ServeStats:
+    """What a host page server did (``qfram serve --json``, at exit and on SIGUSR1)."""
+
+    snapshot: str = ""
+    socket: str = ""
+    clients: int = 0              # identified clients, all told
+    clients_now: int = 0
+    refused: int = 0              # wrong user, or another snapshot named
+    requests: int = 0
+    hits: int = 0                 # chunks asked for that were in the cache
+    misses: int = 0               # chunks decoded for a request
+    joined: int = 0               # chunks asked for while their decode was under way
+    chunks_decoded: int = 0       # each chunk once, unless it was evicted meanwhile
+    chunks_cached: int = 0
+    cache_bytes: int = 0
+    evictions: int = 0
+    bytes_served: int = 0         # the chunks answered READY, all told
+    failures: int = 0             # chunks that could not be decoded
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)

@@ -52,6 +52,12 @@ def arguments_load(p: argparse.ArgumentParser) -> None:
                    help="--lazy: the workload reads the same PAGES pages every run instead")
     add_switches(p, LAZY_SWITCHES, "--lazy: ")
     p.add_argument("--window", type=int, default=16, help="--lazy: pages placed per fault")
+    p.add_argument("--server", metavar="SOCKET",
+                   help="--lazy: the pages come from this host page server (`qfram serve`), "
+                        "which must serve SNAPSHOT; unwritten pages are shared with its "
+                        "other clients")
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="--lazy --server: seconds a wait on the page server may last")
     p.add_argument("--spin-us", type=float, default=50.0,
                    help="--lazy: fault thread busy-waits this long before sleeping")
     p.add_argument("--threads", type=int, default=2, help="reader threads (mapped layout)")
@@ -197,6 +203,8 @@ def cmd_load(args: argparse.Namespace) -> int:
         return load_reset_loop(args)
     if args.lazy:
         return load_lazy(args)
+    if args.server:
+        raise OptionError("--server serves lazy restores: add --lazy")
     from qfram import snapshot
     files = None
     ram = None
@@ -231,7 +239,8 @@ def load_lazy(args: argparse.Namespace) -> int:
     with LazyRestore(args.snapshot, window_pages=args.window, spin_us=args.spin_us,
                      force=args.force, background=args.background,
                      prefetch=None if args.prefetch else False,
-                     record=args.record) as lazy:
+                     record=args.record, server=args.server,
+                     timeout=args.timeout) as lazy:
         if args.hot_set:
             touched = workloads.hot_set_workload(lazy.ram, args.hot_set,
                                                  threads=args.touch_threads)

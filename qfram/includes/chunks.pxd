@@ -8,6 +8,7 @@ cdef extern from *:
     """
     #include <stdint.h>
     #include <string.h>
+    #include <limits.h>
     #include <lz4.h>
     #include <zstd.h>
     #define XXH_INLINE_ALL
@@ -61,28 +62,38 @@ cdef extern from *:
         return got;
     }
 
-    /* Decode a stored chunk into dst (exactly n bytes) and check its hash: 0, or -1
-       when the bytes do not decode to n bytes, -2 when they decode to other bytes
-       than were saved. */
-    static int qf_chunk_decode(const qf_chunk *c, const unsigned char *src,
-                               unsigned char *dst, size_t n) {
-        if (c->kind == QF_CHUNK_ZERO) {
+    /* Decompress stored bytes of a kind into dst (exactly n bytes): 0, or -1 when they
+       do not decode to n bytes. */
+    static int qf_chunk_decompress(uint32_t kind, const unsigned char *src, size_t length,
+                                   unsigned char *dst, size_t n) {
+        if (kind == QF_CHUNK_ZERO) {
             memset(dst, 0, n);
-        } else if (c->kind == QF_CHUNK_RAW) {
-            if (c->length != n)
+        } else if (kind == QF_CHUNK_RAW) {
+            if (length != n)
                 return -1;
             memcpy(dst, src, n);
-        } else if (c->kind == QF_CHUNK_LZ4) {
-            if (LZ4_decompress_safe((const char *)src, (char *)dst, (int)c->length,
-                                    (int)n) != (int)n)
+        } else if (kind == QF_CHUNK_LZ4) {
+            if (length > INT_MAX || n > INT_MAX
+                    || LZ4_decompress_safe((const char *)src, (char *)dst, (int)length,
+                                           (int)n) != (int)n)
                 return -1;
-        } else if (c->kind == QF_CHUNK_ZSTD) {
-            size_t k = ZSTD_decompress(dst, n, src, c->length);
+        } else if (kind == QF_CHUNK_ZSTD) {
+            size_t k = ZSTD_decompress(dst, n, src, length);
             if (ZSTD_isError(k) || k != n)
                 return -1;
         } else {
             return -1;
         }
+        return 0;
+    }
+
+    /* Decode a stored chunk into dst (exactly n bytes) and check its hash: 0, or -1
+       when the bytes do not decode to n bytes, -2 when they decode to other bytes
+       than were saved. */
+    static int qf_chunk_decode(const qf_chunk *c, const unsigned char *src,
+                               unsigned char *dst, size_t n) {
+        if (qf_chunk_decompress(c->kind, src, c->length, dst, n) != 0)
+            return -1;
         return XXH3_64bits(dst, n) == c->hash ? 0 : -2;
     }
     """
@@ -100,5 +111,7 @@ cdef extern from *:
     size_t qf_chunk_bound(size_t n) nogil
     size_t qf_chunk_encode(int codec, int level, const unsigned char *src, size_t n,
                            unsigned char *out, uint32_t *kind) nogil
+    int qf_chunk_decompress(uint32_t kind, const unsigned char *src, size_t length,
+                            unsigned char *dst, size_t n) nogil
     int qf_chunk_decode(const qf_chunk *c, const unsigned char *src, unsigned char *dst,
                         size_t n) nogil

@@ -32,6 +32,10 @@ cdef extern from "<fcntl.h>" nogil:
         FALLOC_FL_PUNCH_HOLE
         SYNC_FILE_RANGE_WRITE
 
+cdef extern from "<unistd.h>" nogil:
+    enum:
+        SEEK_DATA                   # (_GNU_SOURCE: Python.h defines it)
+
 cdef extern from "<sys/mman.h>" nogil:
     enum:
         MADV_POPULATE_READ

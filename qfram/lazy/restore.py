@@ -23,6 +23,7 @@ from qfram._util.latency import percentiles
 from qfram._uffd import FaultServer
 from qfram.errors import OptionError, FormatError, QFramError, TooLarge
 from qfram.format import workingset
+from qfram.lazy import served
 from qfram.ram import RAMBlock, RAMList, bitmap_bytes, memory_room
 from qfram.results import LazyStats, ResetStats
 
@@ -53,14 +54,31 @@ class LazyRestore(Closing):
     and come back from the snapshot on their next touch.  (Without a need for
     anonymous memory, :class:`qfram.lazy.reset.Resettable` does the same with no fault
     server at all.)
+
+    ``server``: the pages come from the host page server listening on this unix socket
+    (``qfram serve``), which must serve ``path`` (it is not opened here): the RAM is a
+    copy-on-write mapping of the server's cache, so every page this process does not
+    write is shared with every other clone of the snapshot (qfram.lazy.served).  The
+    fault thread then serves until ``close()`` — the server may evict a chunk, and its
+    next touch asks for it again.  ``timeout`` bounds each wait for the server.
     """
 
     def __init__(self, path: str, *, window_pages: int = 16, spin_us: float = 50.0,
                  background: bool = True, on_failure: str = "exit",
                  force: bool = False, prefetch: Optional[bool] = None,
-                 record: bool = True, resettable: bool = False) -> None:
+                 record: bool = True, resettable: bool = False,
+                 server: Optional[str] = None, timeout: float = 30.0) -> None:
         if on_failure not in ("exit", "raise"):
             raise OptionError("on_failure is 'exit' or 'raise'")
+        self._served: Optional[served.Served] = None
+        self.timeout = timeout
+        if server is not None:
+            if resettable:
+                raise OptionError("a restore from a page server cannot be reset: its pages "
+                                  "are the server's (reset a local restore instead)")
+            self._start_served(path, server, window_pages, spin_us, on_failure, prefetch,
+                               background)
+            return
         self._fd = snapshot.open_locked(path)
         try:
             info = snapshot.inspect_fd(path, self._fd)
@@ -90,13 +108,48 @@ class LazyRestore(Closing):
             self._add_chunked(info.chunked)
         else:
             self._add_mapped(info)
+        self._record = record
+        self._start_threads(prefetch, background)
+
+    def _start_served(self, path: str, server: str, window_pages: int, spin_us: float,
+                      on_failure: str, prefetch: Optional[bool], background: bool) -> None:
+        """The pages from a page server: its cache mapped copy-on-write, one shared area
+        per block, the working set asked for before returning."""
+        self._served = link = served.connect(server, path, self.timeout)
+        self.path = path
+        self.info = link.info
+        self.window_pages = window_pages
+        self._fd = -1
+        self._file = None
+        self._record = False
+        self.resettable = False
+        self.server = FaultServer(window_pages, spin_us)
+        self.server.exit_on_failure = on_failure == "exit"
+        try:
+            self.ram = link.map_blocks()
+            for i, b in enumerate(link.welcome.blocks):
+                self.server.add_shared_area(self.ram[b.name].region, i,
+                                            link.welcome.chunk_bytes, b.zero_chunks,
+                                            b.offset)
+            self.server.set_page_server(link.sock.detach(), os.dup(link.cache_fd),
+                                        self.timeout)
+        except BaseException:
+            self.server.close()
+            link.close()
+            raise
+        self._start_threads(prefetch, background, served_prefetch=True)
+
+    def _start_threads(self, prefetch: Optional[bool], background: bool,
+                       served_prefetch: bool = False) -> None:
         self._errors: List[BaseException] = []
         self._t0 = time.perf_counter()
         self._faults = threading.Thread(target=self._run, args=(self.server.serve_faults,),
                                         name="qfram-faults", daemon=True)
         self._faults.start()
-        self._record = record
-        self._prefetch_working_set(prefetch)
+        if served_prefetch:
+            self._prefetch_served(prefetch)
+        else:
+            self._prefetch_working_set(prefetch)
         self._fill: Optional[threading.Thread] = None
         if background:
             self._fill = threading.Thread(target=self._run,
@@ -104,6 +157,39 @@ class LazyRestore(Closing):
                                           name="qfram-fill", daemon=True)
             self._fill.start()
         self._done = False
+
+    def _prefetch_served(self, wanted: Optional[bool]) -> None:
+        """Ask the server for the chunks of the working set it holds (recorded by an
+        earlier restore), coalesced, and wait until they are in its cache."""
+        self.working_set = None
+        self.prefetch_pages = 0
+        self.prefetch_seconds = 0.0
+        ws = self._served.welcome.working_set if self._served else None
+        self.working_set_note = "prefetch off" if wanted is False else \
+            "no working set recorded for this snapshot"
+        if wanted is False or not ws:
+            return
+        chunk_pages = self._served.welcome.chunk_bytes // 4096
+        nblocks = len(self._served.welcome.blocks)
+        try:
+            wanted_chunks = sorted({(int(b), int(p) // chunk_pages)
+                                    for b, p in ws.get("touches", [])[:1 << 20]
+                                    if 0 <= int(b) < nblocks and int(p) >= 0})
+        except (TypeError, ValueError):
+            self.working_set_note = "the server's working set is not a list of pages"
+            return
+        t0 = time.perf_counter()
+        for block, chunk in wanted_chunks:
+            self.server.ask_chunks(block, chunk, 1)
+        end = time.monotonic() + self.timeout
+        while not all(self.server.chunks_ready(b, c, 1) for b, c in wanted_chunks):
+            if self._errors or time.monotonic() > end:
+                break
+            time.sleep(0.0005)
+        self.prefetch_seconds = time.perf_counter() - t0
+        self.prefetch_pages = len(wanted_chunks) * chunk_pages
+        self.working_set_note = (f"{len(wanted_chunks)} chunks of the working set in the "
+                                 f"server's cache first")
 
     def _add_mapped(self, info: snapshot.SnapshotInfo) -> None:
         """Pages from a mapping of the file, at the offsets inspect checked."""
@@ -183,7 +269,7 @@ class LazyRestore(Closing):
         if self._fill.is_alive():
             raise TimeoutError(f"lazy restore of {self.path} not complete after {timeout} s")
         seconds = time.perf_counter() - self._t0
-        if not self.resettable:
+        if not self._keeps_serving:
             if self.complete:
                 self.server.unregister()  # ordinary memory again; then the fault thread ends
             self.server.stop()
@@ -202,6 +288,12 @@ class LazyRestore(Closing):
                          n["zero_pages"], n["eexist"], seconds, verified,
                          percentiles(self.server.latencies_ns()), self.prefetch_pages,
                          self.prefetch_seconds, self.working_set_note)
+
+    @property
+    def _keeps_serving(self) -> bool:
+        """The fault thread serves after wait(): for resets, and for a page server's
+        evictions."""
+        return self.resettable or self._served is not None
 
     def reset(self) -> ResetStats:
         """Return the RAM to the snapshot (``resettable`` restores, after ``wait()``,
@@ -225,13 +317,15 @@ class LazyRestore(Closing):
     def close(self) -> None:
         """Stop serving and unmap everything (the RAM too: a program keeps what it
         needs before closing)."""
-        if not self._done or self.resettable:
+        if not self._done or self._keeps_serving:
             self.server.stop()
             self._faults.join()
             if self._fill is not None:
                 self._fill.join()
         self.server.close()
         self.ram.close()
+        if self._served is not None:
+            self._served.close()
         if self._file is not None:
             self._file.close()
         if self._fd >= 0:
