@@ -21,6 +21,9 @@ def arguments_restore_qemu(p: argparse.ArgumentParser) -> None:
                                      "snapshot's)")
     p.add_argument("--timeout", type=float, default=30.0,
                    help="seconds a wait on QEMU may last")
+    p.add_argument("--server", metavar="SOCKET",
+                   help="the pages come from this host page server (`qfram serve`), which "
+                        "must serve SNAPSHOT: many QEMU clones, one decoded copy")
     add_switches(p, WORKING_SET_SWITCHES)
     add_output_options(p)
     p.set_defaults(func=cmd_restore_qemu)
@@ -41,7 +44,7 @@ def cmd_restore_qemu(args: argparse.Namespace) -> int:
     from qfram.qemu.restore import restore
     stats = restore(args.snapshot, qmp=args.qmp, to=args.to,
                     timeout=args.timeout, machine=args.machine,
-                    prefetch=args.prefetch, record=args.record)
+                    prefetch=args.prefetch, record=args.record, server=args.server)
     lat = stats.request_service
     emit(args, stats.as_dict(),
          f"restored {args.snapshot} ({human(stats.ram_bytes)} of RAM, "

@@ -290,6 +290,11 @@ class LazyRestore(Closing):
                          self.prefetch_seconds, self.working_set_note)
 
     @property
+    def served_welcome(self):
+        """What the page server said (None for a restore from a file)."""
+        return self._served.welcome if self._served is not None else None
+
+    @property
     def _keeps_serving(self) -> bool:
         """The fault thread serves after wait(): for resets, and for a page server's
         evictions."""

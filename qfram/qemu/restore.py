@@ -51,7 +51,33 @@ class SnapshotSource(Source):
     decoded as the sending reads them, and ahead in the background)."""
 
     def __init__(self, path: str, main, *, machine: Optional[str] = None,
-                 timeout: float = 30.0, prefetch: bool = True) -> None:
+                 timeout: float = 30.0, prefetch: bool = True,
+                 server: Optional[str] = None) -> None:
+        self._maps: list = []
+        self._lazy = None
+        if server is not None:
+            ram, info, devices, working_set = self._served(path, server, timeout, prefetch)
+        else:
+            ram, info, devices, working_set = self._from_file(path, prefetch)
+        super().__init__(ram, main, max_rounds=0, verify=False, timeout=timeout,
+                         machine=machine or devices.machine, working_set=working_set)
+        self.info = info
+        self.devices = devices
+        self.ram_section_id = devices.ram_section_id
+        self.request_log = array.array("Q")     # for the next restore's working set
+
+    def _served(self, path: str, server: str, timeout: float, prefetch: bool):
+        """The RAM from a host page server: its cache mapped copy-on-write here, its
+        chunks asked for as the sending reads them (the server keeps the working set)."""
+        from qfram.lazy import LazyRestore
+        from qfram.lazy.served import device_state
+        self._lazy = LazyRestore(path, server=server, record=False, timeout=timeout,
+                                 prefetch=None if prefetch else False)
+        self.working_set_note = self._lazy.working_set_note
+        ram = RAMList([RAMBlock.from_buffer(b.name, b.region) for b in self._lazy.ram])
+        return ram, self._lazy.info, device_state(self._lazy.served_welcome), None
+
+    def _from_file(self, path: str, prefetch: bool):
         fd = snapshot.open_locked(path)
         try:
             info = snapshot.inspect_fd(path, fd)
@@ -59,8 +85,6 @@ class SnapshotSource(Source):
                 raise FormatError(f"{path}: restoring into QEMU needs a layout whose pages "
                                   f"can be found in any order; `qfram rewrite {path} OUT "
                                   f"--layout mapped` makes one", 0)
-            self._maps: list = []
-            self._lazy = None
             if info.chunked is not None:
                 from qfram.lazy import LazyRestore
                 from qfram.snapshot import chunked
@@ -81,12 +105,7 @@ class SnapshotSource(Source):
                 workingset.load(path, fd, info) if prefetch else (None, "prefetch off"))
         finally:
             os.close(fd)
-        super().__init__(ram, main, max_rounds=0, verify=False, timeout=timeout,
-                         machine=machine or devices.machine, working_set=working_set)
-        self.info = info
-        self.devices = devices
-        self.ram_section_id = devices.ram_section_id
-        self.request_log = array.array("Q")     # for the next restore's working set
+        return ram, info, devices, working_set
 
     def run(self):
         """Stream until QEMU confirms (SHUT); returns the SourceStats."""
@@ -169,13 +188,15 @@ class SnapshotSource(Source):
 
 def restore(path: str, *, qmp: Optional[str] = None, to: Optional[str] = None,
             timeout: float = 30.0, machine: Optional[str] = None, prefetch: bool = True,
-            record: bool = True) -> RestoreStats:
+            record: bool = True, server: Optional[str] = None) -> RestoreStats:
     """Restore the snapshot at ``path`` into a QEMU started with ``-incoming defer``
     (``qmp``: its monitor socket; qfram sets postcopy-ram, hands it one end of a socket
     pair with getfd and streams until QEMU says completed), or into a QEMU already
     listening with postcopy-ram set (``to``: HOST:PORT or a unix socket path).
     ``prefetch``: send the working set an earlier restore recorded (``SNAP.ws``) before
-    the guest runs; ``record``: once complete, keep the pages QEMU asked for in it."""
+    the guest runs; ``record``: once complete, keep the pages QEMU asked for in it.
+    ``server``: the pages come from the host page server on this unix socket (which
+    serves ``path``; the file is not opened here)."""
     if (qmp is None) == (to is None):
         raise OptionError("give the QEMU's monitor (qmp) or its listening address (to)")
     stats = RestoreStats(snapshot=path)
@@ -188,11 +209,11 @@ def restore(path: str, *, qmp: Optional[str] = None, to: Optional[str] = None,
                 if monitor.version else ""
         else:
             main = link.connect(to, None, timeout)          # type: ignore[arg-type]
-        if machine is None and monitor is not None and not _has_devices(path):
-            # RAM only: the devices start at reset, as this QEMU's own machine has them
-            machine = _machine_type(monitor)
         source = SnapshotSource(path, main, machine=machine, timeout=timeout,
-                                prefetch=prefetch)
+                                prefetch=prefetch, server=server)
+        if machine is None and monitor is not None and not source.devices.sections:
+            # RAM only: the devices start at reset, as this QEMU's own machine has them
+            source.machine = _machine_type(monitor)
         stats.machine, stats.ram_bytes = source.machine, source.info.ram_bytes
         stats.device_bytes = len(source.devices.sections)
         watcher = None
@@ -215,7 +236,7 @@ def restore(path: str, *, qmp: Optional[str] = None, to: Optional[str] = None,
             source.working_set_note = (f"{result.prefetched_pages} pages of the working set "
                                        f"({source.working_set.pages} first touches) sent "
                                        f"before the guest ran")
-        if record:
+        if record and server is None:
             source.record_working_set(path)
         stats.pages_prefetched = result.prefetched_pages
         stats.working_set = source.working_set_note
@@ -227,14 +248,6 @@ def restore(path: str, *, qmp: Optional[str] = None, to: Optional[str] = None,
     stats.requests, stats.request_service = result.requests, result.request_service
     stats.bytes_sent = result.bytes_sent
     return stats
-
-
-def _has_devices(path: str) -> bool:
-    fd = snapshot.open_locked(path)
-    try:
-        return bool(snapshot.inspect_fd(path, fd).devices)
-    finally:
-        os.close(fd)
 
 
 def _machine_type(monitor: QMP) -> str:
