@@ -56,7 +56,8 @@ class SnapshotSource(Source):
         self._maps: list = []
         self._lazy = None
         if server is not None:
-            ram, info, devices, working_set = self._served(path, server, timeout, prefetch)
+            ram, info, devices, working_set = self._from_server(path, server, timeout,
+                                                                    prefetch)
         else:
             ram, info, devices, working_set = self._from_file(path, prefetch)
         super().__init__(ram, main, max_rounds=0, verify=False, timeout=timeout,
@@ -66,7 +67,7 @@ class SnapshotSource(Source):
         self.ram_section_id = devices.ram_section_id
         self.request_log = array.array("Q")     # for the next restore's working set
 
-    def _served(self, path: str, server: str, timeout: float, prefetch: bool):
+    def _from_server(self, path: str, server: str, timeout: float, prefetch: bool):
         """The RAM from a host page server: its cache mapped copy-on-write here, its
         chunks asked for as the sending reads them (the server keeps the working set)."""
         from qfram.lazy import LazyRestore
