@@ -16,14 +16,8 @@
 # Frames (qfram.format.pageserver): 16 bytes, big-endian u8 op, u8 block, u16 text
 # length, u32 first chunk, u32 count, u32 flags; FAIL and BYE carry a text.
 
+# (the frame's constants are qfram/wire.py's, through includes/wire.pxd)
 cdef enum:
-    PS_FRAME = 16
-    PS_REQ = 1
-    PS_READY = 2
-    PS_FAIL = 3
-    PS_BYE = 4
-    PS_MAX_TEXT = 1024
-    PS_URGENT = 1                 # REQ flags: a thread waits for this chunk
     # a chunk the server keeps calling READY while its pages never reach the cache is a
     # lying (or thrashing) server: give up after this many asks in a row
     PS_MAX_STREAK = 64
@@ -52,21 +46,21 @@ cdef int _ps_send(Server *s, int op, Area *a, uint64_t first, uint64_t count,
     """One REQ frame (the fault and fill threads share the socket: one writer at a
     time); ``urgent``: a thread waits for it (the server decodes it before the
     background's)."""
-    cdef unsigned char msg[PS_FRAME]
+    cdef unsigned char msg[PS_FRAME_BYTES]
     cdef int rc, err
     cdef const char *reason
-    memset(msg, 0, PS_FRAME)
+    memset(msg, 0, PS_FRAME_BYTES)
     msg[0] = <unsigned char>op
     msg[1] = <unsigned char>a.server_block
     _be32(msg + 4, <uint32_t>first)
     _be32(msg + 8, <uint32_t>count)
-    _be32(msg + 12, PS_URGENT if urgent else 0)
+    _be32(msg + 12, PS_FLAG_URGENT if urgent else 0)
     qf_lock(&s.rp_lock)
     if s.ps_fd < 0:
         qf_unlock(&s.rp_lock)
         _ps_fail(s, "the page server is gone", NULL, 0)
         return -1
-    rc = _write_all(s.ps_fd, msg, PS_FRAME, s.request_timeout_ms)
+    rc = _write_all(s.ps_fd, msg, PS_FRAME_BYTES, s.request_timeout_ms)
     err = errno
     qf_unlock(&s.rp_lock)
     if rc < 0:
@@ -98,7 +92,7 @@ cdef int _ps_ask(Server *s, Area *a, uint64_t first, uint64_t count, uint64_t no
     qf_add(&s.n.requested_pages, count * a.chunk_pages)
     if fault:
         s.n.fault_pages += count * a.chunk_pages
-    return _ps_send(s, PS_REQ, a, first, count, fault)
+    return _ps_send(s, PS_OP_REQ, a, first, count, fault)
 
 
 cdef int _place_zero_chunk(Server *s, Area *a, uint64_t c) noexcept nogil:
@@ -186,7 +180,7 @@ cdef int _ps_ready(Server *s, Area *a, uint64_t first, uint64_t count) noexcept 
 cdef int _ps_read(Server *s) noexcept nogil:
     """Take every frame the server has sent (the socket is non-blocking).  -1 on a FAIL,
     a broken frame, or the server gone while pages are still to come."""
-    cdef unsigned char head[PS_FRAME]
+    cdef unsigned char head[PS_FRAME_BYTES]
     cdef unsigned char text[PS_MAX_TEXT]
     cdef ssize_t got
     cdef int op, block
@@ -194,7 +188,7 @@ cdef int _ps_read(Server *s) noexcept nogil:
     cdef Area *a
     cdef uint64_t one = 1
     while s.ps_fd >= 0:
-        got = _ps_recv(s.ps_fd, head, PS_FRAME, s.ps_have)
+        got = _ps_recv(s.ps_fd, head, PS_FRAME_BYTES, s.ps_have)
         if got == -2:
             return 0                # nothing more for now
         if got <= 0:
@@ -212,16 +206,16 @@ cdef int _ps_read(Server *s) noexcept nogil:
         n = (<uint32_t>head[2] << 8) | head[3]
         first = _rd32(head + 4)
         count = _rd32(head + 8)
-        if n > PS_MAX_TEXT or (op != PS_FAIL and op != PS_BYE and n):
+        if n > PS_MAX_TEXT or (op != PS_OP_FAIL and op != PS_OP_BYE and n):
             _ps_fail(s, "the page server sent a broken frame", NULL, 0)
             return -1
         if n and _ps_recv_all(s.ps_fd, text, n, s.request_timeout_ms) < 0:
             _ps_fail(s, "the page server's reason was cut short", NULL, 0)
             return -1
-        if op == PS_FAIL:
+        if op == PS_OP_FAIL:
             _ps_fail(s, "the page server failed", text, n)
             return -1
-        if op == PS_BYE:
+        if op == PS_OP_BYE:
             _ps_fail(s, "the page server stopped", text, n)
             if s.placed_pages < s.total_pages or qf_load(&s.ps_outstanding):
                 return -1
@@ -229,7 +223,7 @@ cdef int _ps_read(Server *s) noexcept nogil:
             s.error = 0
             continue
         a = _shared_area(s, block)
-        if op != PS_READY or a == NULL or count == 0 or first >= a.nchunks \
+        if op != PS_OP_READY or a == NULL or count == 0 or first >= a.nchunks \
                 or count > a.nchunks - first:
             _ps_fail(s, "the page server answered for chunks it was not asked for", NULL, 0)
             return -1

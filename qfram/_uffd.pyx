@@ -59,7 +59,9 @@ from qfram.includes.wire cimport (RAM_SAVE_FLAG_ZERO, RAM_SAVE_FLAG_PAGE, RAM_SA
                                   RAM_SAVE_FLAG_CONTINUE, RAM_SAVE_FLAG_MULTIFD_FLUSH,
                                   SECTION_EOF, SECTION_PART, SECTION_END, SECTION_COMMAND,
                                   SECTION_FOOTER, MIG_RP_MSG_REQ_PAGES_ID,
-                                  MIG_RP_MSG_REQ_PAGES, TARGET_PAGE_SIZE)
+                                  MIG_RP_MSG_REQ_PAGES, TARGET_PAGE_SIZE, PS_FRAME_BYTES,
+                                  PS_OP_REQ, PS_OP_READY, PS_OP_FAIL, PS_OP_BYE,
+                                  PS_FLAG_URGENT, PS_MAX_TEXT)
 from qfram._fast cimport (Transport, QEMUFile, LoadLoop, qf_begin_gil_free, qf_end_gil_free, qf_read,
                           qf_read_be64, qf_skip, qf_peek_byte, qf_position, qf_errno,
                           qf_load_records)
@@ -1393,8 +1395,9 @@ cdef class FaultServer:
         arrive through receive())."""
         for i in range(self.s.nareas):
             if self.s.areas[i].kind == AREA_REMOTE:
-                raise ValueError("fill_background needs local or shared areas: a remote "
-                                 "area's pages arrive through receive()")
+                raise ValueError("fill_background needs areas with a local source (or a "
+                                 "page server's): a remote area's pages arrive through "
+                                 "receive()")
         self._run(_fill_loop, b"filling in the background", "background fill")
 
     def receive(self, QEMUFile f not None, int channel=0):

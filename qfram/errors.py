@@ -104,3 +104,8 @@ class QMPError(QFramError, RuntimeError):
 
 class NoGuest(QFramError, RuntimeError):
     """A test guest's kernel or init cannot be had here (the reason says why)."""
+
+
+class StoreError(QFramError, OSError):
+    """A snapshot store failed, lied or went silent past its bounds (the reason says
+    which request, and what came back)."""

@@ -209,3 +209,59 @@ class ServeStats:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class PushStats:
+    """What ``qfram push`` did (``--json``)."""
+
+    url: str = ""
+    ram_bytes: int = 0
+    chunks_total: int = 0         # every chunk of the RAM
+    chunks_zero: int = 0          # never stored
+    chunks_unique: int = 0        # distinct non-zero chunks
+    chunks_uploaded: int = 0
+    chunks_deduplicated: int = 0  # the store held them already
+    bytes_uploaded: int = 0       # chunk objects, compressed
+    manifest_bytes: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FetchStats:
+    """What a restore from a store fetched (``qfram load/pull s3://... --json``)."""
+
+    url: str = ""
+    ram_bytes: int = 0
+    chunks: int = 0               # non-zero chunks placed
+    fetched: int = 0              # chunk objects that came from the store
+    fetched_bytes: int = 0
+    cache_hits: int = 0           # from this host's chunk cache
+    requests: int = 0             # requests to the store
+    seconds: float = 0.0
+    verified: bool = False
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["gbps"] = round(self.ram_bytes / self.seconds / 1e9, 3) if self.seconds else None
+        return d
+
+
+@dataclass
+class GCStats:
+    """What ``qfram gc`` found and removed (``--json``)."""
+
+    url: str = ""
+    snapshots: int = 0            # manifests read (each protects its chunks)
+    other_objects: int = 0        # objects in the bucket that are not qfram's
+    chunks: int = 0               # chunk objects found
+    chunks_removed: int = 0       # named by no snapshot, older than the grace period
+    chunks_young: int = 0         # named by none, but younger: kept this time
+    bytes_removed: int = 0
+    dry_run: bool = False
+
+    def as_dict(self) -> dict:
+        return asdict(self)

@@ -114,6 +114,17 @@ MIG_RP_MSG_QFRAM_RECEIVED = 0x7F01   # qfram extension: u8 channel, be64 offset 
 PREEMPT_MAGIC = b"QFRAMPRE"    # opens qfram's preempt channel (the main one opens QEVM),
                                # then the session token
 
+# -- the host page server's frames (qfram.format.pageserver) ---------------------------------
+
+PS_FRAME_BYTES = 16            # be: u8 op, u8 block, u16 text length, u32 first, u32 count,
+                               # u32 flags; a text after FAIL and BYE
+PS_OP_REQ = 1                  # client: make these chunks present in the cache
+PS_OP_READY = 2                # server: they are
+PS_OP_FAIL = 3                 # server: they cannot be (the text says why)
+PS_OP_BYE = 4                  # server: going away (the text says why)
+PS_FLAG_URGENT = 1             # REQ: a thread waits for them
+PS_MAX_TEXT = 1024
+
 # -- the core's flush points ----------------------------------------------------------------
 
 # the seed (QEMU's qemu-file.c): 64 iovecs per writev, a 32 KiB buffer, release at once
@@ -133,7 +144,9 @@ C_NAMES = ("RAM_SAVE_FLAG_ZERO", "RAM_SAVE_FLAG_MEM_SIZE", "RAM_SAVE_FLAG_PAGE",
            "RAM_SAVE_FLAG_EOS", "RAM_SAVE_FLAG_CONTINUE", "RAM_SAVE_FLAG_XBZRLE",
            "RAM_SAVE_FLAG_HOOK", "RAM_SAVE_FLAG_COMPRESS_PAGE", "RAM_SAVE_FLAG_MULTIFD_FLUSH",
            "SECTION_EOF", "SECTION_PART", "SECTION_END", "SECTION_COMMAND", "SECTION_FOOTER",
-           "MIG_RP_MSG_REQ_PAGES_ID", "MIG_RP_MSG_REQ_PAGES", "TARGET_PAGE_SIZE")
+           "MIG_RP_MSG_REQ_PAGES_ID", "MIG_RP_MSG_REQ_PAGES", "TARGET_PAGE_SIZE",
+           "PS_FRAME_BYTES", "PS_OP_REQ", "PS_OP_READY", "PS_OP_FAIL", "PS_OP_BYE",
+           "PS_FLAG_URGENT", "PS_MAX_TEXT")
 
 
 def flag_names(flags: int) -> str:

@@ -30,6 +30,8 @@ command -v cc >/dev/null 2>&1 || apt_install gcc libc6-dev
 [ -f /usr/include/openssl/ssl.h ] || apt_install libssl-dev
 # the C codecs and hash the chunked layout's loops link
 apt_install liblz4-dev libzstd-dev libxxhash-dev
+# scripts/store.sh signs its readiness checks with curl
+command -v curl >/dev/null 2>&1 || apt_install curl
 if ! "$PYTHON" -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
     apt_install python3-dev
 fi
@@ -44,7 +46,7 @@ fi
 VPY=.venv/bin/python
 
 # Python packages, all listed once in pyproject.toml: the build requirements first (the
-# core is built without isolation, against them), then qfram with its test and plot
+# core is built without isolation, against them), then qfram with its test, plot and s3
 # extras.  Redone only when pyproject.toml changes.
 stamp=.venv/.qfram-pyproject
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
@@ -59,7 +61,7 @@ except ImportError:
     import tomli as tomllib
 print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))')
     $VPY -m pip install -q --disable-pip-version-check $build_reqs >&2
-    $VPY -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[test,plot]" >&2
+    $VPY -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[test,plot,s3]" >&2
     echo "$want" > "$stamp"
 fi
 

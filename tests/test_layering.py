@@ -29,7 +29,7 @@ FLOORS: List[List[str]] = [
     ["qfram.io"],
     ["qfram.format"],
     ["qfram.snapshot"],
-    ["qfram.lazy", "qfram.postcopy"],
+    ["qfram.lazy", "qfram.postcopy", "qfram.store"],
     ["qfram.qemu", "qfram.server"],
     ["qfram.lab", "qfram._testing"],
     ["qfram.cli"],

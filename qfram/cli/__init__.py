@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from qfram._util.text import printable
-from qfram.cli import lab, migration, qemu, server, snapshots
+from qfram.cli import lab, migration, qemu, server, snapshots, store
 from qfram.errors import QFramError
 
 # typing is not imported at run time: it costs every command ~2 ms (see
@@ -20,7 +20,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import List, Optional
 
-FAMILIES = (snapshots, server, migration, qemu, lab)
+FAMILIES = (snapshots, store, server, migration, qemu, lab)
 
 
 def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:

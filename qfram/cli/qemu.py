@@ -7,6 +7,7 @@ import time
 
 from qfram._util.text import human
 from qfram.cli.common import WORKING_SET_SWITCHES, add_output_options, add_switches, emit
+from qfram.cli.store import add_store_options, store_options
 
 
 def arguments_restore_qemu(p: argparse.ArgumentParser) -> None:
@@ -24,6 +25,7 @@ def arguments_restore_qemu(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", metavar="SOCKET",
                    help="the pages come from this host page server (`qfram serve`), which "
                         "must serve SNAPSHOT: many QEMU clones, one decoded copy")
+    add_store_options(p)
     add_switches(p, WORKING_SET_SWITCHES)
     add_output_options(p)
     p.set_defaults(func=cmd_restore_qemu)
@@ -44,7 +46,8 @@ def cmd_restore_qemu(args: argparse.Namespace) -> int:
     from qfram.qemu.restore import restore
     stats = restore(args.snapshot, qmp=args.qmp, to=args.to,
                     timeout=args.timeout, machine=args.machine,
-                    prefetch=args.prefetch, record=args.record, server=args.server)
+                    prefetch=args.prefetch, record=args.record, server=args.server,
+                    store=store_options(args))
     lat = stats.request_service
     emit(args, stats.as_dict(),
          f"restored {args.snapshot} ({human(stats.ram_bytes)} of RAM, "

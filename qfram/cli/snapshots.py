@@ -10,6 +10,7 @@ import time
 from qfram._util.text import human, printable
 from qfram.cli.common import (LAZY_SWITCHES, Progress, add_output_options, add_switches,
                               emit, parse_size, rss, source_ram)
+from qfram.cli.store import add_store_options, cache_of, endpoint_of, store_options
 from qfram.errors import OptionError
 
 
@@ -39,7 +40,7 @@ def arguments_save(p: argparse.ArgumentParser) -> None:
 
 
 def arguments_load(p: argparse.ArgumentParser) -> None:
-    p.add_argument("snapshot")
+    p.add_argument("snapshot", help="a snapshot file, or s3://BUCKET/NAME")
     p.add_argument("target", nargs="?",
                    help="memory file to write (a directory for several blocks); "
                         "without it the RAM is restored, checked and dropped")
@@ -61,6 +62,8 @@ def arguments_load(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spin-us", type=float, default=50.0,
                    help="--lazy: fault thread busy-waits this long before sleeping")
     p.add_argument("--threads", type=int, default=2, help="reader threads (mapped layout)")
+    p.add_argument("--fetch-threads", type=int, default=16,
+                   help="s3://: chunks fetched at once")
     p.add_argument("--reset-loop", type=int, default=0, metavar="N",
                    help="map the snapshot copy-on-write (--lazy: restore it lazily into "
                         "anonymous memory) and N times write --dirty-pages random pages, "
@@ -71,12 +74,14 @@ def arguments_load(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true",
                    help="restore even a snapshot that declares more RAM than there is room "
                         "for")
+    add_store_options(p)
     add_output_options(p)
     p.set_defaults(func=cmd_load)
 
 
 def arguments_info(p: argparse.ArgumentParser) -> None:
-    p.add_argument("snapshot")
+    p.add_argument("snapshot", help="a snapshot file or QEMU stream, or s3://BUCKET/NAME")
+    add_store_options(p, cache=False)
     add_output_options(p)
     p.set_defaults(func=cmd_info)
 
@@ -89,6 +94,7 @@ def arguments_rewrite(p: argparse.ArgumentParser) -> None:
     add_layout_options(p)
     p.add_argument("--threads", type=int, default=2, help="compressing threads (chunked)")
     p.add_argument("--no-verify", action="store_true")
+    add_store_options(p)
     add_output_options(p)
     p.set_defaults(func=cmd_rewrite)
 
@@ -205,6 +211,8 @@ def cmd_load(args: argparse.Namespace) -> int:
         return load_lazy(args)
     if args.server:
         raise OptionError("--server serves lazy restores: add --lazy")
+    if args.snapshot.startswith("s3://"):
+        return load_from_store(args)
     from qfram import snapshot
     files = None
     ram = None
@@ -233,6 +241,35 @@ def cmd_load(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_from_store(args: argparse.Namespace) -> int:
+    """An eager restore from a store: every chunk fetched, checked, placed."""
+    from qfram import store
+    ram = files = None
+    if args.target:
+        info, _ = store.inspect(args.snapshot, endpoint_of(args))
+        ram, files = target_files(info, args)
+    try:
+        ram, result, fetched = store.load(args.snapshot, ram, endpoint=endpoint_of(args),
+                                          cache=cache_of(args), threads=args.fetch_threads,
+                                          verify=not args.no_verify, force=args.force)
+    except BaseException:
+        if files is not None:
+            ram.close()
+            files.abort()
+        raise
+    ram.close()
+    if files is not None:
+        files.commit()
+    out = dict(result.as_dict(), fetch=fetched.as_dict(), target=args.target)
+    emit(args, out, f"restored {human(result.ram_bytes)} from {args.snapshot} in "
+                    f"{result.seconds:.3f} s, {out['gbps']} GB/s: {fetched.fetched} chunks "
+                    f"fetched ({human(fetched.fetched_bytes)}), {fetched.cache_hits} from "
+                    f"this host's cache; "
+                    + ("checksums verified" if result.verified else "not verified")
+                    + (f"; written to {args.target}" if args.target else ""))
+    return 0
+
+
 def load_lazy(args: argparse.Namespace) -> int:
     from qfram.lab import workloads
     from qfram.lazy import LazyRestore
@@ -240,7 +277,7 @@ def load_lazy(args: argparse.Namespace) -> int:
                      force=args.force, background=args.background,
                      prefetch=None if args.prefetch else False,
                      record=args.record, server=args.server,
-                     timeout=args.timeout) as lazy:
+                     timeout=args.timeout, store=store_options(args)) as lazy:
         if args.hot_set:
             touched = workloads.hot_set_workload(lazy.ram, args.hot_set,
                                                  threads=args.touch_threads)
@@ -316,6 +353,8 @@ def load_reset_loop(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     """Describe a snapshot or QEMU migration stream."""
     from qfram import snapshot
+    if args.snapshot.startswith("s3://"):
+        return info_from_store(args)
     info = snapshot.inspect(args.snapshot)
     shown = printable       # names come from the file: escape what a terminal obeys
     kind = "qfram snapshot" if info.chunked is not None else "QEMU migration stream"
@@ -355,6 +394,35 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def info_from_store(args: argparse.Namespace) -> int:
+    """What a snapshot in a store holds: its manifest."""
+    from qfram import store
+    info, manifest = store.inspect(args.snapshot, endpoint_of(args))
+    stored = len(manifest.digests())
+    total = sum(len(b.chunks) for b in manifest.blocks)
+    lines = [f"{args.snapshot}: qfram snapshot in {endpoint_of(args).describe()}, "
+             f"{human(manifest.ram_bytes)} of RAM in {total} chunks of "
+             f"{human(manifest.chunk_bytes)} ({stored} distinct stored, "
+             f"{total - sum(len([d for d in b.chunks if d != '0' * 64]) for b in manifest.blocks)} zero), "
+             f"{manifest.codec}, machine {printable(manifest.machine or '-')}, created "
+             f"{manifest.created}"]
+    lines.append(f"{'block':24} {'size':>12} {'pages':>9} {'zero':>9}  checksum")
+    for b in info.blocks:
+        lines.append(f"{printable(b.name):24} {human(b.used_length):>12} {b.pages:>9} "
+                     f"{b.zero_pages:>9}  {('xxh3:' + b.xxh3_64) if b.xxh3_64 else '-'}")
+    ws = manifest.working_set
+    lines.append("working set: " + (f"{len(ws.get('touches', []))} pages" if ws else "none"))
+    out = {"path": args.snapshot, "format": "qfram-store", "layout": "store",
+           "ram_bytes": manifest.ram_bytes, "chunk_bytes": manifest.chunk_bytes,
+           "codec": manifest.codec, "chunks": total, "chunks_stored": stored,
+           "machine": manifest.machine, "created": manifest.created,
+           "device_bytes": len(manifest.devices),
+           "blocks": [b.as_dict() for b in info.blocks],
+           "working_set_pages": len(ws.get("touches", [])) if ws else 0}
+    emit(args, out, "\n".join(lines))
+    return 0
+
+
 def working_set_of(path: str, info) -> dict:
     """The recorded working set of a mapped snapshot, or why there is none to use."""
     from qfram import snapshot
@@ -371,9 +439,16 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
     """Read a stream, replace block contents, write it again (either layout); the
     device sections and machine type are carried over byte for byte."""
     from qfram import snapshot
-    from qfram.qemu.streams import device_state
-    devices = device_state(args.input)
-    ram, _ = snapshot.load(args.input, verify=not args.no_verify, huge=False)
+    if args.input.startswith("s3://"):
+        from qfram import store
+        from qfram.store.restore import device_state as stored_devices
+        _, manifest = store.inspect(args.input, endpoint_of(args))
+        devices = stored_devices(manifest)
+        ram, _, _ = store.load(args.input, endpoint=endpoint_of(args), cache=cache_of(args),
+                               verify=not args.no_verify)
+    else:
+        devices = snapshot.device_state(args.input)
+        ram, _ = snapshot.load(args.input, verify=not args.no_verify, huge=False)
     for spec in args.set or []:
         name, sep, path = spec.partition("=")
         if not sep or name not in ram:

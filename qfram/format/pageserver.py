@@ -36,13 +36,16 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from qfram.errors import FormatError
+from qfram.wire import (PS_FLAG_URGENT, PS_FRAME_BYTES, PS_MAX_TEXT, PS_OP_BYE, PS_OP_FAIL,
+                        PS_OP_READY, PS_OP_REQ)
 
 VERSION = 1
 FRAME = struct.Struct(">BBHIII")
-OP_REQ, OP_READY, OP_FAIL, OP_BYE = 1, 2, 3, 4
+assert FRAME.size == PS_FRAME_BYTES
+OP_REQ, OP_READY, OP_FAIL, OP_BYE = PS_OP_REQ, PS_OP_READY, PS_OP_FAIL, PS_OP_BYE
 OP_NAMES = {OP_REQ: "REQ", OP_READY: "READY", OP_FAIL: "FAIL", OP_BYE: "BYE"}
-FLAG_URGENT = 1
-MAX_TEXT = 1024                 # a FAIL or BYE reason
+URGENT = PS_FLAG_URGENT
+MAX_TEXT = PS_MAX_TEXT          # a FAIL or BYE reason
 MAX_HELLO = 64 << 10
 MAX_WELCOME = 64 << 20          # zero-chunk bitmaps and the description of a large RAM
 MAX_BLOCKS = 64                 # what the fault server registers
@@ -65,7 +68,7 @@ def parse_frame(head: bytes, ops=(OP_REQ,)) -> tuple:
         raise FormatError(f"frame op {op} where {'/'.join(OP_NAMES[o] for o in ops)} is due")
     if n > MAX_TEXT or (op in (OP_REQ, OP_READY) and n):
         raise FormatError(f"a {OP_NAMES[op]} frame with {n} bytes of text")
-    if flags & ~FLAG_URGENT:
+    if flags & ~URGENT:
         raise FormatError(f"a frame with unknown flags {flags:#x}")
     return op, block, n, first, count, flags
 

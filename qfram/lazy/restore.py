@@ -61,23 +61,39 @@ class LazyRestore(Closing):
     write is shared with every other clone of the snapshot (qfram.lazy.served).  The
     fault thread then serves until ``close()`` — the server may evict a chunk, and its
     next touch asks for it again.  ``timeout`` bounds each wait for the server.
+
+    ``path`` may be an ``s3://BUCKET/NAME`` snapshot (qfram.store): without ``server``,
+    a private page server is started for it (``qfram serve --private``, a process of its
+    own: fetching needs Python, and a thread touching missing memory may hold the GIL),
+    fed from the store through this host's chunk cache; ``store`` holds its options
+    (``endpoint``, ``cache``, ``cache_limit``).
     """
 
     def __init__(self, path: str, *, window_pages: int = 16, spin_us: float = 50.0,
                  background: bool = True, on_failure: str = "exit",
                  force: bool = False, prefetch: Optional[bool] = None,
                  record: bool = True, resettable: bool = False,
-                 server: Optional[str] = None, timeout: float = 30.0) -> None:
+                 server: Optional[str] = None, timeout: float = 30.0,
+                 store: Optional[dict] = None) -> None:
         if on_failure not in ("exit", "raise"):
             raise OptionError("on_failure is 'exit' or 'raise'")
         self._served: Optional[served.Served] = None
+        self._private: Optional[served.PrivateServer] = None
         self.timeout = timeout
+        if server is None and "://" in path:
+            self._private = served.PrivateServer(path, timeout, **(store or {}))
+            server = self._private.socket
         if server is not None:
             if resettable:
                 raise OptionError("a restore from a page server cannot be reset: its pages "
                                   "are the server's (reset a local restore instead)")
-            self._start_served(path, server, window_pages, spin_us, on_failure, prefetch,
-                               background)
+            try:
+                self._start_served(path, server, window_pages, spin_us, on_failure,
+                                   prefetch, background)
+            except BaseException:
+                if self._private is not None:
+                    self._private.close()
+                raise
             return
         self._fd = snapshot.open_locked(path)
         try:
@@ -331,6 +347,8 @@ class LazyRestore(Closing):
         self.ram.close()
         if self._served is not None:
             self._served.close()
+        if self._private is not None:
+            self._private.close()
         if self._file is not None:
             self._file.close()
         if self._fd >= 0:

@@ -10,11 +10,17 @@ overall deadline, and a server that lies about a chunk is caught by the fault th
 from __future__ import annotations
 
 import array
+import ctypes
 import mmap
 import os
+import shutil
+import signal
 import socket
 import stat
 import struct
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import List, Optional
@@ -83,11 +89,17 @@ def connect(server: str, snapshot: str, timeout: float = 30.0,
             sock.sendall(proto.hello(name))
         except (BrokenPipeError, ConnectionResetError):
             pass                # refused before it read a byte: its reason waits below
-        head = _read(sock, 4, end, timeout, fds, "the WELCOME's length")
-        n = struct.unpack(">I", head)[0]
-        if n > proto.MAX_WELCOME:
-            raise FormatError(f"the page server announces a WELCOME of {n} bytes")
-        raw = _read(sock, n, end, timeout, fds, "its WELCOME")
+        try:
+            head = _read(sock, 4, end, timeout, fds, "the WELCOME's length")
+            n = struct.unpack(">I", head)[0]
+            if n > proto.MAX_WELCOME:
+                raise FormatError(f"the page server announces a WELCOME of {n} bytes")
+            raw = _read(sock, n, end, timeout, fds, "its WELCOME")
+        except OSError as exc:
+            if isinstance(exc, QFramError):
+                raise
+            raise OSError(exc.errno, f"the page server at {server} broke off the "
+                                     f"handshake: {exc.strerror}") from None
         if b'"refused"' in raw[:200] or not fds:
             proto.parse_welcome(raw, -1)           # raises the server's reason
             raise FormatError("the page server sent no cache with its WELCOME")
@@ -160,3 +172,60 @@ def device_state(welcome: proto.Welcome) -> savevm.DeviceState:
     description = parse_description(welcome.description.encode(), 0)
     return savevm.DeviceState(welcome.machine, welcome.ram_section_id, welcome.devices,
                               description.devices)
+
+
+class PrivateServer:
+    """A page server of one's own, for a snapshot in a store: ``qfram serve --private``
+    in a process of its own, on a socket in a private directory; it stops when its one
+    client leaves, when this process dies, or when no client came within the timeout."""
+
+    def __init__(self, url: str, timeout: float = 30.0, *, endpoint=None,
+                 cache: Optional[str] = None, cache_limit: Optional[int] = None) -> None:
+        self.directory = tempfile.mkdtemp(prefix="qfram-pages-")
+        self.socket = os.path.join(self.directory, "pages.sock")
+        cmd = [sys.executable, "-m", "qfram", "serve", url, "--socket", self.socket,
+               "--private", "--idle-exit", f"{timeout:g}"]
+        if endpoint is not None:
+            if endpoint.url:
+                cmd += ["--endpoint", endpoint.url]
+            cmd += ["--store-timeout", f"{endpoint.timeout:g}", "--store-deadline",
+                    f"{endpoint.deadline:g}"]
+        if cache:
+            cmd += ["--cache", cache]
+        if cache_limit:
+            cmd += ["--cache-limit", str(cache_limit)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+        end = time.monotonic() + timeout
+        while not os.path.exists(self.socket):
+            if self.proc.poll() is not None:
+                why = self.proc.stderr.read().decode(errors="replace").strip()
+                self.close()
+                raise QFramError(why.splitlines()[-1] if why else
+                                 f"the page server for {url} ended at once")
+            if time.monotonic() > end:
+                self.close()
+                raise QFramError(f"the page server for {url} did not start within "
+                                 f"{timeout:g} s")
+            time.sleep(0.005)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.wait(5)             # it stops when its client has left
+            except subprocess.TimeoutExpired:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the parent goes (prctl PR_SET_PDEATHSIG)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM, 0, 0, 0)

@@ -52,12 +52,12 @@ class SnapshotSource(Source):
 
     def __init__(self, path: str, main, *, machine: Optional[str] = None,
                  timeout: float = 30.0, prefetch: bool = True,
-                 server: Optional[str] = None) -> None:
+                 server: Optional[str] = None, store: Optional[dict] = None) -> None:
         self._maps: list = []
         self._lazy = None
-        if server is not None:
+        if server is not None or path.startswith("s3://"):
             ram, info, devices, working_set = self._from_server(path, server, timeout,
-                                                                    prefetch)
+                                                                    prefetch, store)
         else:
             ram, info, devices, working_set = self._from_file(path, prefetch)
         super().__init__(ram, main, max_rounds=0, verify=False, timeout=timeout,
@@ -67,13 +67,15 @@ class SnapshotSource(Source):
         self.ram_section_id = devices.ram_section_id
         self.request_log = array.array("Q")     # for the next restore's working set
 
-    def _from_server(self, path: str, server: str, timeout: float, prefetch: bool):
-        """The RAM from a host page server: its cache mapped copy-on-write here, its
-        chunks asked for as the sending reads them (the server keeps the working set)."""
+    def _from_server(self, path: str, server: Optional[str], timeout: float, prefetch: bool,
+                     store: Optional[dict]):
+        """The RAM from a host page server (for an s3:// snapshot without one, a private
+        server): its cache mapped copy-on-write here, its chunks asked for as the sending
+        reads them (the server keeps the working set)."""
         from qfram.lazy import LazyRestore
         from qfram.lazy.served import device_state
         self._lazy = LazyRestore(path, server=server, record=False, timeout=timeout,
-                                 prefetch=None if prefetch else False)
+                                 prefetch=None if prefetch else False, store=store)
         self.working_set_note = self._lazy.working_set_note
         ram = RAMList([RAMBlock.from_buffer(b.name, b.region) for b in self._lazy.ram])
         return ram, self._lazy.info, device_state(self._lazy.served_welcome), None
@@ -189,7 +191,8 @@ class SnapshotSource(Source):
 
 def restore(path: str, *, qmp: Optional[str] = None, to: Optional[str] = None,
             timeout: float = 30.0, machine: Optional[str] = None, prefetch: bool = True,
-            record: bool = True, server: Optional[str] = None) -> RestoreStats:
+            record: bool = True, server: Optional[str] = None,
+            store: Optional[dict] = None) -> RestoreStats:
     """Restore the snapshot at ``path`` into a QEMU started with ``-incoming defer``
     (``qmp``: its monitor socket; qfram sets postcopy-ram, hands it one end of a socket
     pair with getfd and streams until QEMU says completed), or into a QEMU already
@@ -197,7 +200,8 @@ def restore(path: str, *, qmp: Optional[str] = None, to: Optional[str] = None,
     ``prefetch``: send the working set an earlier restore recorded (``SNAP.ws``) before
     the guest runs; ``record``: once complete, keep the pages QEMU asked for in it.
     ``server``: the pages come from the host page server on this unix socket (which
-    serves ``path``; the file is not opened here)."""
+    serves ``path``; the file is not opened here).  ``path`` may be s3://BUCKET/NAME
+    (``store``: its options, as qfram.lazy.LazyRestore takes them)."""
     if (qmp is None) == (to is None):
         raise OptionError("give the QEMU's monitor (qmp) or its listening address (to)")
     stats = RestoreStats(snapshot=path)
@@ -211,7 +215,7 @@ def restore(path: str, *, qmp: Optional[str] = None, to: Optional[str] = None,
         else:
             main = link.connect(to, None, timeout)          # type: ignore[arg-type]
         source = SnapshotSource(path, main, machine=machine, timeout=timeout,
-                                prefetch=prefetch, server=server)
+                                prefetch=prefetch, server=server, store=store)
         if machine is None and monitor is not None and not source.devices.sections:
             # RAM only: the devices start at reset, as this QEMU's own machine has them
             source.machine = _machine_type(monitor)
@@ -237,7 +241,7 @@ def restore(path: str, *, qmp: Optional[str] = None, to: Optional[str] = None,
             source.working_set_note = (f"{result.prefetched_pages} pages of the working set "
                                        f"({source.working_set.pages} first touches) sent "
                                        f"before the guest ran")
-        if record and server is None:
+        if record and server is None and not path.startswith("s3://"):
             source.record_working_set(path)
         stats.pages_prefetched = result.prefetched_pages
         stats.working_set = source.working_set_note

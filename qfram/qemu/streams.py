@@ -75,15 +75,5 @@ def _write_sparse(block: RAMBlock, out: int) -> None:
 
 
 def device_state(path: str) -> savevm.DeviceState:
-    """The device sections of a QEMU stream, to carry into a stream qfram writes."""
-    fd = snapshot.open_locked(path)
-    try:
-        info = snapshot.inspect_fd(path, fd)
-        if info.chunked is not None:
-            from qfram.snapshot import chunked
-            return chunked.device_state(info.chunked)
-        state = snapshot.devices_of(fd, info)
-    finally:
-        os.close(fd)
-    state.description = info.description.devices if info.description else []
-    return state
+    """The device sections of a QEMU stream (qfram.snapshot.device_state)."""
+    return snapshot.device_state(path)

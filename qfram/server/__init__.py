@@ -19,17 +19,23 @@ from qfram.server.sources import ChunkSource, open_source
 __all__ = ["serve", "PageServer", "ChunkSource", "open_source"]
 
 
-def serve(snapshot: str, socket_path: str, *, memory_limit: int = 0, threads: int = 2,
-          idle_exit: Optional[float] = None, group: Optional[str] = None,
-          on_ready=None) -> ServeStats:
+def serve(snapshot: str, socket_path: str, *, memory_limit: int = 0,
+          threads: Optional[int] = None, idle_exit: Optional[float] = None,
+          group: Optional[str] = None, on_ready=None, private: bool = False,
+          **store_options) -> ServeStats:
     """Serve ``snapshot`` on ``socket_path`` until SIGTERM (clients are told why) or
     ``idle_exit`` seconds without a client.  ``memory_limit``: at most this many bytes
     of decoded chunks (0: the whole RAM); ``group``: members of this group may connect
-    too (the socket is made 0660); ``on_ready``: called once the socket listens."""
-    source = open_source(snapshot)
+    too (the socket is made 0660); ``on_ready``: called once the socket listens.
+    ``private``: serve one client (a lazy restore of an ``s3://`` snapshot starts such a
+    server for itself): stop when it leaves.  ``store_options``: ``endpoint``, ``cache``
+    (qfram.store), for an ``s3://`` snapshot; ``threads`` defaults to what the source
+    wants (2 decoders for a file, 16 fetchers for a store)."""
+    source = open_source(snapshot, **store_options)
     try:
         server = PageServer(source, socket_path, memory_limit=memory_limit,
-                            threads=threads, idle_exit=idle_exit, group=group)
+                            threads=threads or getattr(source, "threads", 2),
+                            idle_exit=idle_exit, group=group, private=private)
     except BaseException:
         source.close()
         raise

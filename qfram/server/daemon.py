@@ -64,11 +64,12 @@ class PageServer:
     def __init__(self, source: ChunkSource, path: str, *, memory_limit: int = 0,
                  threads: int = 2, idle_exit: Optional[float] = None,
                  group: Optional[str] = None, hello_timeout: float = 10.0,
-                 log=None) -> None:
+                 private: bool = False, log=None) -> None:
         self.source = source
         self.path = path
         self.cache = Cache(source, memory_limit)
         self.idle_exit = idle_exit
+        self.private = private          # one client, then stop
         self.hello_timeout = hello_timeout
         self.log = log or (lambda line: print(f"qfram serve: {line}", file=sys.stderr,
                                               flush=True))
@@ -268,8 +269,10 @@ class PageServer:
         if client not in self.clients:
             return
         self.clients.discard(client)
-        if why and client.identified:
+        if why and client.identified and not self.private:
             self.log(f"client {client.name()} dropped: {why}")
+        if self.private and client.identified:
+            self.stop_reason = "its one client is done"
         try:
             self.sel.unregister(client.sock)
         except (KeyError, ValueError):
@@ -332,7 +335,7 @@ class PageServer:
             _, block, _, first, count, flags = proto.parse_frame(
                 bytes(client.inbox[:proto.FRAME.size]), (proto.OP_REQ,))
             del client.inbox[:proto.FRAME.size]
-            self._request(client, block, first, count, bool(flags & proto.FLAG_URGENT))
+            self._request(client, block, first, count, bool(flags & proto.URGENT))
 
     def _request(self, client: _Client, block: int, first: int, count: int,
                  urgent: bool) -> None:

@@ -7,8 +7,8 @@ buffer, checked against what the snapshot recorded for it, or raises.
 * :class:`MappedFileSource` — a mapped snapshot (QEMU's mapped-ram or qfram's): a chunk is
   its present pages, ``pread``; zero pages stay zero.  A mapped file records one checksum
   per block, not per chunk: each clone checks its blocks against it once complete;
-* the store's (qfram.store.source.StoreSource): chunks fetched from an S3 bucket through
-  a local cache, their SHA-256 checked.
+* :class:`StoreSource` — a snapshot in an S3 store (qfram.store): chunks fetched through
+  this host's chunk cache, their SHA-256 checked.
 
 Every source says what a client needs besides pages (``description`` JSON with the
 blocks' checksums, ``machine``, ``ram_section_id``, ``devices``) and names its snapshot
@@ -197,8 +197,47 @@ class MappedFileSource(ChunkSource):
             self.fd = -1
 
 
-def open_source(path: str) -> ChunkSource:
-    """The source for a local snapshot file: chunked or mapped."""
+class StoreSource(ChunkSource):
+    """A snapshot in a store: chunks fetched through this host's chunk cache (one fetch
+    per chunk however many ask), each hashed before it is used; the server's workers
+    fetch many at once (a GET is mostly waiting), urgent ones first."""
+
+    threads = 16                      # fetching is waiting: more workers than cores
+
+    def __init__(self, url: str, endpoint=None, cache=None, timeout: Optional[float] = None,
+                 deadline: Optional[float] = None) -> None:
+        from qfram.store.chunks import ChunkFetcher
+        from qfram.store.restore import device_state, open_manifest
+        self.name = url
+        self.store, self.manifest = open_manifest(url, endpoint, timeout=timeout,
+                                                  deadline=deadline)
+        self.fetcher = ChunkFetcher(self.store, cache, url)
+        self.chunk_bytes = self.manifest.chunk_bytes
+        self.blocks = [(b.name, b.used_length) for b in self.manifest.blocks]
+        self.description = json.dumps(self.manifest.description)
+        state = device_state(self.manifest)
+        self.machine, self.ram_section_id = state.machine, state.ram_section_id
+        self.devices = state.sections
+
+    def zero_chunks(self, block: int) -> bytes:
+        from qfram.format.manifest import ZERO
+        return bitmap([d == ZERO for d in self.manifest.blocks[block].chunks])
+
+    def decode(self, block: int, chunk: int, out: memoryview) -> None:
+        self.fetcher.fetch(self.manifest.blocks[block].chunks[chunk], out)
+
+    def working_set(self) -> Optional[dict]:
+        return self.manifest.working_set
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def open_source(path: str, **store_options) -> ChunkSource:
+    """The source for a snapshot: an ``s3://`` URL, or a local file (chunked or
+    mapped)."""
+    if path.startswith("s3://"):
+        return StoreSource(path, **store_options)
     fd = open_locked(path)
     try:
         is_chunked = chunked.is_chunked(fd)

@@ -38,7 +38,7 @@ from qfram.wire import DEFAULT_MACHINE
 
 __all__ = ["save", "load", "inspect", "inspect_fd", "open_locked", "SnapshotInfo",
            "SaveResult", "LoadResult", "ChecksumError", "ReleaseRollbackError",
-           "DurableRelease", "check_checksums", "checksum", "devices_of",
+           "DurableRelease", "check_checksums", "checksum", "devices_of", "device_state",
            "make_description", "map_block_private", "read_blocks"]
 
 def save(ram: RAMList, path: str, *, layout: str = "stream", machine: Optional[str] = None,
@@ -58,7 +58,7 @@ def save(ram: RAMList, path: str, *, layout: str = "stream", machine: Optional[s
     ``direct``: write the pages with O_DIRECT (mapped layout).  ``machine``: the machine
     type in the configuration section (default: the device state's, else
     pc-i440fx-7.2).  ``devices``: device sections to carry (from
-    ``qemu.streams.device_state``), copied byte for byte before EOF.
+    ``device_state``), copied byte for byte before EOF.
 
     ``layout="chunked"`` (qfram.snapshot.chunked): ``chunk_bytes`` chunks compressed on
     their own with ``compress`` (lz4, the default, or zstd) on ``threads`` threads —
@@ -144,6 +144,21 @@ def inspect_fd(path: str, fd: int) -> SnapshotInfo:
     if chunked.is_chunked(fd):
         return chunked.inspect(path, chunked.read(fd, path))
     return reader.inspect_fd(path, fd)
+
+
+def device_state(path: str) -> savevm.DeviceState:
+    """What a snapshot (or QEMU stream) holds besides RAM: its device sections, byte for
+    byte, the machine type and the RAM's section id — to carry into another snapshot."""
+    fd = open_locked(path)
+    try:
+        info = inspect_fd(path, fd)
+        if info.chunked is not None:
+            return chunked.device_state(info.chunked)
+        state = devices_of(fd, info)
+    finally:
+        os.close(fd)
+    state.description = info.description.devices if info.description else []
+    return state
 
 
 def load(path: str, ram: Optional[RAMList] = None, *, verify: bool = True,

@@ -218,7 +218,7 @@ def test_a_client_that_vanishes_mid_request_harms_nobody(server, chunked_snapsho
     name = os.path.realpath(chunked_snapshot)
     for _ in range(5):
         c = raw_client(s.sock, name)
-        c.sendall(proto.frame(proto.OP_REQ, 0, 0, 64, flags=proto.FLAG_URGENT))
+        c.sendall(proto.frame(proto.OP_REQ, 0, 0, 64, flags=proto.URGENT))
         c.close()                            # gone before the answer
     rc, out, err = finished(clone(chunked_snapshot, s.sock))
     assert rc == 0 and json.loads(out)["verified"], err
