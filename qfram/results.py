@@ -35,6 +35,13 @@ class Codec(str, enum.Enum):
         return self.value
 
 
+class Record:
+    """A result: ``as_dict()`` is what ``--json`` prints."""
+
+    def as_dict(self) -> dict:
+        return asdict(self)              # type: ignore[call-overload]
+
+
 class _Timed:
     """A result with ``ram_bytes`` moved in ``seconds``: JSON gets the rate too."""
 
@@ -74,7 +81,7 @@ class LoadResult(_Timed):
 
 
 @dataclass
-class LazyStats:
+class LazyStats(Record):
     faults: int
     fault_pages: int
     background_pages: int
@@ -87,22 +94,16 @@ class LazyStats:
     prefetch_seconds: float = 0.0
     working_set: str = ""           # what became of the working set (used, recorded, why not)
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass
-class ResetStats:
+class ResetStats(Record):
     pages: int                  # written since the last reset, now the snapshot's again
     runs: int                   # runs of adjacent pages among them
     seconds: float
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass
-class SourceStats:
+class SourceStats(Record):
     """The sending side: rounds, pages, bytes, what was released, how requests were
     served, and the downtime it saw."""
 
@@ -131,12 +132,9 @@ class SourceStats:
     prefetched_pages: int = 0       # the working set's, sent at the switch before the rest
     seconds: float = 0.0
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass
-class DestinationStats:
+class DestinationStats(Record):
     """The receiving side: when it switched and ran, how faults were served, and
     whether the memory checked out against the source."""
 
@@ -159,12 +157,9 @@ class DestinationStats:
     working_set: str = ""           # what was recorded for the next migration, or why not
     seconds: float = 0.0
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass
-class RestoreStats:
+class RestoreStats(Record):
     """What a restore into QEMU did and how long the guest waited."""
 
     snapshot: str = ""
@@ -182,12 +177,9 @@ class RestoreStats:
     pages_prefetched: int = 0     # the recorded working set, in place before the guest ran
     working_set: str = ""         # what became of it (used, recorded, why not)
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass
-class ServeStats:
+class ServeStats(Record):
     """What a host page server did (``qfram serve --json``, at exit and on SIGUSR1)."""
 
     snapshot: str = ""
@@ -207,12 +199,9 @@ class ServeStats:
     failures: int = 0             # chunks that could not be decoded
     seconds: float = 0.0
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass
-class PushStats:
+class PushStats(Record):
     """What ``qfram push`` did (``--json``)."""
 
     url: str = ""
@@ -226,12 +215,9 @@ class PushStats:
     manifest_bytes: int = 0
     seconds: float = 0.0
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass
-class FetchStats:
+class FetchStats(Record):
     """What a restore from a store fetched (``qfram load/pull s3://... --json``)."""
 
     url: str = ""
@@ -251,7 +237,7 @@ class FetchStats:
 
 
 @dataclass
-class GCStats:
+class GCStats(Record):
     """What ``qfram gc`` found and removed (``--json``)."""
 
     url: str = ""
@@ -262,6 +248,3 @@ class GCStats:
     chunks_young: int = 0         # named by none, but younger: kept this time
     bytes_removed: int = 0
     dry_run: bool = False
-
-    def as_dict(self) -> dict:
-        return asdict(self)

@@ -214,23 +214,12 @@ def cmd_load(args: argparse.Namespace) -> int:
     if args.snapshot.startswith("s3://"):
         return load_from_store(args)
     from qfram import snapshot
-    files = None
-    ram = None
-    if args.target:
-        ram, files = target_files(snapshot.inspect(args.snapshot), args)
     before = rss()
-    try:
-        ram, result = snapshot.load(args.snapshot, ram, verify=not args.no_verify,
-                                    threads=args.threads, zeroed=ram is not None,
-                                    force=args.force)
-    except BaseException:
-        if files is not None:
-            ram.close()
-            files.abort()
-        raise
-    ram.close()
-    if files is not None:
-        files.commit()
+    result, = into_target(
+        args, lambda: snapshot.inspect(args.snapshot),
+        lambda ram: snapshot.load(args.snapshot, ram, verify=not args.no_verify,
+                                  threads=args.threads, zeroed=ram is not None,
+                                  force=args.force))
     out = result.as_dict()
     out.update(rss_before=before, rss_after=rss(), target=args.target)
     check = "checksums verified" if result.verified else "no checksums to verify"
@@ -244,22 +233,11 @@ def cmd_load(args: argparse.Namespace) -> int:
 def load_from_store(args: argparse.Namespace) -> int:
     """An eager restore from a store: every chunk fetched, checked, placed."""
     from qfram import store
-    ram = files = None
-    if args.target:
-        info, _ = store.inspect(args.snapshot, endpoint_of(args))
-        ram, files = target_files(info, args)
-    try:
-        ram, result, fetched = store.load(args.snapshot, ram, endpoint=endpoint_of(args),
-                                          cache=cache_of(args), threads=args.fetch_threads,
-                                          verify=not args.no_verify, force=args.force)
-    except BaseException:
-        if files is not None:
-            ram.close()
-            files.abort()
-        raise
-    ram.close()
-    if files is not None:
-        files.commit()
+    result, fetched = into_target(
+        args, lambda: store.inspect(args.snapshot, endpoint_of(args))[0],
+        lambda ram: store.load(args.snapshot, ram, endpoint=endpoint_of(args),
+                               cache=cache_of(args), threads=args.fetch_threads,
+                               verify=not args.no_verify, force=args.force))
     out = dict(result.as_dict(), fetch=fetched.as_dict(), target=args.target)
     emit(args, out, f"restored {human(result.ram_bytes)} from {args.snapshot} in "
                     f"{result.seconds:.3f} s, {out['gbps']} GB/s: {fetched.fetched} chunks "
@@ -468,6 +446,27 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
                     + f", device state carried over ({len(devices.sections)} bytes)")
     ram.close()
     return 0
+
+
+def into_target(args: argparse.Namespace, inspect, restore) -> tuple:
+    """Restore into new memory files at args.target (made from ``inspect()``'s blocks,
+    committed only once ``restore(ram)`` succeeded; gone if it failed), or into new
+    memory that is dropped after (no target).  Returns what ``restore`` returned after
+    the RAM."""
+    ram = files = None
+    if args.target:
+        ram, files = target_files(inspect(), args)
+    try:
+        ram, *rest = restore(ram)
+    except BaseException:
+        if files is not None:
+            ram.close()
+            files.abort()
+        raise
+    ram.close()
+    if files is not None:
+        files.commit()
+    return tuple(rest)
 
 
 def target_files(info, args: argparse.Namespace):

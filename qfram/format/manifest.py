@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from qfram.errors import FormatError
+from qfram.format import jsonshape
 
 VERSION = 1
 PREFIX = ".qfram/"                    # reserved: no snapshot is named inside it
@@ -146,26 +147,12 @@ def looks_like_manifest(head: bytes) -> bool:
 
 def parse(data: bytes, where: str) -> Manifest:
     """A manifest read from a store (``where`` names it in errors), every field checked."""
-    if len(data) > MAX_MANIFEST:
-        raise FormatError(f"{where}: a manifest of {len(data)} bytes")
-    try:
-        top = json.loads(data)
-    except (ValueError, RecursionError):
-        raise FormatError(f"{where}: not a qfram manifest (not JSON)") from None
-    if not isinstance(top, dict) or top.get("qfram_store_manifest") != VERSION:
+    top = jsonshape.json_object(data, f"{where}: not a qfram manifest:", MAX_MANIFEST)
+    if top.get("qfram_store_manifest") != VERSION:
         raise FormatError(f"{where}: not a qfram manifest (version {VERSION})")
 
     def get(key: str, kind, default: Any = ...) -> Any:
-        if key not in top:
-            if default is ...:
-                raise FormatError(f"{where}: the manifest has no {key!r}")
-            return default
-        value = top[key]
-        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-        if not ok:
-            raise FormatError(f"{where}: the manifest's {key!r} is not a "
-                              f"{getattr(kind, '__name__', kind)}")
-        return value
+        return jsonshape.field(top, key, kind, f"{where}: the manifest", default)
 
     if get("hash", str) != HASH:
         raise FormatError(f"{where}: chunks hashed with {top['hash']!r}, not {HASH}")

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from qfram.errors import FormatError
+from qfram.format import jsonshape
 from qfram.wire import (PS_FLAG_URGENT, PS_FRAME_BYTES, PS_MAX_TEXT, PS_OP_BYE, PS_OP_FAIL,
                         PS_OP_READY, PS_OP_REQ)
 
@@ -78,42 +79,16 @@ def message(obj: dict) -> bytes:
     return struct.pack(">I", len(raw)) + raw
 
 
-def parse_message(raw: bytes, what: str, limit: int) -> dict:
-    """A JSON object, no larger than ``limit``."""
-    if len(raw) > limit:
-        raise FormatError(f"{what}: {len(raw)} bytes, more than {limit}")
-    try:
-        obj = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise FormatError(f"{what}: not JSON") from None
-    if not isinstance(obj, dict):
-        raise FormatError(f"{what}: not a JSON object")
-    return obj
-
-
-def _field(obj: dict, key: str, kind, what: str, default: Any = ...) -> Any:
-    if key not in obj:
-        if default is ...:
-            raise FormatError(f"{what}: no {key!r}")
-        return default
-    value = obj[key]
-    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise FormatError(f"{what}: {key!r} is not a whole number")
-    if kind is not int and not isinstance(value, kind):
-        raise FormatError(f"{what}: {key!r} is not a {getattr(kind, '__name__', kind)}")
-    return value
-
-
 def hello(snapshot: str) -> bytes:
     return message({"qfram_pageserver": VERSION, "snapshot": snapshot})
 
 
 def parse_hello(raw: bytes) -> str:
     """The snapshot a client names."""
-    obj = parse_message(raw, "HELLO", MAX_HELLO)
-    if _field(obj, "qfram_pageserver", int, "HELLO") != VERSION:
+    obj = jsonshape.json_object(raw, "HELLO", MAX_HELLO)
+    if jsonshape.field(obj, "qfram_pageserver", int, "HELLO") != VERSION:
         raise FormatError(f"HELLO: protocol version {obj['qfram_pageserver']}, not {VERSION}")
-    name = _field(obj, "snapshot", str, "HELLO")
+    name = jsonshape.field(obj, "snapshot", str, "HELLO")
     if not 0 < len(name) <= 4096:
         raise FormatError("HELLO: a snapshot name of 1 to 4096 characters")
     return name
@@ -168,19 +143,19 @@ def parse_welcome(raw: bytes, cache_size: int) -> Welcome:
     (``cache_size``: the memfd's real size): blocks inside it, not overlapping, chunks
     that fit.  A refusal is a FormatError naming the server's reason."""
     what = "the page server's WELCOME"
-    obj = parse_message(raw, what, MAX_WELCOME)
+    obj = jsonshape.json_object(raw, what, MAX_WELCOME)
     if "refused" in obj:
         raise FormatError(f"the page server refused: {str(obj['refused'])[:MAX_TEXT]}")
-    if _field(obj, "qfram_pageserver", int, what) != VERSION:
+    if jsonshape.field(obj, "qfram_pageserver", int, what) != VERSION:
         raise FormatError(f"{what}: protocol version {obj['qfram_pageserver']}")
-    chunk = _field(obj, "chunk_bytes", int, what)
+    chunk = jsonshape.field(obj, "chunk_bytes", int, what)
     if not MIN_CHUNK <= chunk <= MAX_CHUNK or chunk & (chunk - 1):
         raise FormatError(f"{what}: a chunk of {chunk} bytes")
-    cache_bytes = _field(obj, "cache_bytes", int, what)
+    cache_bytes = jsonshape.field(obj, "cache_bytes", int, what)
     if cache_bytes != cache_size:
         raise FormatError(f"{what}: a cache of {cache_bytes} bytes, but the memfd holds "
                           f"{cache_size}")
-    raw_blocks = _field(obj, "blocks", list, what)
+    raw_blocks = jsonshape.field(obj, "blocks", list, what)
     if not 0 < len(raw_blocks) <= MAX_BLOCKS:
         raise FormatError(f"{what}: {len(raw_blocks)} blocks (1 to {MAX_BLOCKS})")
     blocks: List[CacheBlock] = []
@@ -189,9 +164,9 @@ def parse_welcome(raw: bytes, cache_size: int) -> Welcome:
         where = f"{what}, block {i}"
         if not isinstance(b, dict):
             raise FormatError(f"{where}: not an object")
-        name = _field(b, "name", str, where)
-        length = _field(b, "used_length", int, where)
-        offset = _field(b, "offset", int, where)
+        name = jsonshape.field(b, "name", str, where)
+        length = jsonshape.field(b, "used_length", int, where)
+        offset = jsonshape.field(b, "offset", int, where)
         if not 0 < len(name.encode()) <= 255:
             raise FormatError(f"{where}: a name of 1 to 255 bytes")
         if length <= 0 or length % 4096 or offset < end or offset % chunk \
@@ -201,7 +176,7 @@ def parse_welcome(raw: bytes, cache_size: int) -> Welcome:
         end = offset + length
         nchunks = -(-length // chunk)
         try:
-            zero = base64.b64decode(_field(b, "zero_chunks", str, where), validate=True)
+            zero = base64.b64decode(jsonshape.field(b, "zero_chunks", str, where), validate=True)
         except ValueError:
             raise FormatError(f"{where}: zero_chunks is not base64") from None
         if len(zero) != -(-nchunks // 8):
@@ -211,16 +186,16 @@ def parse_welcome(raw: bytes, cache_size: int) -> Welcome:
     if len({b.name for b in blocks}) != len(blocks):
         raise FormatError(f"{what}: two blocks of one name")
     try:
-        devices = base64.b64decode(_field(obj, "devices", str, what, ""), validate=True)
+        devices = base64.b64decode(jsonshape.field(obj, "devices", str, what, ""), validate=True)
     except ValueError:
         raise FormatError(f"{what}: devices is not base64") from None
     ws = obj.get("working_set")
     if ws is not None and not isinstance(ws, dict):
         raise FormatError(f"{what}: working_set is not an object")
-    section = _field(obj, "ram_section_id", int, what, 0)
+    section = jsonshape.field(obj, "ram_section_id", int, what, 0)
     if not 0 <= section < 1 << 32:
         raise FormatError(f"{what}: a RAM section id of {section}")
-    return Welcome(_field(obj, "snapshot", str, what), chunk, cache_bytes,
-                   bool(_field(obj, "evicts", bool, what)), blocks,
-                   _field(obj, "description", str, what), _field(obj, "machine", str, what, ""),
+    return Welcome(jsonshape.field(obj, "snapshot", str, what), chunk, cache_bytes,
+                   bool(jsonshape.field(obj, "evicts", bool, what)), blocks,
+                   jsonshape.field(obj, "description", str, what), jsonshape.field(obj, "machine", str, what, ""),
                    section, devices, ws)
