@@ -185,17 +185,27 @@ class PrivateServer:
         self.socket = os.path.join(self.directory, "pages.sock")
         cmd = [sys.executable, "-m", "qfram", "serve", url, "--socket", self.socket,
                "--private", "--idle-exit", f"{timeout:g}"]
+        env = dict(os.environ)
         if endpoint is not None:
-            if endpoint.url:
-                cmd += ["--endpoint", endpoint.url]
-            cmd += ["--store-timeout", f"{endpoint.timeout:g}", "--store-deadline",
-                    f"{endpoint.deadline:g}"]
+            resolved = endpoint.resolved()
+            if resolved.url:
+                cmd += ["--endpoint", resolved.url]
+            cmd += ["--store-timeout", f"{resolved.timeout:g}", "--store-deadline",
+                    f"{resolved.deadline:g}"]
+            # keys go by the environment, as every S3 tool takes them (never in argv,
+            # which anyone on the host can read)
+            for name, value in (("AWS_ACCESS_KEY_ID", resolved.access_key),
+                                ("AWS_SECRET_ACCESS_KEY", resolved.secret_key),
+                                ("AWS_REGION", resolved.region)):
+                if value:
+                    env[name] = value
         if cache:
             cmd += ["--cache", cache]
         if cache_limit:
             cmd += ["--cache-limit", str(cache_limit)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+                                     stderr=subprocess.PIPE, preexec_fn=_die_with_parent,
+                                     env=env)
         end = time.monotonic() + timeout
         while not os.path.exists(self.socket):
             if self.proc.poll() is not None:
