@@ -49,7 +49,7 @@ def test_the_snapshot_example_runs(tmp_path):
         os.unlink(shm)
 
 
-def test_every_python_block_is_run_or_named_here():
+def test_every_python_block_is_run_or_named_here():  # (and the store's sh block below)
     """A new example is run by a test above or said here to need more than one host."""
     two_hosts = [b for b in BLOCKS if "postcopy.send" in b]
     run_here = [block("qfram.fdopen"), block("snapshot.save", "LazyRestore")]
@@ -65,3 +65,29 @@ def test_the_two_host_example_names_what_exists(words):
         assert hasattr(postcopy, name), name
     for keyword in re.findall(r"(\w+)=", text):
         assert keyword in ("tls_creds", "release", "workload"), keyword
+
+
+def test_the_store_section_works_as_written(tmp_path):
+    """The README's store commands, run by bash as they stand (a smaller demo RAM; no
+    QEMU): a local SeaweedFS started and stopped by scripts/store.sh."""
+    section = README[README.index("## A snapshot store for a fleet"):]
+    script = re.search(r"```sh\n(.*?)```", section, re.S).group(1)
+    script = "\n".join(line for line in script.splitlines() if "restore-qemu" not in line)
+    script = script.replace("--demo 1G", "--demo 64M").replace("--idle-exit 60",
+                                                              "--idle-exit 1")
+    store = tmp_path / "store"
+    script = script.replace("scripts/store.sh start", f"scripts/store.sh start {store}")
+    script = script.replace("scripts/store.sh env", f"scripts/store.sh env {store}")
+    script = script.replace("scripts/store.sh stop", f"scripts/store.sh stop {store}")
+    env = dict(os.environ, PATH=f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}",
+               XDG_CACHE_HOME=str(tmp_path / "cache"))
+    (tmp_path / "scripts").symlink_to(ROOT / "scripts")
+    try:
+        out = subprocess.run(["bash", "-e", "-c", script + "\nwait"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=300)
+    finally:
+        subprocess.run([str(ROOT / "scripts" / "store.sh"), "stop", str(store)],
+                       capture_output=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert '"chunks_uploaded"' in out.stdout and "checksums verified" in out.stdout
+    assert "removed s3://qfram/vm" in out.stdout
