@@ -17,7 +17,8 @@ from qfram.errors import OptionError
 def arguments_save(p: argparse.ArgumentParser) -> None:
     p.add_argument("sources", nargs="*", metavar="SOURCE",
                    help="memory file(s) to save: PATH or NAME=PATH (mapped shared)")
-    p.add_argument("snapshot", help="the snapshot file to write")
+    p.add_argument("snapshot", help="the snapshot file to write, or s3://BUCKET/NAME "
+                                    "(saved chunked, then pushed)")
     p.add_argument("--demo", type=parse_size, metavar="SIZE",
                    help="save an embedded demo RAM of SIZE instead (e.g. 1G)")
     p.add_argument("--block", default="pc.ram", help="block name for a single source")
@@ -35,6 +36,7 @@ def arguments_save(p: argparse.ArgumentParser) -> None:
                         "(QEMU also loads a stream without them: devices keep their reset "
                         "state)")
     p.add_argument("--threads", type=int, default=2, help="writer threads (mapped layout)")
+    add_store_options(p, cache=False)
     add_output_options(p)
     p.set_defaults(func=cmd_save)
 
@@ -173,33 +175,66 @@ def cmd_stream(args: argparse.Namespace) -> int:
 
 
 def cmd_save(args: argparse.Namespace) -> int:
-    """Save RAM to a snapshot file."""
+    """Save RAM to a snapshot file (or a store)."""
     if not args.demo and not args.sources:
         raise OptionError("name a memory file to save, or --demo SIZE")
+    if args.snapshot.startswith("s3://"):
+        return save_to_store(args)
+    out, text = save_ram(args, args.snapshot, args.layout)
+    emit(args, out, text)
+    return 0
+
+
+def save_ram(args: argparse.Namespace, path: str, layout: str):
+    """The RAM the arguments name, saved to ``path``: (JSON object, text)."""
     from qfram import snapshot
-    from qfram.qemu.streams import device_state
     ram = source_ram(args)
-    devices = device_state(args.devices_from) if args.devices_from else None
+    devices = snapshot.device_state(args.devices_from) if args.devices_from else None
     before = rss()
     progress = Progress("save")
-    result = snapshot.save(ram, args.snapshot, layout=args.layout, machine=args.machine,
-                           release=args.release, compress=args.compress,
-                           incremental=args.incremental, direct=args.direct,
-                           threads=args.threads, progress=progress, devices=devices,
-                           chunk_bytes=args.chunk_size)
+    try:
+        result = snapshot.save(ram, path, layout=layout, machine=args.machine,
+                               release=args.release, compress=args.compress,
+                               incremental=args.incremental, direct=args.direct,
+                               threads=args.threads, progress=progress, devices=devices,
+                               chunk_bytes=args.chunk_size)
+    finally:
+        ram.close()
     out = result.as_dict()
     out.update(rss_before=before, rss_after=rss(), rss_trace=progress.rss_trace)
     what = f"{result.pages} pages, {result.zero_pages} zero"
     if result.unchanged_pages:
         what += f", {result.unchanged_pages} unchanged"
-    text = (f"saved {human(result.ram_bytes)} of RAM ({what}) to {args.snapshot}: "
+    text = (f"saved {human(result.ram_bytes)} of RAM ({what}) to {path}: "
             f"{human(result.file_bytes)} {result.layout} layout in {result.seconds:.3f} s, "
             f"{out['gbps']} GB/s")
     if args.release:
         text += (f"\nreleased {human(result.released_bytes)} while saving; RSS "
                  f"{human(before)} -> {human(out['rss_after'])}")
-    emit(args, out, text)
-    ram.close()
+    return out, text
+
+
+def save_to_store(args: argparse.Namespace) -> int:
+    """``qfram save ... s3://B/N``: saved as a local chunked snapshot in a private
+    temporary directory, pushed (only the chunks the store lacks), then removed."""
+    import shutil
+    import tempfile
+    from qfram.store import push
+    if args.release or args.incremental or args.direct:
+        raise OptionError("a save to a store is chunked and whole: no --release, "
+                          "--incremental or --direct")
+    where = tempfile.mkdtemp(prefix="qfram-save-")
+    try:
+        local = os.path.join(where, "snapshot.chk")
+        saved, _ = save_ram(args, local, "chunked")
+        stats = push(local, args.snapshot, endpoint=endpoint_of(args),
+                     progress=Progress("push"))
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+    emit(args, dict(stats.as_dict(), save=saved),
+         f"saved {human(stats.ram_bytes)} of RAM to {stats.url}: {stats.chunks_uploaded} of "
+         f"{stats.chunks_total} chunks uploaded ({human(stats.bytes_uploaded)}), "
+         f"{stats.chunks_deduplicated} already stored, {stats.chunks_zero} zero")
     return 0
 
 
@@ -375,13 +410,15 @@ def cmd_info(args: argparse.Namespace) -> int:
 def info_from_store(args: argparse.Namespace) -> int:
     """What a snapshot in a store holds: its manifest."""
     from qfram import store
+    from qfram.format.manifest import ZERO
     info, manifest = store.inspect(args.snapshot, endpoint_of(args))
     stored = len(manifest.digests())
     total = sum(len(b.chunks) for b in manifest.blocks)
+    zero = sum(b.chunks.count(ZERO) for b in manifest.blocks)
     lines = [f"{args.snapshot}: qfram snapshot in {endpoint_of(args).describe()}, "
              f"{human(manifest.ram_bytes)} of RAM in {total} chunks of "
              f"{human(manifest.chunk_bytes)} ({stored} distinct stored, "
-             f"{total - sum(len([d for d in b.chunks if d != '0' * 64]) for b in manifest.blocks)} zero), "
+             f"{zero} zero), "
              f"{manifest.codec}, machine {printable(manifest.machine or '-')}, created "
              f"{manifest.created}"]
     lines.append(f"{'block':24} {'size':>12} {'pages':>9} {'zero':>9}  checksum")
@@ -393,6 +430,7 @@ def info_from_store(args: argparse.Namespace) -> int:
     out = {"path": args.snapshot, "format": "qfram-store", "layout": "store",
            "ram_bytes": manifest.ram_bytes, "chunk_bytes": manifest.chunk_bytes,
            "codec": manifest.codec, "chunks": total, "chunks_stored": stored,
+           "chunks_zero": zero,
            "machine": manifest.machine, "created": manifest.created,
            "device_bytes": len(manifest.devices),
            "blocks": [b.as_dict() for b in info.blocks],

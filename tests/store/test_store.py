@@ -189,3 +189,13 @@ def test_a_page_server_serves_a_snapshot_from_the_store_to_many_clones(seaweed, 
         out, _ = server.communicate(timeout=60)
     stats = json.loads(out.strip().splitlines()[-1])
     assert stats["clients"] == 3 and stats["misses"] == stats["chunks_decoded"]
+
+
+def test_save_goes_straight_to_the_store(seaweed, tmp_path):
+    bucket = seaweed.bucket()
+    out = json.loads(run(seaweed, "save", "--demo", "8M", f"s3://{bucket}/demo",
+                         "--json").stdout)
+    assert out["chunks_uploaded"] > 0 and out["url"] == f"s3://{bucket}/demo"
+    back = json.loads(run(seaweed, "load", f"s3://{bucket}/demo", "--cache",
+                          str(tmp_path / "cache"), "--json").stdout)
+    assert back["verified"] and back["ram_bytes"] == 8 * MiB
