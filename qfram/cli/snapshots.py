@@ -192,14 +192,14 @@ def save_ram(args: argparse.Namespace, path: str, layout: str):
     devices = snapshot.device_state(args.devices_from) if args.devices_from else None
     before = rss()
     progress = Progress("save")
-    try:
-        result = snapshot.save(ram, path, layout=layout, machine=args.machine,
-                               release=args.release, compress=args.compress,
-                               incremental=args.incremental, direct=args.direct,
-                               threads=args.threads, progress=progress, devices=devices,
-                               chunk_bytes=args.chunk_size)
-    finally:
-        ram.close()
+    # (on a failure the RAM is left to the process's end: the failed save's frames may
+    # still hold views of it)
+    result = snapshot.save(ram, path, layout=layout, machine=args.machine,
+                           release=args.release, compress=args.compress,
+                           incremental=args.incremental, direct=args.direct,
+                           threads=args.threads, progress=progress, devices=devices,
+                           chunk_bytes=args.chunk_size)
+    ram.close()
     out = result.as_dict()
     out.update(rss_before=before, rss_after=rss(), rss_trace=progress.rss_trace)
     what = f"{result.pages} pages, {result.zero_pages} zero"
