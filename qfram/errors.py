@@ -104,3 +104,8 @@ class QMPError(QFramError, RuntimeError):
 
 class NoGuest(QFramError, RuntimeError):
     """A test guest's kernel or init cannot be had here (the reason says why)."""
+
+
+class DeadlinePassed(QFramError, TimeoutError):
+    """A whole operation (a migration, a restore into QEMU) took longer than its
+    deadline: every wait was ended at once, and the reason says what was going on."""

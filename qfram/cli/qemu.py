@@ -21,6 +21,11 @@ def arguments_restore_qemu(p: argparse.ArgumentParser) -> None:
                                      "snapshot's)")
     p.add_argument("--timeout", type=float, default=30.0,
                    help="seconds a wait on QEMU may last")
+    p.add_argument("--deadline", type=float, metavar="SECONDS",
+                   help="give up when the whole restore (the monitor's greeting and "
+                        "negotiation, the handover, the pages, QEMU's word that it is "
+                        "complete) takes longer than this (default: 120 s and 10 s more "
+                        "per GiB of RAM)")
     add_switches(p, WORKING_SET_SWITCHES)
     add_output_options(p)
     p.set_defaults(func=cmd_restore_qemu)
@@ -40,7 +45,7 @@ def cmd_restore_qemu(args: argparse.Namespace) -> int:
     """Resume a QEMU from a snapshot at once; its RAM follows on demand (postcopy)."""
     from qfram.qemu.restore import restore
     stats = restore(args.snapshot, qmp=args.qmp, to=args.to,
-                    timeout=args.timeout, machine=args.machine,
+                    timeout=args.timeout, deadline=args.deadline, machine=args.machine,
                     prefetch=args.prefetch, record=args.record)
     lat = stats.request_service
     emit(args, stats.as_dict(),
