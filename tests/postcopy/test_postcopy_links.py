@@ -209,6 +209,42 @@ def test_probes_squatters_and_garbage_are_dropped_and_the_source_gets_through(tm
     assert "dropped a connection" in err
 
 
+def squat(address: str, count: int) -> list:
+    """``count`` connections that connect and never say a word."""
+    squatters = []
+    for _ in range(count):
+        if address.startswith("127.0.0.1:"):
+            s = socket.create_connection(("127.0.0.1", int(address.rsplit(":", 1)[1])))
+        else:
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(address)
+        squatters.append(s)
+    return squatters
+
+
+@pytest.mark.parametrize("kind, count", [("tcp", 20), ("tcp", 200), ("tls", 20),
+                                         ("tls", 200), ("unix", 200)])
+def test_squatters_never_keep_the_source_out(tmp_path, creds, kind, count):
+    """Idle connections fill every slot before the source comes: the oldest idle one
+    goes for each newcomer, so the source's two channels get through at once."""
+    address = str(tmp_path / "m.sock") if kind == "unix" else f"127.0.0.1:{free_port()}"
+    tls = ["--tls-creds", creds[0]] if kind == "tls" else []
+    recv = receiver(address, "--timeout", "10", "--deadline", "30", *tls)
+    squatters = squat(address, count)
+    try:
+        t0 = time.monotonic()
+        sent = send(address, "--demo", "16M", "--rounds", "1", "--timeout", "10", *tls)
+        took = time.monotonic() - t0
+        code, out, err = finish(recv)
+    finally:
+        for s in squatters:
+            s.close()
+    assert sent.returncode == 0 and code == 0, sent.stderr + err
+    assert json.loads(out)["verified"] is True
+    assert "it was the oldest idle of" in err
+    assert took < 8, took
+
+
 def test_a_dripping_peer_is_bounded_by_the_deadline(tmp_path):
     address = str(tmp_path / "m.sock")
     recv = receiver(address, "--timeout", "2", "--deadline", "4")
