@@ -1478,3 +1478,5 @@ def write_memory(region, Py_ssize_t offset, data):
 
 # the page scans (dirty tracker, private copies): qfram/_pagescan.pxi
 include "_pagescan.pxi"
+# a SIGBUS in a snapshot mapping says why and ends the process: qfram/_sigbus.pxi
+include "_sigbus.pxi"

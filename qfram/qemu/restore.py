@@ -175,7 +175,7 @@ class SnapshotSource(Source):
 
     def close(self) -> None:
         for region in self._maps:
-            region.close()
+            snapshot.release_private(region)
         if self._lazy is not None:
             self._lazy.close()
 
