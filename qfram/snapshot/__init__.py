@@ -78,7 +78,8 @@ def save(ram: RAMList, path: str, *, layout: str = "stream", machine: Optional[s
         try:
             if layout is Layout.CHUNKED:
                 result = chunked.save(blocks, out.fd, codec=compress, chunk_bytes=chunk_bytes,
-                                      threads=threads, machine=machine, devices=devices)
+                                      threads=threads, machine=machine, devices=devices,
+                                      progress=progress)
             elif layout is Layout.STREAM:
                 result = stream.save(blocks, out.fd, machine, compress, progress, devices,
                                      releaser)
