@@ -215,6 +215,8 @@ class Source:
                 self.releases.confirm_all()      # SHUT(0): it holds and verified everything
         except BaseException as exc:
             self._shutdown_channels()
+            self._join_reader()
+            self._close_files()
             raise self._reason(exc) from None
         finally:
             if watchdog is not None:
@@ -222,15 +224,11 @@ class Source:
             for tracker in trackers:
                 if tracker is not None:
                     tracker.close()
-            self._reader.join(5)
+            self._join_reader()
             released = self.releases.stop() if self.releases is not None else 0
         sent_bytes = self._bytes_before + self.f.tell() + \
             (self.pf.tell() if self.pf is not None else 0)
-        for closer in (self.f.close, self.rp.close) + ((self.pf.close,) if self.pf else ()):
-            try:
-                closer()
-            except OSError:
-                pass                    # the destination closed first: all was said
+        self._close_files()
         st = self.stats
         st.dirty_tracking, st.precopy_rounds, st.precopy_pages = tracking, rounds, precopy_pages
         st.dirty_at_switch, st.postcopy_pages = remaining, postcopy_pages
@@ -456,10 +454,14 @@ class Source:
             return DeadlinePassed(f"the migration did not finish within its deadline "
                                   f"({self.deadline:g} s); {self.last_word()}")
         cause = self._cause(exc)
-        if isinstance(cause, OSError) and cause.errno == errno.ETIMEDOUT and \
-                not isinstance(cause, QFramError):
+        if not isinstance(cause, OSError) or isinstance(cause, QFramError):
+            return cause
+        if cause.errno == errno.ETIMEDOUT:
             return link.LinkError(f"{self.peer} took nothing for {self.timeout:g} s "
                                   f"({cause.strerror or cause}); {self.last_word()}")
+        if cause.errno in (errno.EPIPE, errno.ECONNRESET):
+            return link.LinkError(f"{self.peer} hung up ({cause.strerror or cause}); "
+                                  f"{self.last_word()}")
         return cause
 
     def _cause(self, exc: BaseException) -> BaseException:
@@ -468,6 +470,21 @@ class Source:
         if self.rp_error is not None and isinstance(exc, OSError) and exc is not self.rp_error:
             return self.rp_error
         return exc
+
+    def _join_reader(self) -> None:
+        """Wait for the return path's reader (which a shut channel ends), if it ran."""
+        if self._reader.ident is not None:
+            self._reader.join(5)
+
+    def _close_files(self) -> None:
+        """Close every channel's file: their zero-copy iovecs let go of the RAM (which
+        may then be unmapped).  Errors are the peer's closing first: all was said."""
+        for each in (self.f, self.rp, self.pf):
+            try:
+                if each is not None:
+                    each.close()
+            except (OSError, QFramError):
+                pass
 
     def _shutdown_channels(self) -> None:
         """End both directions of every channel now: the peer sees it at once and our
@@ -494,12 +511,7 @@ class Source:
         self._reader.join()
         self.rp_error = None             # said: it is ``error`` (or caused it)
         self._bytes_before += self.f.tell() + (self.pf.tell() if self.pf else 0)
-        for each in (self.f, self.rp, self.pf):
-            try:
-                if each is not None:
-                    each.close()
-            except OSError:
-                pass
+        self._close_files()
         if self.releases is not None:
             self.releases.forget_pending()    # unconfirmed: the bitmap will say
         until = self._deadline_at if self._deadline_at is not None else \

@@ -64,10 +64,7 @@ class SnapshotSource(Source):
         fd = snapshot.open_locked(path)
         try:
             info = snapshot.inspect_fd(path, fd)
-            if info.layout == "stream":
-                raise FormatError(f"{path}: restoring into QEMU needs a layout whose pages "
-                                  f"can be found in any order; `qfram rewrite {path} OUT "
-                                  f"--layout mapped` makes one", 0)
+            check_layout(path, info)
             self._maps: list = []
             self._lazy = None
             if info.chunked is not None:
@@ -122,17 +119,15 @@ class SnapshotSource(Source):
                 self._postcopy(time.perf_counter(), 0.0, None)
         except BaseException as exc:
             self._shutdown_channels()
+            self._join_reader()
+            self._close_files()         # (their iovecs let go of the snapshot's mapping)
             raise self._reason(exc) from None
         finally:
             if watchdog is not None:
                 watchdog.cancel()
-            self._reader.join(5)
+            self._join_reader()
         self.stats.bytes_sent = self.f.tell()
-        for closer in (self.f.close, self.rp.close):
-            try:
-                closer()
-            except OSError:
-                pass
+        self._close_files()
         self.stats.seconds = round(time.perf_counter() - t0, 3)
         from qfram._util.latency import percentiles
         self.stats.request_service = percentiles(self._serve_ns)
@@ -178,6 +173,14 @@ class SnapshotSource(Source):
             snapshot.release_private(region)
         if self._lazy is not None:
             self._lazy.close()
+
+
+def check_layout(path: str, info) -> None:
+    """Only a layout whose pages can be found in any order can be restored into QEMU."""
+    if info.layout == "stream":
+        raise FormatError(f"{path}: restoring into QEMU needs a layout whose pages can be "
+                          f"found in any order; `qfram rewrite {path} OUT --layout mapped` "
+                          f"makes one", 0)
 
 
 def default_deadline(ram_bytes: int) -> float:
@@ -233,6 +236,7 @@ def restore(path: str, *, qmp: Optional[str] = None, to: Optional[str] = None,
         info = snapshot.inspect_fd(path, fd)
     finally:
         os.close(fd)
+    check_layout(path, info)            # before QEMU is asked anything
     clock = _Clock(default_deadline(info.ram_bytes) if deadline is None else deadline,
                    timeout)
     stats = RestoreStats(snapshot=path)

@@ -28,6 +28,7 @@ Migration destinations (`qfram send --to`, `qfram restore-qemu --to`):
   garbage             reads the header, answers with bytes that are no message
   shut-error          reads the header, answers SHUT with status 1
   deaf                accepts and never reads
+  hangup              accepts and hangs up at once
 """
 from __future__ import annotations
 
@@ -57,6 +58,8 @@ def drain(conn: socket.socket) -> None:
 
 
 def destination(kind: str, conn: socket.socket) -> None:
+    if kind == "hangup":
+        return
     if kind == "deaf":
         time.sleep(3600)
         return
@@ -165,7 +168,8 @@ def monitor(kind: str, conn: socket.socket) -> None:
         elif name == "migrate-incoming" and commands.fds:
             stream = socket.socket(fileno=commands.fds.pop())
             play = "silent" if kind == "qmp-bad-status" else kind.split(":", 1)[1]
-            threading.Thread(target=destination, args=(play, stream), daemon=True).start()
+            threading.Thread(target=_guard, args=(destination, play, stream),
+                             daemon=True).start()
         send_json(conn, {"return": answer, "id": ident})
 
 

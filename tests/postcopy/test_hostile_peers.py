@@ -43,6 +43,7 @@ def send(address: str, *args, limit: float = 60):
     ("garbage", ["unknown return path message 57005 at byte 0"]),
     ("shut-error", ["the destination failed the migration (it ended with status 1)"]),
     ("deaf", ["the destination took nothing for 1 s"]),
+    ("hangup", ["the destination hung up"]),
 ])
 def test_a_destination_that_never_confirms_ends_send_with_what_it_said(hostile, kind, words):
     done, took = send(hostile(kind), "--timeout", "1", "--no-resume")

@@ -38,7 +38,7 @@ def migrate(tmp_path, send_args, recv_args, address=None, timeout=120):
     send = subprocess.run(qfram("send", "--to", address, "--json", *send_args),
                           capture_output=True, text=True, timeout=timeout)
     r_out, r_err = recv.communicate(timeout=timeout)
-    assert send.returncode == 0, send.stderr
+    assert send.returncode == 0, send.stderr + f"\nthe receiver ({recv.returncode}): " + r_err
     assert recv.returncode == 0, r_err
     return json.loads(send.stdout), json.loads(r_out)
 

@@ -124,6 +124,7 @@ def test_a_message_over_a_mebibyte_is_refused_and_costs_no_more(snap, hostile, k
     ("garbage", ["unknown return path message 57005 at byte 0"]),
     ("shut-error", ["QEMU failed the migration (it ended with status 1)"]),
     ("deaf", ["QEMU took nothing for 1 s"]),
+    ("hangup", ["QEMU hung up"]),
 ])
 def test_a_qemu_that_never_confirms_ends_the_restore_with_what_it_said(snap, hostile, via,
                                                                        kind, words):
