@@ -353,9 +353,6 @@ class Acceptor:
                 sock, address = self.server.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:          # EMFILE and the like: note it, go on
-                self.note(f"could not accept a connection: {exc.strerror or exc}")
-                return
             entry = _Pending(sock, *_peer(sock, address))
             with self._lock:
                 victim = self._make_room(entry.key)
@@ -385,6 +382,7 @@ class Acceptor:
         try:
             if self.security is not None:
                 link = self.security.wrap(sock, True, None, self.hello_timeout)
+                entry.spoke = True          # a certificate our CA signed: not idle
             else:
                 link = Link(sock)
             hello = link.peek(HELLO_BYTES, self.hello_timeout)
@@ -440,9 +438,12 @@ class _Pending:
         self.sock, self.key, self.name = sock, key, name
         self.since = time.monotonic()
         self.evicted: Optional[str] = None
+        self.spoke = False              # passed the TLS handshake
 
     def idle(self) -> bool:
-        """Nothing waits to be read: it has not spoken since it was last read."""
+        """It has not passed a TLS handshake, and nothing it sent waits to be read."""
+        if self.spoke:
+            return False
         try:
             raw = fcntl.ioctl(self.sock.fileno(), termios.FIONREAD, b"\0" * 4)
         except OSError:
