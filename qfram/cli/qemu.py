@@ -32,7 +32,8 @@ def arguments_restore_qemu(p: argparse.ArgumentParser) -> None:
 
 
 def arguments_extract(p: argparse.ArgumentParser) -> None:
-    p.add_argument("stream", help="a QEMU migration stream or mapped-ram file")
+    p.add_argument("stream", help="a QEMU migration stream or mapped-ram file (or a qfram "
+                                  "chunked snapshot)")
     p.add_argument("outdir", help="where the files go ('/' in block names: folders)")
     p.add_argument("--force", action="store_true",
                    help="extract even a stream that declares more RAM than the disk has free")
