@@ -452,8 +452,11 @@ cdef class TLSConnection:
         return self.conn.fd
 
     def shutdown(self):
-        """Stop both directions now (a reader or writer blocked on it wakes)."""
+        """Stop both directions now (a reader or writer blocked on it wakes); nothing
+        to do once closed."""
         import socket
+        if self.sock is None:
+            return
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:

@@ -1663,4 +1663,7 @@ def write_memory(region, Py_ssize_t offset, data):
 
 # the page scans (dirty tracker, private copies): qfram/_pagescan.pxi
 include "_pagescan.pxi"
+# a host page server's cache as a page source: qfram/_shared.pxi
 include "_shared.pxi"
+# a SIGBUS in a snapshot mapping says why and ends the process: qfram/_sigbus.pxi
+include "_sigbus.pxi"

@@ -109,3 +109,8 @@ class NoGuest(QFramError, RuntimeError):
 class StoreError(QFramError, OSError):
     """A snapshot store failed, lied or went silent past its bounds (the reason says
     which request, and what came back)."""
+
+
+class DeadlinePassed(QFramError, TimeoutError):
+    """A whole operation (a migration, a restore into QEMU) took longer than its
+    deadline: every wait was ended at once, and the reason says what was going on."""

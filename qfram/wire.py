@@ -110,6 +110,12 @@ MIG_RP_MSG_REQ_PAGES = 4
 MIG_RP_MSG_RECV_BITMAP = 5
 MIG_RP_MSG_RESUME_ACK = 6
 MIG_RP_MSG_QFRAM_RECEIVED = 0x7F01   # qfram extension: u8 channel, be64 offset placed
+RETURN_MESSAGE_NAMES = {MIG_RP_MSG_SHUT: "SHUT", MIG_RP_MSG_PONG: "PONG",
+                        MIG_RP_MSG_REQ_PAGES_ID: "REQ_PAGES_ID",
+                        MIG_RP_MSG_REQ_PAGES: "REQ_PAGES",
+                        MIG_RP_MSG_RECV_BITMAP: "RECV_BITMAP",
+                        MIG_RP_MSG_RESUME_ACK: "RESUME_ACK",
+                        MIG_RP_MSG_QFRAM_RECEIVED: "QFRAM_RECEIVED"}
 
 PREEMPT_MAGIC = b"QFRAMPRE"    # opens qfram's preempt channel (the main one opens QEVM),
                                # then the session token

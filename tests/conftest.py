@@ -21,6 +21,7 @@ from qfram import _fast, _pyfast
 from qfram.io import channel
 
 PAGE = mmap.PAGESIZE
+HOSTILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers", "hostile.py")
 
 
 class Core:
@@ -145,6 +146,26 @@ class RecordingChannel:
         self.writes.append(n)
         self.iovecs.append(len(views))
         return n
+
+
+@pytest.fixture
+def hostile(tmp_path):
+    """Starts a hostile peer (tests/helpers/hostile.py, a process of its own) of a kind
+    at a unix socket; returns its address.  Killed at the end of the test."""
+    started = []
+
+    def start(kind: str) -> str:
+        address = str(tmp_path / f"peer{len(started)}.sock")
+        proc = subprocess.Popen([sys.executable, HOSTILE, kind, address],
+                                stdout=subprocess.PIPE, text=True)
+        started.append(proc)
+        assert proc.stdout.readline() == "ready\n"
+        return address
+
+    yield start
+    for proc in started:
+        proc.kill()
+        proc.wait()
 
 
 # -- S3 engines -------------------------------------------------------------------------

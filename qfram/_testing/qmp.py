@@ -95,7 +95,7 @@ class Guest:
     def cmd(self, name: str, **arguments):
         """A QMP command; keyword arguments with dashes: ``**{"tls-creds": ...}``."""
         try:
-            return self.qmp.cmd(name, arguments or None)
+            return self.qmp.cmd(name, arguments or None, returns=None)
         except QMPError as exc:
             raise QMPError(f"{exc}: {self.output()[-2000:]}") from None
 

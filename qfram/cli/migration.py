@@ -80,7 +80,7 @@ LINK_OPTIONS = [
     ("receive", "--max-ram", {"type": parse_size, "metavar": "SIZE"}),
     ("send", "--tls-hostname", {"metavar": "NAME"}),
     ("both", "--deadline", {"type": float, "metavar": "SECONDS"}),
-    ("both", "--no-resume", {"action": "store_true"}),
+    ("both", "--resume", {"action": argparse.BooleanOptionalAction, "default": True}),
 ]
 LINK_HELP = {
     "--tls-creds": "TLS on every channel, both ends verified: a QEMU tls-creds-x509 "
@@ -95,8 +95,9 @@ LINK_HELP = {
                       "host in --to)",
     "--deadline": "give up when the whole migration (waits for the peer included) takes "
                   "longer than this",
-    "--no-resume": "a link lost after the switch ends the migration (default: reconnect "
-                   "and resume, until --deadline or --timeout)",
+    "--resume": "a link lost after the switch is reconnected and the migration resumed, "
+                "until --deadline or --timeout (the default); --no-resume: it ends the "
+                "migration",
 }
 
 
@@ -125,7 +126,7 @@ def cmd_send(args: argparse.Namespace) -> int:
                           max_rounds=args.rounds, converge_pages=args.converge_pages,
                           switch_after=args.switch_after, workload=workload,
                           postcopy=not args.precopy_only, timeout=args.timeout,
-                          deadline=args.deadline, resume=not args.no_resume,
+                          deadline=args.deadline, resume=args.resume,
                           tls_creds=args.tls_creds, tls_hostname=args.tls_hostname,
                           working_set=working_set)
     after = rss()
@@ -156,7 +157,7 @@ def cmd_receive(args: argparse.Namespace) -> int:
                                   window_pages=args.window, spin_us=args.spin_us,
                                   tls_creds=args.tls_creds, tls_authz=args.tls_authz or (),
                                   insecure=args.insecure, deadline=args.deadline,
-                                  max_ram=args.max_ram, resume=not args.no_resume,
+                                  max_ram=args.max_ram, resume=args.resume,
                                   working_set=args.working_set)
     lat = stats.fault_latency
     emit(args, stats.as_dict(),

@@ -22,6 +22,11 @@ def arguments_restore_qemu(p: argparse.ArgumentParser) -> None:
                                      "snapshot's)")
     p.add_argument("--timeout", type=float, default=30.0,
                    help="seconds a wait on QEMU may last")
+    p.add_argument("--deadline", type=float, metavar="SECONDS",
+                   help="give up when the whole restore (the monitor's greeting and "
+                        "negotiation, the handover, the pages, QEMU's word that it is "
+                        "complete) takes longer than this (default: 120 s and 10 s more "
+                        "per GiB of RAM)")
     p.add_argument("--server", metavar="SOCKET",
                    help="the pages come from this host page server (`qfram serve`), which "
                         "must serve SNAPSHOT: many QEMU clones, one decoded copy")
@@ -32,7 +37,8 @@ def arguments_restore_qemu(p: argparse.ArgumentParser) -> None:
 
 
 def arguments_extract(p: argparse.ArgumentParser) -> None:
-    p.add_argument("stream", help="a QEMU migration stream or mapped-ram file")
+    p.add_argument("stream", help="a QEMU migration stream or mapped-ram file (or a qfram "
+                                  "chunked snapshot)")
     p.add_argument("outdir", help="where the files go ('/' in block names: folders)")
     p.add_argument("--force", action="store_true",
                    help="extract even a stream that declares more RAM than the disk has free")
@@ -45,7 +51,7 @@ def cmd_restore_qemu(args: argparse.Namespace) -> int:
     """Resume a QEMU from a snapshot at once; its RAM follows on demand (postcopy)."""
     from qfram.qemu.restore import restore
     stats = restore(args.snapshot, qmp=args.qmp, to=args.to,
-                    timeout=args.timeout, machine=args.machine,
+                    timeout=args.timeout, deadline=args.deadline, machine=args.machine,
                     prefetch=args.prefetch, record=args.record, server=args.server,
                     store=store_options(args))
     lat = stats.request_service

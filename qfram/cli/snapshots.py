@@ -257,7 +257,7 @@ def cmd_load(args: argparse.Namespace) -> int:
                                   force=args.force))
     out = result.as_dict()
     out.update(rss_before=before, rss_after=rss(), target=args.target)
-    check = "checksums verified" if result.verified else "no checksums to verify"
+    check = what_was_verified(result, args.no_verify)
     emit(args, out, f"restored {human(result.ram_bytes)} ({result.pages} pages, "
                     f"{result.zero_pages} zero) from {args.snapshot} in {result.seconds:.3f} s, "
                     f"{out['gbps']} GB/s; {check}"
@@ -278,9 +278,24 @@ def load_from_store(args: argparse.Namespace) -> int:
                     f"{result.seconds:.3f} s, {out['gbps']} GB/s: {fetched.fetched} chunks "
                     f"fetched ({human(fetched.fetched_bytes)}), {fetched.cache_hits} from "
                     f"this host's cache; "
-                    + ("checksums verified" if result.verified else "not verified")
+                    + ("every chunk's hash checked, "
+                       + ("block checksums verified" if result.verified else
+                          "block checksums not verified (--no-verify)"))
                     + (f"; written to {args.target}" if args.target else ""))
     return 0
+
+
+def what_was_verified(result, no_verify: bool) -> str:
+    """What an eager load or a rewrite checked, in words (a chunked file's chunk hashes
+    are checked as they are decoded, whatever --no-verify says)."""
+    chunks = result.layout == "chunked"
+    if result.verified:
+        return "checksums verified" + (" (every chunk's hash, every block's checksum)"
+                                       if chunks else "")
+    if no_verify:
+        return "block checksums not verified (--no-verify)" + (
+            "; every chunk's hash checked" if chunks else "")
+    return "no checksums to verify" + ("; every chunk's hash checked" if chunks else "")
 
 
 def load_lazy(args: argparse.Namespace) -> int:
@@ -460,11 +475,11 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
         from qfram.store.restore import device_state as stored_devices
         _, manifest = store.inspect(args.input, endpoint_of(args))
         devices = stored_devices(manifest)
-        ram, _, _ = store.load(args.input, endpoint=endpoint_of(args), cache=cache_of(args),
-                               verify=not args.no_verify)
+        ram, loaded, _ = store.load(args.input, endpoint=endpoint_of(args),
+                                    cache=cache_of(args), verify=not args.no_verify)
     else:
         devices = snapshot.device_state(args.input)
-        ram, _ = snapshot.load(args.input, verify=not args.no_verify, huge=False)
+        ram, loaded = snapshot.load(args.input, verify=not args.no_verify, huge=False)
     for spec in args.set or []:
         name, sep, path = spec.partition("=")
         if not sep or name not in ram:
@@ -477,11 +492,13 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
     result = snapshot.save(ram, args.output, layout=args.layout, compress=args.compress,
                            devices=devices, threads=args.threads,
                            chunk_bytes=args.chunk_size)
-    out = dict(result.as_dict(), input=args.input, devices=len(devices.description))
+    out = dict(result.as_dict(), input=args.input, devices=len(devices.description),
+               input_verified=loaded.verified)
     emit(args, out, f"rewrote {args.input} as {args.output} ({result.layout} layout, "
                     f"{human(result.file_bytes)}), {len(ram)} RAM blocks"
                     + (f", {len(args.set)} replaced" if args.set else "")
-                    + f", device state carried over ({len(devices.sections)} bytes)")
+                    + f", device state carried over ({len(devices.sections)} bytes); "
+                    + f"input {what_was_verified(loaded, args.no_verify)}")
     ram.close()
     return 0
 

@@ -36,6 +36,7 @@ MAGIC = b"QFRAMWS1"
 VERSION = 1
 SUFFIX = ".ws"
 MAX_TOUCHES = 1 << 20           # what the fault server remembers
+MAX_WINDOW_PAGES = 4096         # pages placed with a touch: what the fault server takes
 _HEAD = struct.Struct(">8sIIQQQQQ")
 _TOUCH = struct.Struct(">IQ")
 
@@ -176,6 +177,9 @@ def _parse(data: bytes, identity: Tuple[int, int, int, int],
     magic, version, window, recorded, *who = _HEAD.unpack_from(body, 0)
     if magic != MAGIC or version != VERSION:
         raise FormatError("not a qfram working set (version 1) at byte offset 0")
+    if not 1 <= window <= MAX_WINDOW_PAGES:
+        raise FormatError(f"a window of {window} pages at byte offset 12 (1 to "
+                          f"{MAX_WINDOW_PAGES})")
     if tuple(who) != tuple(identity):
         raise FormatError("stale: recorded for another snapshot or RAM, or the snapshot "
                          "changed since")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
@@ -80,7 +79,7 @@ class DurableRelease:
             for entry in self.done:
                 entry.restore(fd)
         except BaseException as exc:
-            kept = out.keep_as(f"{RESCUE_MARK}{secrets.token_hex(6)}") if out else \
+            kept = out.keep_as(RESCUE_MARK) if out else \
                 "the output file"
             pages = sum(e.count for e in self.done)
             raise ReleaseRollbackError(

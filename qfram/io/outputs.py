@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import os
 import secrets
 from typing import Dict, List, Optional, Tuple
@@ -26,6 +27,8 @@ from qfram._util.text import printable
 from qfram.errors import OptionError, FormatError
 
 TEMP_MARK = ".qfram-tmp-"
+NAME_MAX = 255                  # bytes in one file name (Linux's filesystems)
+RANDOM_TAIL = 12                # hex digits that make a temporary name unique
 
 
 def block_components(name: str, offset: int = -1) -> Tuple[str, ...]:
@@ -134,9 +137,23 @@ class Directory:
             self.fd = -1
 
 
+def hidden_name(name: str, mark: str) -> str:
+    """``.NAME<mark>``, to which a random tail of RANDOM_TAIL hex digits is added: the
+    names of a file's temporaries.  They always fit NAME_MAX: a long NAME is cut to its
+    start (whole bytes of it) and a hash of all of it, so two long names that begin
+    alike never share temporaries."""
+    encoded = os.fsencode(name)
+    room = NAME_MAX - 1 - len(mark) - RANDOM_TAIL
+    if len(encoded) <= room:
+        return f".{name}{mark}"
+    digest = hashlib.blake2b(encoded, digest_size=8).hexdigest()
+    start = encoded[:room - 1 - len(digest)].decode("utf-8", "ignore")   # whole characters
+    return f".{start}~{digest}{mark}"
+
+
 def _remove_stale_temporaries(directory: Directory, name: str) -> None:
     """Named temporaries of ``name`` that nobody holds locked were left by a crash."""
-    prefix = f".{name}{TEMP_MARK}"
+    prefix = hidden_name(name, TEMP_MARK)
     for entry in os.listdir(directory.fd):
         if not entry.startswith(prefix):
             continue
@@ -181,7 +198,8 @@ class NewFile:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                     raise
         if self.fd < 0:
-            self.temp_name = f".{name}{TEMP_MARK}{secrets.token_hex(6)}"
+            self.temp_name = hidden_name(name, TEMP_MARK) + \
+                secrets.token_hex(RANDOM_TAIL // 2)
             self.fd = os.open(self.temp_name, os.O_RDWR | os.O_CREAT | os.O_EXCL
                               | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=directory.fd)
             fcntl.flock(self.fd, fcntl.LOCK_EX)     # held until commit or abort
@@ -193,10 +211,10 @@ class NewFile:
             return os.path.join(self.directory.path, self.temp_name)
         return f"{self.path} (unnamed, being written)"
 
-    def keep_as(self, suffix: str) -> str:
-        """Give the unfinished file a name of its own (``.NAME<suffix>``) and leave it:
-        for bytes that must outlive a failure.  Returns its path."""
-        kept = f".{self.name}{suffix}"
+    def keep_as(self, mark: str) -> str:
+        """Give the unfinished file a name of its own (``.NAME<mark>`` and a random
+        tail) and leave it: for bytes that must outlive a failure.  Returns its path."""
+        kept = hidden_name(self.name, mark) + secrets.token_hex(RANDOM_TAIL // 2)
         if self.temp_name is None:
             os.link(f"/proc/self/fd/{self.fd}", kept, dst_dir_fd=self.directory.fd,
                     follow_symlinks=True)
@@ -217,7 +235,8 @@ class NewFile:
         dfd = self.directory.fd
         if self.temp_name is None:
             # an O_TMPFILE file gets a random name first: linkat cannot replace
-            self.temp_name = f".{self.name}{TEMP_MARK}{secrets.token_hex(6)}"
+            self.temp_name = (hidden_name(self.name, TEMP_MARK)
+                              + secrets.token_hex(RANDOM_TAIL // 2))
             os.link(f"/proc/self/fd/{self.fd}", self.temp_name, dst_dir_fd=dfd,
                     follow_symlinks=True)
         os.rename(self.temp_name, self.name, src_dir_fd=dfd, dst_dir_fd=dfd)

@@ -94,13 +94,14 @@ class RestoreTarget:
 
 
 def new_block_files(blocks: List[Tuple[str, int]], target: str, what: str,
-                    force: bool = False) -> Tuple[RAMList, BlockFiles]:
+                    force: bool = False, *,
+                    directory: bool = False) -> Tuple[RAMList, BlockFiles]:
     """New memory files to restore ``blocks`` (name, used length) into: ``target``
-    itself for one block, else a directory with a file per block (names with '/' become
-    folders, never outside it).  They appear only on the files' commit(), once the
-    restore is verified.  More RAM than the disk has free is refused unless ``force``
-    (``what`` names the source in the message)."""
-    files = BlockFiles(target, single=len(blocks) == 1)
+    itself for one block (unless ``directory``), else a directory with a file per block
+    (names with '/' become folders, never outside it).  They appear only on the files'
+    commit(), once the restore is verified.  More RAM than the disk has free is refused
+    unless ``force`` (``what`` names the source in the message)."""
+    files = BlockFiles(target, single=len(blocks) == 1 and not directory)
     ram = RAMList()
     try:
         room, where = disk_room(files.root.path)

@@ -42,6 +42,7 @@ class Resettable(Closing):
         self.path = path
         self._fd = snapshot.open_locked(path)
         self._trackers: List[PrivateCopies] = []
+        self._maps: list = []          # what map_block_private mapped (released on close)
         self.ram = RAMList()
         try:
             self.info = snapshot.inspect_fd(path, self._fd)
@@ -55,6 +56,7 @@ class Resettable(Closing):
                                f"RAM, more than {where}; --force to map it anyway", 0)
             for b in self.info.blocks:   # (inspect checked every offset against the file)
                 region = snapshot.map_block_private(self._fd, b, self.info)
+                self._maps.append(region)
                 block = self.ram.add(RAMBlock(b.name, region, kind="snapshot-private"))
                 self._trackers.append(PrivateCopies(block.region))
         except BaseException:
@@ -83,6 +85,9 @@ class Resettable(Closing):
         for tracker in self._trackers:
             tracker.close()
         self._trackers = []
+        for region in self._maps:
+            snapshot.release_private(region)
+        self._maps = []
         self.ram.close()
         if self._fd >= 0:
             os.close(self._fd)

@@ -24,7 +24,7 @@ from qfram import wire
 from qfram.format import savevm
 from qfram.format import workingset
 from qfram._util import sched
-from qfram.errors import OptionError, FormatError, MigrationFailed
+from qfram.errors import DeadlinePassed, FormatError, MigrationFailed, OptionError
 from qfram._util.latency import percentiles
 from qfram._util.text import printable
 from qfram.postcopy import link
@@ -140,8 +140,8 @@ class Destination:
             msg.put_return_message(rp, wire.MIG_RP_MSG_SHUT, msg.shut_payload(0))
         except BaseException as exc:
             if self.expired:
-                exc = TimeoutError(f"the migration did not finish within its deadline "
-                                   f"({self.deadline:g} s): {exc}")
+                exc = DeadlinePassed(f"the migration did not finish within its deadline "
+                                     f"({self.deadline:g} s): {exc}")
             self._fail(exc, rp, server)
             raise exc
         finally:

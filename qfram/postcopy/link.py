@@ -7,15 +7,22 @@ dropped link a resumed main channel (a QFRAM_RESUME command).  Anything else —
 scan, a silent squatter, a peer that fails the TLS handshake or the ``--tls-authz``
 list — is dropped, and the destination keeps listening.  Each new connection is
 classified on a thread of its own with a deadline for its handshake and first bytes,
-so a squatter delays nobody; at most ``MAX_PENDING`` wait at once.
+so a squatter delays nobody.  At most ``MAX_PENDING`` wait to be identified at once, at
+most ``MAX_PENDING_PER_PEER`` from one address (one process, on a unix socket): a
+newcomer beyond either bound is not refused, the oldest idle connection (of that peer,
+or of all) is dropped in its place — so unidentified connections, however many, never
+keep an identified one out.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import select
 import socket
 import stat
+import struct
 import sys
+import termios
 import threading
 import time
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -27,7 +34,9 @@ from qfram.errors import LinkError
 
 HELLO_BYTES = 8                # what tells the channels apart
 HELLO_TIMEOUT = 10.0           # seconds a new connection has for its handshake + hello
-MAX_PENDING = 16               # connections being classified at once (more: dropped)
+MAX_PENDING = 16               # connections being classified at once (more: the oldest
+MAX_PENDING_PER_PEER = 4       # idle one goes), and of them from one address or process
+LISTEN_BACKLOG = 128           # connections the kernel holds until accepted
 STALE_PROBES = 5               # refusals, 50 ms apart, that make a unix socket stale
 
 MAIN, PREEMPT, RESUME = "main", "preempt", "resume"
@@ -76,7 +85,7 @@ def listen(address: str) -> socket.socket:
         else:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(addr)
-        sock.listen(MAX_PENDING)
+        sock.listen(LISTEN_BACKLOG)
     except OSError as exc:
         sock.close()
         raise LinkError(exc.errno, f"cannot listen on {address}: {exc.strerror or exc}") \
@@ -304,7 +313,7 @@ class Acceptor:
         self.hello_timeout = hello_timeout
         self.note = note
         self._ready: List[Link] = []
-        self._pending = 0
+        self._pending: List[_Pending] = []
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.dropped = 0
@@ -338,27 +347,42 @@ class Acceptor:
                 self._accept()
 
     def _accept(self) -> None:
-        try:
-            sock, _ = self.server.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        with self._lock:
-            full = self._pending >= MAX_PENDING
-            if not full:
-                self._pending += 1
-        if full:
-            self.dropped += 1
-            self.note("dropped a connection: too many connections are still silent")
-            sock.close()
-            return
-        threading.Thread(target=self._classify, args=(sock,), daemon=True,
-                         name="qfram-hello").start()
+        """Every connection waiting in the kernel, each classified on a thread."""
+        while True:
+            try:
+                sock, address = self.server.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            entry = _Pending(sock, *_peer(sock, address))
+            with self._lock:
+                victim = self._make_room(entry.key)
+                self._pending.append(entry)
+            if victim is not None:
+                victim.evict()
+            threading.Thread(target=self._classify, args=(entry,), daemon=True,
+                             name="qfram-hello").start()
 
-    def _classify(self, sock: socket.socket) -> None:
-        link = None
+    def _make_room(self, key: str) -> Optional["_Pending"]:
+        """The connection to drop for a newcomer from ``key``, if one must go: the
+        oldest idle one of that peer when it has MAX_PENDING_PER_PEER already, else
+        of all when MAX_PENDING wait.  (Under the lock.)"""
+        same = [p for p in self._pending if p.key == key]
+        if len(same) >= MAX_PENDING_PER_PEER:
+            victim = _oldest_idle(same)
+        elif len(self._pending) >= MAX_PENDING:
+            victim = _oldest_idle(self._pending)
+        else:
+            return None
+        self._pending.remove(victim)
+        victim.evicted = "peer" if len(same) >= MAX_PENDING_PER_PEER else "all"
+        return victim
+
+    def _classify(self, entry: "_Pending") -> None:
+        sock, link = entry.sock, None
         try:
             if self.security is not None:
                 link = self.security.wrap(sock, True, None, self.hello_timeout)
+                entry.spoke = True          # a certificate our CA signed: not idle
             else:
                 link = Link(sock)
             hello = link.peek(HELLO_BYTES, self.hello_timeout)
@@ -369,14 +393,18 @@ class Acceptor:
                                 "it closed without a word")
         except (OSError, ValueError) as exc:
             self.dropped += 1
-            self.note(f"dropped a connection from {_peer(sock)}: {exc}")
+            self.note(f"dropped a connection from {entry.name}: {entry.why(exc)}")
             if link is not None:
                 link.close()
             else:
                 sock.close()
             link = None
         with self._lock:
-            self._pending -= 1
+            if entry in self._pending:
+                self._pending.remove(entry)
+            if link is not None and entry.evicted:
+                link.close()                # identified too late: it was given up on
+                link = None
             if link is not None:
                 self._ready.append(link)
         try:
@@ -402,9 +430,58 @@ class Acceptor:
             os.close(fd)
 
 
-def _peer(sock: socket.socket) -> str:
+class _Pending:
+    """A connection being identified: its socket, who it is from (``key``: an address,
+    or a process on a unix socket; ``name``: as a note shows it) and since when."""
+
+    def __init__(self, sock: socket.socket, key: str, name: str) -> None:
+        self.sock, self.key, self.name = sock, key, name
+        self.since = time.monotonic()
+        self.evicted: Optional[str] = None
+        self.spoke = False              # passed the TLS handshake
+
+    def idle(self) -> bool:
+        """It has not passed a TLS handshake, and nothing it sent waits to be read."""
+        if self.spoke:
+            return False
+        try:
+            raw = fcntl.ioctl(self.sock.fileno(), termios.FIONREAD, b"\0" * 4)
+        except OSError:
+            return True
+        return struct.unpack("i", raw)[0] == 0
+
+    def evict(self) -> None:
+        """Drop it for a newcomer: its thread wakes, and notes why."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def why(self, exc: BaseException) -> str:
+        if self.evicted == "peer":
+            return (f"it was the oldest idle of {MAX_PENDING_PER_PEER} connections from "
+                    f"one peer still unidentified, and another came")
+        if self.evicted == "all":
+            return (f"it was the oldest idle of {MAX_PENDING} connections still "
+                    f"unidentified, and another came")
+        return str(exc)
+
+
+def _oldest_idle(candidates: List[_Pending]) -> _Pending:
+    """The oldest that has said nothing yet to be read (else the oldest)."""
+    idle = [p for p in candidates if p.idle()]
+    return min(idle or candidates, key=lambda p: p.since)
+
+
+def _peer(sock: socket.socket, address) -> Tuple[str, str]:
+    """Who a connection is from: the key its bound counts under (the address; on a unix
+    socket, the process) and its name in notes."""
+    if isinstance(address, tuple) and address:
+        return str(address[0]), f"{address[0]}:{address[1]}"
     try:
-        name = sock.getpeername()
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                struct.calcsize("3i"))
+        pid = struct.unpack("3i", creds)[0]
     except OSError:
-        return "?"
-    return f"{name[0]}:{name[1]}" if isinstance(name, tuple) else "a unix socket peer"
+        return "unix", "a unix socket peer"
+    return f"pid {pid}", f"a unix socket peer (process {pid})"

@@ -71,8 +71,12 @@ def shut_payload(status: int) -> bytes:
 
 
 def read_return_message(f) -> Tuple[int, bytes]:
-    """One return path message: (type, payload)."""
+    """One return path message: (type, payload).  A type the return path does not have
+    is refused at once, before its payload is waited for."""
+    pos = f.tell()
     msg_type = f.get_be16()
+    if msg_type not in wire.RETURN_MESSAGE_NAMES:
+        raise FormatError(f"unknown return path message {msg_type}", pos)
     length = f.get_be16()
     return msg_type, f.get_buffer(length)
 

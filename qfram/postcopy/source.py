@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import errno
 import secrets
 import socket
 import sys
@@ -28,7 +29,7 @@ from qfram import wire
 from qfram.format import savevm
 from qfram import backend
 from qfram._util import sched
-from qfram.errors import FormatError, NoConfirmation, QFramError
+from qfram.errors import DeadlinePassed, FormatError, NoConfirmation, QFramError
 from qfram._util.latency import percentiles
 from qfram.format.workingset import WorkingSet
 from qfram.postcopy import link
@@ -80,6 +81,8 @@ class Source:
     ``ram``'s order), sent at the switch before anything else, so that they are in
     place before it runs."""
 
+    peer = "the destination"       # who confirms, as messages name it
+
     def __init__(self, ram: RAMList, main, *, preempt=None,
                  reconnect: Optional[Callable[[], "link.Link"]] = None,
                  deadline: Optional[float] = None, release: bool = False,
@@ -123,6 +126,9 @@ class Source:
         self.shut = threading.Event()
         self.shut_status: Optional[int] = None
         self.rp_error: Optional[BaseException] = None
+        self.expired = False           # the deadline passed: every wait was ended
+        self._closing = False          # we shut the channels: the reader's end is ours
+        self._heard = [0, None, 0.0]   # return path: messages, the last one's type, when
         self._switch = threading.Event()
         self._preempt_pages = 0
         self._resent_pages = 0         # faulting pages sent again on the preempt channel
@@ -150,17 +156,16 @@ class Source:
             self.releases = ConfirmedRelease()
             self._claimed = [{b.name: bytearray(bitmap_bytes(b.npages)) for b in self.blocks}
                              for _ in range(2)]
-        if self.deadline is not None:
-            self._deadline_at = time.monotonic() + self.deadline
+        watchdog = self._watchdog()
         f = self.f = self.main.file("wb", self.timeout)
         rp = self.rp = f.get_return_path()
         rp.set_timeout(None)
         reader = self._reader = threading.Thread(target=self._read_return_path, args=(rp,),
                                                  daemon=True, name="qfram-return-path")
         trackers, tracking = self._trackers()
-        if self.preempt is not None:
-            self.pf = self._open_preempt(self.preempt)
         try:
+            if self.preempt is not None:
+                self.pf = self._open_preempt(self.preempt)
             savevm.put_header(f, self.machine)
             savevm.put_command(f, wire.CMD_OPEN_RETURN_PATH)
             savevm.put_command(f, wire.CMD_QFRAM_SESSION, self.session)
@@ -210,20 +215,20 @@ class Source:
                 self.releases.confirm_all()      # SHUT(0): it holds and verified everything
         except BaseException as exc:
             self._shutdown_channels()
-            raise self._cause(exc) from None
+            self._join_reader()
+            self._close_files()
+            raise self._reason(exc) from None
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
             for tracker in trackers:
                 if tracker is not None:
                     tracker.close()
-            self._reader.join(5)
+            self._join_reader()
             released = self.releases.stop() if self.releases is not None else 0
         sent_bytes = self._bytes_before + self.f.tell() + \
             (self.pf.tell() if self.pf is not None else 0)
-        for closer in (self.f.close, self.rp.close) + ((self.pf.close,) if self.pf else ()):
-            try:
-                closer()
-            except OSError:
-                pass                    # the destination closed first: all was said
+        self._close_files()
         st = self.stats
         st.dirty_tracking, st.precopy_rounds, st.precopy_pages = tracking, rounds, precopy_pages
         st.dirty_at_switch, st.postcopy_pages = remaining, postcopy_pages
@@ -401,12 +406,63 @@ class Source:
                 self._pf_done = True
         savevm.put_ram_tail(self.f, self.ram_section_id, description=tail)
         self.f.flush()
-        if not self.shut.wait(self.timeout):
-            raise NoConfirmation(f"the destination did not confirm within {self.timeout} s")
+        wait = self._left(self.timeout)
+        if not self.shut.wait(wait):
+            if self._deadline_at is not None and time.monotonic() >= self._deadline_at:
+                self.expired = True              # said as the deadline's
+            raise NoConfirmation(f"{self.peer} did not confirm within {wait:g} s; "
+                                 f"{self.last_word()}")
         if self.rp_error is not None:
             raise self.rp_error
         if self.shut_status:
-            raise NoConfirmation(f"the destination failed (status {self.shut_status})")
+            raise NoConfirmation(f"{self.peer} failed the migration (it ended with status "
+                                 f"{self.shut_status})")
+
+    def _left(self, wait: float) -> float:
+        """``wait``, or less when the deadline comes first."""
+        if self._deadline_at is None:
+            return wait
+        return max(0.0, min(wait, self._deadline_at - time.monotonic()))
+
+    def last_word(self) -> str:
+        """What the peer last said on the return path, for a message that says why it
+        was given up on."""
+        count, kind, at = self._heard
+        if not count:
+            return "it said nothing on the return path"
+        name = wire.RETURN_MESSAGE_NAMES.get(kind, f"type {kind}")
+        return (f"its last word on the return path: {name}, {time.monotonic() - at:.1f} s "
+                f"ago ({count} messages in all)")
+
+    def _watchdog(self) -> Optional[threading.Timer]:
+        """At the deadline, end every wait at once (the failure path says why)."""
+        if self.deadline is None:
+            return None
+        self._deadline_at = time.monotonic() + self.deadline
+        timer = threading.Timer(self.deadline, self._expire)
+        timer.daemon = True
+        timer.start()
+        return timer
+
+    def _expire(self) -> None:
+        self.expired = True
+        self._shutdown_channels()
+
+    def _reason(self, exc: BaseException) -> BaseException:
+        """What the user is told when the migration breaks."""
+        if self.expired:
+            return DeadlinePassed(f"the migration did not finish within its deadline "
+                                  f"({self.deadline:g} s); {self.last_word()}")
+        cause = self._cause(exc)
+        if not isinstance(cause, OSError) or isinstance(cause, QFramError):
+            return cause
+        if cause.errno == errno.ETIMEDOUT:
+            return link.LinkError(f"{self.peer} took nothing for {self.timeout:g} s "
+                                  f"({cause.strerror or cause}); {self.last_word()}")
+        if cause.errno in (errno.EPIPE, errno.ECONNRESET):
+            return link.LinkError(f"{self.peer} hung up ({cause.strerror or cause}); "
+                                  f"{self.last_word()}")
+        return cause
 
     def _cause(self, exc: BaseException) -> BaseException:
         """Why the migration broke: a write that failed because the return path's
@@ -415,9 +471,25 @@ class Source:
             return self.rp_error
         return exc
 
+    def _join_reader(self) -> None:
+        """Wait for the return path's reader (which a shut channel ends), if it ran."""
+        if self._reader.ident is not None:
+            self._reader.join(5)
+
+    def _close_files(self) -> None:
+        """Close every channel's file: their zero-copy iovecs let go of the RAM (which
+        may then be unmapped).  Errors are the peer's closing first: all was said."""
+        for each in (self.f, self.rp, self.pf):
+            try:
+                if each is not None:
+                    each.close()
+            except (OSError, QFramError):
+                pass
+
     def _shutdown_channels(self) -> None:
         """End both directions of every channel now: the peer sees it at once and our
-        return path reader wakes."""
+        return path reader wakes (its end is then ours, not a reason of its own)."""
+        self._closing = True
         for file in (self.f, self.pf):
             try:
                 if file is not None:
@@ -429,7 +501,7 @@ class Source:
 
     def _resumable(self, exc: BaseException) -> bool:
         """A lost link (not a broken peer, not a refusal) can be resumed."""
-        return (self.reconnect is not None and isinstance(exc, OSError)
+        return (self.reconnect is not None and isinstance(exc, OSError) and not self.expired
                 and not isinstance(exc, (NoConfirmation, link.LinkError)))
 
     def _resume(self, error: BaseException) -> None:
@@ -437,13 +509,9 @@ class Source:
         POSTCOPY_RESUME and wait for RESUME_ACK; what it lacks is dirty again."""
         self._shutdown_channels()
         self._reader.join()
+        self.rp_error = None             # said: it is ``error`` (or caused it)
         self._bytes_before += self.f.tell() + (self.pf.tell() if self.pf else 0)
-        for each in (self.f, self.rp, self.pf):
-            try:
-                if each is not None:
-                    each.close()
-            except OSError:
-                pass
+        self._close_files()
         if self.releases is not None:
             self.releases.forget_pending()    # unconfirmed: the bitmap will say
         until = self._deadline_at if self._deadline_at is not None else \
@@ -455,13 +523,14 @@ class Source:
                 self.main = self.reconnect()
                 f = self.f = self.main.file("wb", self.timeout)
                 rp = self.rp = f.get_return_path()
-                rp.set_timeout(self.timeout)
+                rp.set_timeout(max(0.001, min(self.timeout, until - time.monotonic())))
                 self._exchange_bitmaps(f, rp)
                 break
             except (OSError, QFramError) as exc:
-                if isinstance(exc, FormatError) or time.monotonic() >= until:
+                if isinstance(exc, FormatError) or time.monotonic() >= until or self.expired:
                     raise link.LinkError(f"could not resume the migration: {exc}") from None
                 time.sleep(RECONNECT_INTERVAL)
+        self._closing = False
         rp.set_timeout(None)
         self.pf = self._open_preempt(self.reconnect()) if self.pf is not None else None
         self._pf_done = False
@@ -613,10 +682,13 @@ class Source:
     def _read_return_path(self, rp) -> None:
         sched.short_slice()          # requests wake this thread: it should run at once
         last: Optional[str] = None
+        heard = self._heard
         try:
             while True:
                 pos = rp.tell()
                 kind, payload = msg.read_return_message(rp)
+                heard[0] += 1
+                heard[1], heard[2] = kind, time.monotonic()
                 if kind in (wire.MIG_RP_MSG_REQ_PAGES_ID, wire.MIG_RP_MSG_REQ_PAGES):
                     name, start, length = msg.parse_page_request(kind, payload, last, pos)
                     block = self.ram.get(name)
@@ -647,8 +719,9 @@ class Source:
                 else:
                     raise FormatError(f"unknown return path message {kind}", pos)
         except BaseException as exc:
-            self.rp_error = exc
-            self._shutdown_channels()    # the streams stop at once, to resume or fail
+            if not self._closing:        # (else we ended it: not the peer's doing)
+                self.rp_error = exc
+                self._shutdown_channels()    # the streams stop at once, to resume or fail
         finally:
             self.shut.set()
 

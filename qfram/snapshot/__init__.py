@@ -33,13 +33,13 @@ from qfram.snapshot import chunked, journal, mapped, reader, stream
 from qfram.snapshot.common import (Progress, SnapshotInfo, check_checksums, checksum,
                                    devices_of, make_description)
 from qfram.snapshot.journal import open_locked
-from qfram.snapshot.mapped import map_block_private, read_blocks
+from qfram.snapshot.mapped import map_block_private, read_blocks, release_private
 from qfram.wire import DEFAULT_MACHINE
 
 __all__ = ["save", "load", "inspect", "inspect_fd", "open_locked", "SnapshotInfo",
            "SaveResult", "LoadResult", "ChecksumError", "ReleaseRollbackError",
            "DurableRelease", "check_checksums", "checksum", "devices_of", "device_state",
-           "make_description", "map_block_private", "read_blocks"]
+           "make_description", "map_block_private", "read_blocks", "release_private"]
 
 def save(ram: RAMList, path: str, *, layout: str = "stream", machine: Optional[str] = None,
          release: bool = False, compress: Optional[str] = None, incremental: bool = False,
@@ -78,7 +78,8 @@ def save(ram: RAMList, path: str, *, layout: str = "stream", machine: Optional[s
         try:
             if layout is Layout.CHUNKED:
                 result = chunked.save(blocks, out.fd, codec=compress, chunk_bytes=chunk_bytes,
-                                      threads=threads, machine=machine, devices=devices)
+                                      threads=threads, machine=machine, devices=devices,
+                                      progress=progress)
             elif layout is Layout.STREAM:
                 result = stream.save(blocks, out.fd, machine, compress, progress, devices,
                                      releaser)

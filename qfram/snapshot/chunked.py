@@ -22,8 +22,12 @@ Layout (big-endian)::
           the description: JSON (as a qfram VMDESCRIPTION: blocks, checksums, devices)
           the device sections, byte for byte as QEMU wrote them (may be empty)
 
-Every offset, length and kind is checked against the file before a byte is decoded; a
-bad file stops with an error naming the byte offset.
+Every offset, length and kind is checked against the file before a byte is decoded,
+once, when the file is read: a block list with at least one block, each block covered by
+exactly its chunks, the chunks' stored bytes one after the other, in order, filling the
+data exactly (sorted, none overlapping, no gap); a bad file stops with an error naming
+the byte offset.  Each chunk's hash is checked as it is decoded, and an eager restore
+checks each block's checksum too (unless told not to verify).
 """
 from __future__ import annotations
 
@@ -44,7 +48,7 @@ from qfram.format import savevm
 from qfram.format import vmdesc as descriptions
 from qfram.ram import RAMBlock, RAMList, memory_room
 from qfram.results import LoadResult, SaveResult
-from qfram.snapshot.common import SnapshotInfo, make_description
+from qfram.snapshot.common import Progress, SnapshotInfo, check_checksums, make_description
 from qfram.wire import TARGET_PAGE_SIZE
 
 MAGIC = b"QFRAMCHK"
@@ -113,8 +117,10 @@ class ChunkedFile:
 def save(blocks: List[RAMBlock], fd: int, *, codec: str = "lz4",
          chunk_bytes: int = DEFAULT_CHUNK, threads: int = 2, level: int = 3,
          machine: str = wire.DEFAULT_MACHINE,
-         devices: Optional[savevm.DeviceState] = None) -> SaveResult:
-    """Write the chunked file to ``fd`` (new, empty)."""
+         devices: Optional[savevm.DeviceState] = None,
+         progress: Progress = None) -> SaveResult:
+    """Write the chunked file to ``fd`` (new, empty); ``progress(done, total)`` is told
+    the bytes of RAM written as they go."""
     if codec not in CODECS:
         raise OptionError(f"the chunked layout compresses with lz4 or zstd, not {codec!r}")
     if not _valid_chunk(chunk_bytes):
@@ -123,11 +129,12 @@ def save(blocks: List[RAMBlock], fd: int, *, codec: str = "lz4",
     entries: List[bytes] = []
     sums: Dict[str, str] = {}
     counts: Dict[str, Tuple[int, int]] = {}
+    told = _Told(progress, sum(b.used_length for b in blocks))
     with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
         for block in blocks:
             pos, sums[block.name], zero_pages = _write_block(
                 pool, max(1, threads), fd, pos, block, _chunks.CODECS[codec], level,
-                chunk_bytes, entries)
+                chunk_bytes, entries, told)
             counts[block.name] = (block.npages - zero_pages, zero_pages)
     desc = make_description("chunked", blocks, sums, counts, codec, devices)
     desc["qfram"].update(chunk_bytes=chunk_bytes, machine=machine,
@@ -148,8 +155,21 @@ def save(blocks: List[RAMBlock], fd: int, *, codec: str = "lz4",
                       0, 0.0, 0, sums, codec)
 
 
+class _Told:
+    """Progress over all blocks: bytes of RAM written so far, of ``total``."""
+
+    def __init__(self, progress: Progress, total: int) -> None:
+        self.progress, self.total, self.done = progress, total, 0
+
+    def add(self, n: int) -> None:
+        self.done += n
+        if self.progress:
+            self.progress(self.done, self.total)
+
+
 def _write_block(pool, threads: int, fd: int, pos: int, block: RAMBlock, codec: int,
-                 level: int, chunk_bytes: int, entries: List[bytes]) -> Tuple[int, str, int]:
+                 level: int, chunk_bytes: int, entries: List[bytes],
+                 told: _Told) -> Tuple[int, str, int]:
     """One block's chunks, encoded on the pool's threads a few MiB a task (a bounded
     number in flight) and written in order from ``pos``; their index entries appended
     to ``entries``.  Returns where the next block starts, its checksum, its zero pages."""
@@ -180,6 +200,7 @@ def _write_block(pool, threads: int, fd: int, pos: int, block: RAMBlock, codec: 
             pos += stored
         end = min(length, done + len(chunks) * chunk_bytes)
         hasher.update(memoryview(block.region)[done:end])
+        told.add(end - done)
         done = end
     return pos, hasher.hexdigest(), zero_pages
 
@@ -233,10 +254,17 @@ def read(fd: int, path: str) -> ChunkedFile:
     machine = q.get("machine")
     sid = q.get("ram_section_id", wire.RAM_SECTION_ID)
     if q.get("layout") != "chunked" or q.get("chunk_bytes") != chunk_bytes \
-            or not isinstance(machine, str) or not isinstance(sid, int):
+            or not isinstance(machine, str) or type(sid) is not int:
         raise FormatError(f"{path}: the description is not a chunked snapshot's", desc_at)
+    if not 0 <= sid <= 0xFFFFFFFF:
+        raise FormatError(f"{path}: RAM section id {sid} does not fit QEMU's 32 bits",
+                          desc_at)
+    if not desc.blocks:
+        raise FormatError(f"{path}: a snapshot without RAM (its description lists no "
+                          f"blocks)", desc_at)
     blocks: List[ChunkedBlock] = []
     pos = 0
+    stored_end = DATA_START            # where the next stored chunk must start
     for facts in desc.blocks.values():
         if not 0 < len(facts.name.encode()) <= 255:
             raise FormatError(f"{path}: a block name of {len(facts.name.encode())} bytes "
@@ -249,19 +277,26 @@ def read(fd: int, path: str) -> ChunkedFile:
         if len(raw) < n * _ENTRY.size or pos + n * _ENTRY.size > index_len:
             raise FormatError(f"{path}: the index ends before block {facts.name!r}'s "
                               f"{n} chunks", index_at + pos)
-        blocks.append(_check_block(path, facts, raw, index_at + pos, chunk_bytes, index_at))
+        block, stored_end = _check_block(path, facts, raw, index_at + pos, chunk_bytes,
+                                         index_at, stored_end)
+        blocks.append(block)
         pos += len(raw)
     if pos != index_len:
         raise FormatError(f"{path}: {index_len - pos} index bytes belong to no block",
                           index_at + pos)
+    if stored_end != index_at:
+        raise FormatError(f"{path}: the chunks' bytes end at {stored_end}, the index starts "
+                          f"at {index_at}: {index_at - stored_end} bytes belong to no chunk",
+                          index_at)
     return ChunkedFile(size, chunk_bytes, blocks, desc, machine,
                        tail[index_len + desc_len:], sid)
 
 
 def _check_block(path: str, facts, raw: bytes, at: int, chunk_bytes: int,
-                 data_end: int) -> ChunkedBlock:
-    """One block's index entries, each checked: stored bytes inside the data region, a
-    known kind, a length that kind allows."""
+                 data_end: int, stored_end: int) -> Tuple[ChunkedBlock, int]:
+    """One block's index entries, each checked: stored bytes inside the data region,
+    right where the chunk before ends (``stored_end``: sorted, no overlap, no gap), a
+    known kind, a length that kind allows.  Returns where the next chunk must start."""
     native = bytearray(len(raw))
     kinds = {k: 0 for k in range(4)}
     n = len(raw) // _ENTRY.size
@@ -272,17 +307,23 @@ def _check_block(path: str, facts, raw: bytes, at: int, chunk_bytes: int,
             bad = f"kind {kind} is none of zero, raw, lz4, zstd"
         elif (stored == 0) != (kind == KIND_ZERO) or (kind == KIND_RAW and stored != size):
             bad = f"{stored} stored bytes do not fit its kind ({kind})"
+        elif not stored and offset:
+            bad = f"a zero chunk has no bytes, yet an offset ({offset})"
         elif stored and not (DATA_START <= offset and offset + stored <= data_end):
             bad = f"its bytes ({stored} at {offset}) lie outside the chunk data"
         elif stored > size + size // 255 + 1024:
             bad = f"{stored} stored bytes, more than any {size}-byte chunk needs"
+        elif stored and offset != stored_end:
+            bad = (f"its bytes ({stored} at {offset}) are not where the chunk before it "
+                   f"ends ({stored_end}): chunks overlap, or leave a gap")
         if bad:
             raise FormatError(f"{path}: block {facts.name!r} chunk {i}: {bad}",
                               at + i * _ENTRY.size)
         kinds[kind] += 1
+        stored_end += stored
         _NATIVE.pack_into(native, i * _NATIVE.size, offset, stored, kind, digest)
     assert n == len(native) // _NATIVE.size
-    return ChunkedBlock(facts.name, facts.used_length, bytes(native), kinds)
+    return ChunkedBlock(facts.name, facts.used_length, bytes(native), kinds), stored_end
 
 
 def load(fd: int, path: str, ram: Optional[RAMList], *, threads: int = 2,
@@ -358,10 +399,19 @@ def inspect(path: str, cf: ChunkedFile) -> SnapshotInfo:
 def load_snapshot(fd: int, path: str, ram: Optional[RAMList], *, verify: bool = True,
                   threads: int = 2, zeroed: bool = False,
                   force: bool = False) -> Tuple[RAMList, LoadResult]:
-    """qfram.snapshot.load of a chunked file: ``load`` with its result."""
+    """qfram.snapshot.load of a chunked file: ``load`` with its result; with ``verify``
+    each block's checksum is checked too (each chunk's hash always is)."""
     t0 = time.perf_counter()
+    created = ram is None
     ram, cf = load(fd, path, ram, threads=threads, zeroed=zeroed, force=force)
+    try:
+        verified = check_checksums(ram, [(b.name, b.used_length) for b in cf.blocks],
+                                   cf.description) if verify else False
+    except BaseException:
+        if created:
+            ram.close()
+        raise
     blocks = [b.as_dict() for b in block_infos(cf)]
     return ram, LoadResult(path, "chunked", sum(b["used_length"] for b in blocks),
                            sum(b["pages"] for b in blocks), sum(b["zero_pages"] for b in blocks),
-                           time.perf_counter() - t0, True, blocks)
+                           time.perf_counter() - t0, verified, blocks)

@@ -180,10 +180,16 @@ def map_block_private(fd: int, block: savevm.BlockInfo, info: SnapshotInfo):
     earlier pass when the page turns zero, and only clears its bit — anonymous zero
     memory is mapped over them.  qfram leaves holes there (its incremental saves punch
     them), so its own files are not searched (~0.1 s a GiB; their checksums would show
-    a file that lied)."""
+    a file that lied).
+
+    The file may be cut while mapped: a touch past its end is then a SIGBUS, which ends
+    the process with status 1 and a line saying which snapshot and page (``_uffd.
+    guard_mapping``); ``release_private(region)`` before unmapping it."""
     import mmap
+    from qfram import _uffd
     region = mmap.mmap(fd, block.used_length, flags=mmap.MAP_PRIVATE,
                        offset=block.pages_offset)
+    _uffd.guard_mapping(region, f"block {block.name} of {info.path}")
     if info.written_by_qfram:
         return region
     try:
@@ -210,9 +216,16 @@ def map_block_private(fd: int, block: savevm.BlockInfo, info: SnapshotInfo):
         for first, count in stale:
             _map_zeros(region, first * TARGET_PAGE_SIZE, count * TARGET_PAGE_SIZE)
     except BaseException:
-        region.close()
+        release_private(region)
         raise
     return region
+
+
+def release_private(region) -> None:
+    """Unmap what map_block_private mapped (its SIGBUS guard first)."""
+    from qfram import _uffd
+    _uffd.unguard_mapping(region)
+    region.close()
 
 
 _INVERT = bytes(~b & 0xFF for b in range(256))

@@ -77,11 +77,11 @@ def test_a_stale_working_set_is_ignored(snap):
     assert "stale" in stats.working_set
 
 
-def forge(snap, touches, count=None):
+def forge(snap, touches, count=None, window=1):
     """A sidecar with a good checksum and hostile contents."""
     fd = os.open(snap, os.O_RDONLY)
     info = snapshot.inspect(snap)
-    ws = workingset.WorkingSet(touches, 1, 0)
+    ws = workingset.WorkingSet(touches, window, 0)
     workingset.save(snap, fd, info, ws)
     data = bytearray(open(workingset.sidecar_of(snap), "rb").read()[:-8])
     if count is not None:
@@ -97,6 +97,8 @@ def forge(snap, touches, count=None):
     (dict(touches=[(0, 1), (0, 4096)]), "lies outside the snapshot"),     # past pc.ram
     (dict(touches=[(2, 0)]), "lies outside the snapshot"),                # no block 2
     (dict(touches=[(0, 1)], count=1 << 40), "touches declared at byte offset"),
+    (dict(touches=[(0, 1)], window=0), "a window of 0 pages at byte offset 12"),
+    (dict(touches=[(0, 1)], window=1 << 31), "a window of 2147483648 pages"),
 ])
 def test_a_hostile_working_set_is_ignored_and_names_the_offset(snap, hostile, reason):
     forge(snap, **hostile)

@@ -38,7 +38,7 @@ def migrate(tmp_path, send_args, recv_args, address=None, timeout=120):
     send = subprocess.run(qfram("send", "--to", address, "--json", *send_args),
                           capture_output=True, text=True, timeout=timeout)
     r_out, r_err = recv.communicate(timeout=timeout)
-    assert send.returncode == 0, send.stderr
+    assert send.returncode == 0, send.stderr + f"\nthe receiver ({recv.returncode}): " + r_err
     assert recv.returncode == 0, r_err
     return json.loads(send.stdout), json.loads(r_out)
 
@@ -306,3 +306,24 @@ def test_the_destinations_working_set_goes_first_next_time(tmp_path):
     src3, _ = migrate(tmp_path, ["--demo", "32M", "--rounds", "0", "--working-set", ws],
                       ["--workload", "read"], address=str(tmp_path / "third.sock"))
     assert src3["prefetched_pages"] == 0
+
+
+def test_a_working_set_with_a_hostile_window_is_ignored_by_send(tmp_path):
+    from qfram.format import workingset
+    ws = str(tmp_path / "ram.ws")
+    blocks = [("pc.ram", (16 << 20) // 4096)]
+    workingset.write(ws, workingset.migration_identity(blocks), blocks,
+                     workingset.WorkingSet([(0, 5), (0, 9)], 0, 0))    # a window of 0
+    src, dst = migrate(tmp_path, ["--demo", "16M", "--rounds", "0", "--working-set", ws],
+                       ["--workload", "read"])       # was: ZeroDivisionError, a traceback
+    assert src["prefetched_pages"] == 0 and dst["verified"] is True
+
+
+def test_resume_is_accepted_as_the_explicit_default(tmp_path):
+    """QEMU users type --resume; it says what qfram does anyway (--no-resume stops it)."""
+    src, dst = migrate(tmp_path, ["--demo", "16M", "--rounds", "1", "--resume"],
+                       ["--resume"])
+    assert dst["verified"] is True
+    src, dst = migrate(tmp_path, ["--demo", "16M", "--rounds", "1", "--no-resume"],
+                       ["--no-resume"], address=str(tmp_path / "second.sock"))
+    assert dst["verified"] is True

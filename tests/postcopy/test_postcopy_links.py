@@ -209,6 +209,42 @@ def test_probes_squatters_and_garbage_are_dropped_and_the_source_gets_through(tm
     assert "dropped a connection" in err
 
 
+def squat(address: str, count: int) -> list:
+    """``count`` connections that connect and never say a word."""
+    squatters = []
+    for _ in range(count):
+        if address.startswith("127.0.0.1:"):
+            s = socket.create_connection(("127.0.0.1", int(address.rsplit(":", 1)[1])))
+        else:
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(address)
+        squatters.append(s)
+    return squatters
+
+
+@pytest.mark.parametrize("kind, count", [("tcp", 20), ("tcp", 200), ("tls", 20),
+                                         ("tls", 200), ("unix", 200)])
+def test_squatters_never_keep_the_source_out(tmp_path, creds, kind, count):
+    """Idle connections fill every slot before the source comes: the oldest idle one
+    goes for each newcomer, so the source's two channels get through at once."""
+    address = str(tmp_path / "m.sock") if kind == "unix" else f"127.0.0.1:{free_port()}"
+    tls = ["--tls-creds", creds[0]] if kind == "tls" else []
+    recv = receiver(address, "--timeout", "10", "--deadline", "30", *tls)
+    squatters = squat(address, count)
+    try:
+        t0 = time.monotonic()
+        sent = send(address, "--demo", "16M", "--rounds", "1", "--timeout", "10", *tls)
+        took = time.monotonic() - t0
+        code, out, err = finish(recv)
+    finally:
+        for s in squatters:
+            s.close()
+    assert sent.returncode == 0 and code == 0, sent.stderr + err
+    assert json.loads(out)["verified"] is True
+    assert "it was the oldest idle of" in err
+    assert took < 8, took
+
+
 def test_a_dripping_peer_is_bounded_by_the_deadline(tmp_path):
     address = str(tmp_path / "m.sock")
     recv = receiver(address, "--timeout", "2", "--deadline", "4")
@@ -461,3 +497,46 @@ def test_a_link_cut_after_the_switch_is_resumed(tmp_path, creds, tls):
     npages = (128 << 20) // 4096
     # only what the destination lacked went again (what was in flight when the link died)
     assert src["pages_sent"] < npages * 1.25, src
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["clear", "tls"])
+def test_a_link_that_never_comes_back_ends_send_with_the_reason(tmp_path, creds, tls):
+    dest_port, proxy_port = free_port(), free_port()
+    tls_args = ["--tls-creds", creds[0]] if tls else []
+    recv = receiver(f"127.0.0.1:{dest_port}", "--workload", "read", "--timeout", "4",
+                    *tls_args)
+    count = str(tmp_path / "count")
+    proxy = start_proxy(proxy_port, dest_port, 30e6, count)
+    source = subprocess.Popen(qfram("send", "--to", f"127.0.0.1:{proxy_port}", "--demo",
+                                    "64M", "--rounds", "0", "--timeout", "2", *tls_args),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while forwarded(count) < (8 << 20) and time.time() < deadline:
+        time.sleep(0.01)
+    proxy.kill()                                   # the network fails, for good
+    proxy.wait()
+    t0 = time.time()
+    _, err = source.communicate(timeout=60)
+    took = time.time() - t0
+    finish(recv)
+    assert source.returncode == 1, err
+    assert "Traceback" not in err and "AttributeError" not in err, err
+    assert "qfram send: could not resume the migration: " in err, err
+    assert took < 10
+
+
+def test_a_failed_tls_handshake_names_the_peers_address(creds):
+    good, _ = creds
+    address = f"127.0.0.1:{free_port()}"
+    recv = receiver(address, "--tls-creds", good, "--deadline", "3")
+    with socket.create_connection(("127.0.0.1", int(address.rsplit(":", 1)[1]))) as plain:
+        port = plain.getsockname()[1]
+        plain.sendall(b"QEVM\x00\x00\x00\x03" + b"\x00" * 64)     # no TLS at all
+        plain.settimeout(10)
+        try:
+            plain.recv(1 << 16)
+        except OSError:
+            pass
+    _, _, err = finish(recv)
+    assert f"dropped a connection from 127.0.0.1:{port}: " in err, err
+    assert "from ?" not in err

@@ -102,3 +102,28 @@ def test_control_characters_are_refused_as_paths_and_escaped_when_shown(tmp_path
     info = qfram("info", snap)
     assert info.returncode == 0, info.stderr
     assert "\x1b" not in info.stdout and "\\x1b" in info.stdout
+
+
+def test_a_block_name_of_255_bytes_is_extracted_and_loaded(tmp_path):
+    """A name as long as QEMU allows is a file name as long as Linux allows: the
+    temporaries it is written under must fit too (was: ENAMETOOLONG)."""
+    names = ["x" * 255, "é" * 127, "pc.ram"]
+    snap = snap_with_blocks(tmp_path / "snap", names, fill=b"L")
+    for cmd in ("extract", "load"):
+        out = qfram(cmd, snap, tmp_path / cmd)
+        assert out.returncode == 0, (cmd, out.stderr)
+        assert everything_under(tmp_path / cmd) == set(names)
+        for name in names:
+            assert (tmp_path / cmd / name).read_bytes() == b"L" * (2 * PAGE)
+
+
+def test_named_temporaries_of_a_long_name_fit_and_are_cleaned_up(tmp_path):
+    from qfram.io import outputs
+    name = "y" * 255
+    stale = tmp_path / (outputs.hidden_name(name, outputs.TEMP_MARK) + "deadbeef0000")
+    stale.write_bytes(b"left by a crash")                  # unlocked: removed
+    with outputs.new_file(str(tmp_path / name), named=True) as out:
+        os.write(out.fd, b"whole")
+        assert len(os.path.basename(out.where).encode()) <= 255
+    assert everything_under(tmp_path) == {name}
+    assert (tmp_path / name).read_bytes() == b"whole"

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 import xxhash
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from qfram import FormatError, snapshot
 from qfram.lazy import LazyRestore
@@ -178,6 +180,150 @@ def test_a_damaged_chunk_ends_a_lazy_restore_with_a_reason(saved, tmp_path):
                           "--no-record"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "damaged" in out.stderr
+
+
+def qfram(*args, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qfram", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def refused(out, *words) -> None:
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr and all(w in out.stderr for w in words), out.stderr
+
+
+def test_a_chunked_file_without_ram_is_refused_eagerly_and_lazily(saved, tmp_path):
+    _, _, desc, _, _ = parts(saved[0]["lz4"])
+    desc["qfram"]["blocks"] = []
+    path = forge(saved[0]["lz4"], tmp_path / "empty", index=b"", desc=desc)
+    for args in (["load", path], ["load", path, "--lazy"], ["extract", path, tmp_path / "x"],
+                 ["rewrite", path, tmp_path / "y", "--layout", "mapped"]):
+        refused(qfram(*args), "a snapshot without RAM")     # was: restored 0 B, exit 0
+    with pytest.raises(FormatError, match="without RAM"):
+        LazyRestore(str(path))
+
+
+def test_a_ram_section_id_past_32_bits_is_refused(saved, tmp_path):
+    _, _, desc, _, _ = parts(saved[0]["lz4"])
+    desc["qfram"]["ram_section_id"] = 1 << 40
+    path = forge(saved[0]["lz4"], tmp_path / "sid", desc=desc)
+    refused(qfram("rewrite", path, tmp_path / "out"), "does not fit QEMU's 32 bits")
+
+
+def test_an_index_whose_chunks_overlap_is_refused(saved, tmp_path):
+    """Chunk 1 pointing at chunk 0's bytes, with chunk 0's hash: every chunk decodes
+    and matches its hash, and the block would hold the wrong bytes."""
+    _, index, _, _, _ = parts(saved[0]["lz4"])
+    offset, length, kind, digest = chunked._ENTRY.unpack_from(index, 0)
+    path = forge(saved[0]["lz4"], tmp_path / "overlap",
+                 index=entry(index, 1, offset=offset, length=length, kind=kind, hash=digest))
+    with pytest.raises(FormatError, match="chunks overlap, or leave a gap") as err:
+        snapshot.load(str(path))
+    assert err.value.offset == len(parts(saved[0]["lz4"])[0]) + chunked._ENTRY.size
+    for args in (["load", path], ["load", path, "--no-verify"], ["load", path, "--lazy"],
+                 ["rewrite", path, tmp_path / "out"]):
+        refused(qfram(*args), "chunks overlap")
+
+
+def test_eager_load_and_rewrite_check_block_checksums_and_say_what_they_checked(saved,
+                                                                              tmp_path):
+    _, _, desc, _, _ = parts(saved[0]["lz4"])
+    desc["qfram"]["blocks"][1]["xxh3_64"] = "0123456789abcdef"       # chunks all good
+    path = forge(saved[0]["lz4"], tmp_path / "lying", desc=desc)
+    for args in (["load", path], ["rewrite", path, tmp_path / "out"]):
+        refused(qfram(*args), "block 'vga.vram'", "the snapshot recorded 0123456789abcdef")
+    unchecked = qfram("load", path, "--no-verify")
+    assert unchecked.returncode == 0, unchecked.stderr
+    assert unchecked.stdout.rstrip().endswith(
+        "block checksums not verified (--no-verify); every chunk's hash checked")
+    good = qfram("load", saved[0]["lz4"])
+    assert good.stdout.rstrip().endswith(
+        "checksums verified (every chunk's hash, every block's checksum)"), good.stdout
+    rewritten = qfram("rewrite", saved[0]["lz4"], tmp_path / "good", "--layout", "mapped")
+    assert rewritten.stdout.rstrip().endswith("input checksums verified (every chunk's "
+                                              "hash, every block's checksum)")
+
+
+def test_extract_writes_a_chunked_snapshots_blocks(saved, tmp_path):
+    paths, _, original = saved
+    out = qfram("extract", paths["zstd"], tmp_path / "x", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["verified"] is True
+    for name, data in original.items():
+        assert (tmp_path / "x" / name).read_bytes() == data
+    zero = (tmp_path / "x" / "pc.ram").stat()
+    assert zero.st_blocks * 512 < zero.st_size              # the zero stretch: a hole
+
+
+def test_a_chunked_save_shows_progress_on_a_terminal(tmp_path):
+    import pty
+    controller, terminal = pty.openpty()
+    run = subprocess.Popen([sys.executable, "-m", "qfram", "save", "--demo", "32M",
+                            str(tmp_path / "snap"), "--layout", "chunked"],
+                           stdout=subprocess.PIPE, stderr=terminal)
+    os.close(terminal)
+    shown = b""
+    while True:
+        try:
+            data = os.read(controller, 1 << 16)
+        except OSError:                     # EIO: the other end is closed
+            break
+        if not data:
+            break
+        shown += data
+    os.close(controller)
+    assert run.wait(60) == 0
+    assert b"save [" in shown and b"100.0% 32.00 MiB / 32.00 MiB" in shown, shown
+
+
+class Saved:
+    """The lz4 file and the RAM it holds, shown briefly (hypothesis prints its
+    arguments)."""
+
+    def __init__(self, saved) -> None:
+        self.path, self.original = saved[0]["lz4"], saved[2]
+
+    def __repr__(self) -> str:
+        return f"<Saved {self.path}>"
+
+
+@pytest.fixture
+def lz4(saved) -> Saved:
+    return Saved(saved)
+
+
+@settings(max_examples=120, deadline=2000, suppress_health_check=[
+    HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(changes=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)),
+                        min_size=1, max_size=6),
+       desc_change=st.sampled_from([None, ("ram_section_id", -1), ("chunk_bytes", 4096),
+                                    ("machine", 7), ("blocks", []), ("ram_section_id", 2.5),
+                                    ("used_length", 4096), ("used_length", 1 << 50)]))
+def test_the_chunked_index_parser_refuses_any_damage_with_a_reason(lz4, tmp_path, changes,
+                                                                   desc_change):
+    """Random bytes of the index changed (every checksum made good again), and the
+    description's numbers: reading and loading say FormatError, or give every byte
+    back as saved."""
+    body, index, desc, _, _ = parts(lz4.path)
+    damaged = bytearray(index)
+    for at, value in changes:
+        damaged[at % len(damaged)] = value
+    if desc_change is not None:
+        key, value = desc_change
+        if key == "used_length":
+            desc["qfram"]["blocks"][0][key] = value
+        else:
+            desc["qfram"][key] = value
+    path = forge(lz4.path, tmp_path / "fuzz", index=bytes(damaged), desc=desc)
+    try:
+        ram, result = snapshot.load(str(path), force=True)
+    except FormatError:
+        return
+    try:
+        assert result.verified
+        assert {b.name: bytes(b.region) for b in ram} == lz4.original
+    finally:
+        ram.close()
 
 
 @pytest.mark.parametrize("cut", [10, 100, -1])

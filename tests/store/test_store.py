@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from qfram import snapshot
 from qfram.lab.demo import fill_demo
