@@ -23,6 +23,7 @@ from libc.string cimport memset
 from posix.unistd cimport close
 
 from qfram.includes.system cimport pollfd, poll, POLLIN, POLLOUT, qf_set_errno, qf_now_ns
+from qfram.includes.atomics cimport qf_add_int, qf_load_int, qf_relax
 from qfram._fast cimport Transport
 
 from qfram.errors import TLSError
@@ -91,6 +92,8 @@ cdef extern from "<openssl/ssl.h>" nogil:
     int SSL_CTX_set_num_tickets(SSL_CTX *ctx, size_t n)
     long SSL_CTX_set_mode(SSL_CTX *ctx, long mode)
     void SSL_CTX_set_read_ahead(SSL_CTX *ctx, int yes)
+    void SSL_CTX_set_default_read_buffer_len(SSL_CTX *ctx, size_t length)
+    int SSL_has_pending(const SSL *ssl)
     SSL *SSL_new(SSL_CTX *ctx)
     void SSL_free(SSL *ssl)
     int SSL_set_fd(SSL *ssl, int fd)
@@ -130,6 +133,13 @@ cdef extern from "<openssl/err.h>" nogil:
 
 
 CIPHERSUITES = b"TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+
+# OpenSSL's read-ahead buffer: one recv() brings this much (many 16 KiB records) instead
+# of one record per system call.
+cdef size_t READ_AHEAD = 256 * 1024
+# What one SSL_write may encrypt and send while holding the connection: one full record.
+# The other direction (a return path's page request) waits at most that long.
+cdef int WRITE_SLICE = 16 * 1024
 
 # The files of a QEMU tls-creds-x509 directory.
 CA_CERT = "ca-cert.pem"
@@ -184,6 +194,7 @@ cdef class TLSContext:
         # AES-128-GCM first: ~15% faster than AES-256 here, and what a peer may pick
         SSL_CTX_set_ciphersuites(self.ctx, CIPHERSUITES)
         SSL_CTX_set_read_ahead(self.ctx, 1)     # a record in one read, not two
+        SSL_CTX_set_default_read_buffer_len(self.ctx, READ_AHEAD)   # many records a read
         SSL_CTX_set_mode(self.ctx, SSL_MODE_ENABLE_PARTIAL_WRITE
                          | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER)
         if SSL_CTX_use_certificate_chain_file(self.ctx, os.fsencode(cert)) != 1:
@@ -208,15 +219,31 @@ cdef struct Conn:
     SSL *ssl
     int fd
     pthread_mutex_t lock
+    int waiting           # threads waiting for `lock`: whoever comes next lets them in
+
+
+cdef inline void _take(Conn *c) noexcept nogil:
+    """Lock c, after any thread already waiting for it.  The two directions take turns:
+    a bulk stream calling again at once (a receiver decrypting, a sender encrypting)
+    would otherwise keep the lock from the other direction's page requests for as long
+    as it has data — a mutex does not queue its waiters."""
+    cdef int spins = 0
+    while qf_load_int(&c.waiting):
+        qf_relax(&spins)
+    qf_add_int(&c.waiting, 1)
+    pthread_mutex_lock(&c.lock)
+    qf_add_int(&c.waiting, -1)
 
 
 cdef ssize_t _conn_io(void *ctx, void *buf, size_t n, short *wait, bint writing) noexcept nogil:
     """Read or write up to n bytes: > 0 done; 0 the peer closed (reading); -1 with
     errno (EAGAIN: wait for *wait, then call again with the same buffer)."""
     cdef Conn *c = <Conn *>ctx
-    cdef int r, e
+    cdef int r, e, more
     cdef int want = <int>(n if n < INT_MAX else INT_MAX)
-    pthread_mutex_lock(&c.lock)
+    if writing and want > WRITE_SLICE:
+        want = WRITE_SLICE
+    _take(c)
     if c.ssl == NULL:                           # closed under us
         pthread_mutex_unlock(&c.lock)
         qf_set_errno(EPIPE)
@@ -226,6 +253,15 @@ cdef ssize_t _conn_io(void *ctx, void *buf, size_t n, short *wait, bint writing)
     e = SSL_get_error(c.ssl, r) if r <= 0 else SSL_ERROR_NONE
     if e == SSL_ERROR_SSL:
         ERR_clear_error()
+    if not writing and r > 0:
+        # the records read ahead already: as many as fit, without another system call —
+        # unless a writer waits (a page request must not wait behind a bulk stream)
+        while r < want and SSL_has_pending(c.ssl) and not qf_load_int(&c.waiting):
+            more = SSL_read(c.ssl, <char *>buf + r, want - r)
+            if more <= 0:
+                ERR_clear_error()       # an error is seen again by the next call
+                break
+            r += more
     pthread_mutex_unlock(&c.lock)
     if r > 0:
         return r
@@ -285,6 +321,7 @@ cdef class TLSConnection:
         cdef pthread_mutexattr_t attr
         self.conn.ssl = NULL
         self.conn.fd = -1
+        self.conn.waiting = 0
         pthread_mutexattr_init(&attr)
         pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ADAPTIVE_NP)   # spins briefly first
         pthread_mutex_init(&self.conn.lock, &attr)

@@ -128,6 +128,7 @@ cdef struct Counters:
     uint64_t received_zero_pages
     uint64_t duplicate_pages
     uint64_t prefetch_pages
+    uint64_t received_runs        # placing ioctls of receive() (a run each)
 
 
 # Everything the GIL-free loops touch.
@@ -752,6 +753,7 @@ cdef int _place_run(Receiving *r) noexcept nogil:
         if _place(s, a.base + (r.first + i) * PAGE, <uint64_t>(r.stage + i * PAGE), j - i,
                   r.zero) < 0:
             return -1
+        qf_add(&s.n.received_runs, 1)
         qf_add(&s.n.received_zero_pages if r.zero else &s.n.received_pages, j - i)
         qf_add(&a.placed, j - i)
         qf_add(&s.placed_pages, j - i)
@@ -1328,6 +1330,12 @@ cdef class FaultServer:
         """How many receive() calls run without the GIL: only once they do may a Python
         thread fault on remote areas (it holds the GIL while it waits for its page)."""
         return qf_load_int(&self.s.receiving)
+
+    @property
+    def placement(self):
+        """How receive() places arrived pages: one UFFDIO_COPY per run of data pages
+        from a cache-hot staging buffer, one UFFDIO_ZEROPAGE per run of zero pages."""
+        return "copy"
 
     @property
     def placed_pages(self):

@@ -325,6 +325,7 @@ class Source:
         self.stats.downtime_source_ms = round(
             (time.perf_counter() - t_stop - t_verify) * 1000, 2)
         t_post = time.perf_counter()
+        cpu_post = sched.process_cpu()
         counts = {"pushed": 0, "requested": 0}
         bytes_before = f.tell()
         while True:
@@ -343,6 +344,7 @@ class Source:
         requested += self._preempt_pages
         seconds = time.perf_counter() - t_post
         self.stats.postcopy_s = round(seconds, 3)
+        self.stats.postcopy_cpu_s = round(sched.process_cpu() - cpu_post, 3)
         self.stats.postcopy_gbps = round((pushed + requested) * TARGET_PAGE_SIZE / seconds / 1e9,
                                          3) if seconds else None
         self.stats.postcopy_bytes = self.f.tell() - bytes_before
@@ -524,6 +526,14 @@ class Source:
         so that its neighbours follow."""
         if self.pf is not None:
             sched.background()      # bulk: the thread serving requests must come first
+        cpu = time.thread_time()
+        try:
+            self._background_scan(f, counts)
+        finally:
+            self.stats.background_cpu_s = round(time.thread_time() - cpu
+                                                + (self.stats.background_cpu_s or 0), 3)
+
+    def _background_scan(self, f, counts: Dict[str, int]) -> None:
         scan = {b.name: 0 for b in self.blocks}
         order = list(self.blocks)
         current = 0
@@ -611,7 +621,7 @@ class Source:
     # -- the return path ----------------------------------------------------------------
 
     def _read_return_path(self, rp) -> None:
-        sched.short_slice()          # requests wake this thread: it should run at once
+        self.stats.urgent_threads = sched.urgent()   # requests wake it: it runs at once
         last: Optional[str] = None
         try:
             while True:
