@@ -1793,8 +1793,8 @@ cdef void _load_loop(QEMUFile f, LoadLoop *loop) noexcept nogil:
 
 cdef int qf_begin_gil_free(QEMUFile f) except -1:
     if f.fd < 0:
-        raise ValueError("a GIL-free reader needs a QEMUFile over an fd")
-    f._enter(0)
+        raise ValueError("GIL-free use needs a QEMUFile over an fd")
+    f._enter(f.writable)
     f.gil_free = True
     return 0
 
@@ -1849,6 +1849,10 @@ cdef void qf_load_records(QEMUFile f, LoadLoop *loop) noexcept nogil:
         loop.reason = 1
         return
     _load_loop(f, loop)
+
+
+cdef void qf_save_records(QEMUFile f, PageLoop *loop) noexcept nogil:
+    _save_loop(f, loop)
 
 
 # ---------------------------------------------------------------------------------------

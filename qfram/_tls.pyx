@@ -38,8 +38,10 @@ cdef extern from "<pthread.h>" nogil:
         pass
     enum:
         PTHREAD_MUTEX_ADAPTIVE_NP
+        PTHREAD_PRIO_INHERIT
     int pthread_mutexattr_init(pthread_mutexattr_t *attr)
     int pthread_mutexattr_settype(pthread_mutexattr_t *attr, int kind)
+    int pthread_mutexattr_setprotocol(pthread_mutexattr_t *attr, int protocol)
     int pthread_mutex_init(pthread_mutex_t *m, const pthread_mutexattr_t *attr)
     int pthread_mutex_destroy(pthread_mutex_t *m)
     int pthread_mutex_lock(pthread_mutex_t *m)
@@ -324,6 +326,9 @@ cdef class TLSConnection:
         self.conn.waiting = 0
         pthread_mutexattr_init(&attr)
         pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ADAPTIVE_NP)   # spins briefly first
+        # a real-time thread waiting for it (a page request) lends the holder (a bulk
+        # stream) its priority: nothing else on the machine keeps the holder off a core
+        pthread_mutexattr_setprotocol(&attr, PTHREAD_PRIO_INHERIT)
         pthread_mutex_init(&self.conn.lock, &attr)
 
     def __init__(self, TLSContext context not None, sock, *, hostname=None):

@@ -24,7 +24,7 @@ FLOORS: List[List[str]] = [
     # "qfram" is the package's __init__ alone: the public names, loaded when used
     ["qfram", "qfram.results"],
     ["qfram.includes", "qfram._fast", "qfram._mapped", "qfram._pyfast", "qfram._chunks",
-     "qfram._uffd", "qfram._pagescan", "qfram._tls", "qfram.backend"],
+     "qfram._uffd", "qfram._pagescan", "qfram._tls", "qfram._requests", "qfram.backend"],
     ["qfram.ram"],
     ["qfram.io"],
     ["qfram.format"],
@@ -35,9 +35,10 @@ FLOORS: List[List[str]] = [
     ["qfram.cli"],
     ["qfram.__main__"],
 ]
-# the compiled core's modules cimport each other (_uffd and _tls stand on _fast): one room
+# the compiled core's modules cimport each other (_uffd, _tls and _requests stand on
+# _fast): one room
 CORE = {"qfram._fast", "qfram._mapped", "qfram._pyfast", "qfram._chunks", "qfram._uffd",
-        "qfram._pagescan", "qfram._tls", "qfram.backend", "qfram.includes"}
+        "qfram._pagescan", "qfram._tls", "qfram._requests", "qfram.backend", "qfram.includes"}
 
 
 def module_name(path: Path) -> str:

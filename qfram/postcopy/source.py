@@ -101,6 +101,10 @@ class Source:
         self.f = None                  # the main channel's file (new after a resume)
         self.pf = None                 # the preempt channel's file
         self._pf_lock = threading.Lock()
+        # answers page requests on the preempt channel in C (qfram._requests), and the
+        # lock of the bookkeeping of what it served
+        self._server = None
+        self._served_lock = threading.Lock()
         self.release = release
         self.max_rounds = max_rounds
         self.converge_pages = converge_pages
@@ -161,6 +165,7 @@ class Source:
         if self.preempt is not None:
             self.pf = self._open_preempt(self.preempt)
         try:
+            self._server = self._request_server()
             savevm.put_header(f, self.machine)
             savevm.put_command(f, wire.CMD_OPEN_RETURN_PATH)
             savevm.put_command(f, wire.CMD_QFRAM_SESSION, self.session)
@@ -216,13 +221,14 @@ class Source:
                 if tracker is not None:
                     tracker.close()
             self._reader.join(5)
+            self._close_server()
             released = self.releases.stop() if self.releases is not None else 0
         sent_bytes = self._bytes_before + self.f.tell() + \
-            (self.pf.tell() if self.pf is not None else 0)
+            (self.pf.tell_fast() if self.pf is not None else 0)
         for closer in (self.f.close, self.rp.close) + ((self.pf.close,) if self.pf else ()):
             try:
                 closer()
-            except OSError:
+            except (OSError, RuntimeError):
                 pass                    # the destination closed first: all was said
         st = self.stats
         st.dirty_tracking, st.precopy_rounds, st.precopy_pages = tracking, rounds, precopy_pages
@@ -396,7 +402,9 @@ class Source:
 
     def _finish(self, tail: dict) -> None:
         """The end of the streams, the verification hashes, and the destination's word."""
-        if self.pf is not None:
+        if self._server is not None:
+            self._server.finish()
+        elif self.pf is not None:
             with self._pf_lock:
                 self.pf.put_byte(wire.SECTION_EOF)
                 self.pf.flush()
@@ -439,6 +447,7 @@ class Source:
         POSTCOPY_RESUME and wait for RESUME_ACK; what it lacks is dirty again."""
         self._shutdown_channels()
         self._reader.join()
+        self._close_server()
         self._bytes_before += self.f.tell() + (self.pf.tell() if self.pf else 0)
         for each in (self.f, self.rp, self.pf):
             try:
@@ -467,6 +476,7 @@ class Source:
         rp.set_timeout(None)
         self.pf = self._open_preempt(self.reconnect()) if self.pf is not None else None
         self._pf_done = False
+        self._server = self._request_server()
         self._short_send_buffer()
         self.shut.clear()
         self.rp_error = None
@@ -505,6 +515,56 @@ class Source:
         if kind != wire.MIG_RP_MSG_RESUME_ACK:
             raise FormatError(f"expected RESUME_ACK, got message {kind}", pos)
 
+    def _request_server(self):
+        """The page requests' server on the preempt channel: in C, without the GIL
+        (None without a preempt channel, or with the pure-Python core: then this
+        module answers them)."""
+        if self.pf is None or backend.PURE_PYTHON:
+            return None
+        from qfram._requests import RequestServer
+        return RequestServer(self.pf, [
+            (b.name, b.region, b.used_length, self.dirty[b.name], self._resent[b.name],
+             self._claimed[1][b.name] if self.releases is not None else None)
+            for b in self.blocks], self.ram_section_id)
+
+    def _close_server(self) -> None:
+        """The requests it served counted, the preempt file given back to Python —
+        once the return path's reader has stopped (it may be inside serve())."""
+        if self._server is None or self._reader.is_alive():
+            return
+        self._take_served()
+        self._server.close()
+        self._server = None
+
+    def _take_served(self) -> None:
+        """The bookkeeping of the requests the C server answered, in order: the pages
+        it sent wait for the destination's word (release-ram), the scan follows the
+        requested pages, the log and the statistics."""
+        server = self._server
+        if server is None:
+            return
+        with self._served_lock:
+            for (index, first, count, pages, end, t_read, t_done, resent, dropped,
+                 runs) in server.take():
+                block = self.blocks[index]
+                self.stats.requests += 1
+                self._log_request(index, first)
+                if len(self._serve_ns) < MAX_SERVICE_SAMPLES:
+                    self._serve_ns.append(t_done - t_read)
+                if dropped:
+                    continue
+                self._preempt_pages += pages
+                self._resent_pages += resent
+                if runs and self.releases is not None:
+                    self.releases.sent(1, end, block, runs)
+                self.requests.append((block.name, first, count, 0))   # a hint for the scan
+
+    def _log_request(self, index: int, page: int) -> None:
+        """Keep a request (the first MAX_LOGGED_REQUESTS) when the log is wanted."""
+        log = self.request_log
+        if log is not None and len(log) < MAX_LOGGED_REQUESTS:
+            log.append(index << 48 | page)
+
     def _open_preempt(self, channel: "link.Link"):
         """The preempt channel's file, its magic and the session's token sent."""
         pf = channel.file("wb", self.timeout)
@@ -539,6 +599,7 @@ class Source:
         current = 0
         chunk = PREEMPT_CHUNK if self.pf else POSTCOPY_CHUNK
         while current < len(order):
+            self._take_served()              # the requests answered meanwhile: hints
             while True:
                 try:
                     name, first, count, t_req = self.requests.popleft()
@@ -623,10 +684,18 @@ class Source:
     def _read_return_path(self, rp) -> None:
         self.stats.urgent_threads = sched.urgent()   # requests wake it: it runs at once
         last: Optional[str] = None
+        server = self._server
         try:
             while True:
-                pos = rp.tell()
-                kind, payload = msg.read_return_message(rp)
+                if server is not None:
+                    # page requests are answered in there; the rest comes back here
+                    kind, payload, pos = server.serve(rp)
+                    self._take_served()
+                    if kind == 0:
+                        continue            # only the served requests to count
+                else:
+                    pos = rp.tell()
+                    kind, payload = msg.read_return_message(rp)
                 if kind in (wire.MIG_RP_MSG_REQ_PAGES_ID, wire.MIG_RP_MSG_REQ_PAGES):
                     name, start, length = msg.parse_page_request(kind, payload, last, pos)
                     block = self.ram.get(name)
@@ -636,9 +705,7 @@ class Source:
                                           f"outside the RAM", pos)
                     last = name
                     self.stats.requests += 1
-                    log = self.request_log
-                    if log is not None and len(log) < MAX_LOGGED_REQUESTS:
-                        log.append(self._block_index[name] << 48 | start // TARGET_PAGE_SIZE)
+                    self._log_request(self._block_index[name], start // TARGET_PAGE_SIZE)
                     if self.pf is not None:
                         t_req = time.perf_counter_ns()
                         self._serve_preempt(block, start // TARGET_PAGE_SIZE, length // TARGET_PAGE_SIZE)
