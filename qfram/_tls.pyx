@@ -96,6 +96,8 @@ cdef extern from "<openssl/ssl.h>" nogil:
     void SSL_CTX_set_read_ahead(SSL_CTX *ctx, int yes)
     void SSL_CTX_set_default_read_buffer_len(SSL_CTX *ctx, size_t length)
     int SSL_has_pending(const SSL *ssl)
+    BIO *SSL_get_wbio(const SSL *ssl)
+    void SSL_set0_wbio(SSL *ssl, BIO *wbio)
     SSL *SSL_new(SSL_CTX *ctx)
     void SSL_free(SSL *ssl)
     int SSL_set_fd(SSL *ssl, int fd)
@@ -124,7 +126,14 @@ cdef extern from "<openssl/x509.h>" nogil:
 
 cdef extern from "<openssl/bio.h>" nogil:
     const BIO_METHOD *BIO_s_mem()
+    const BIO_METHOD *BIO_f_buffer()
     BIO *BIO_new(const BIO_METHOD *kind)
+    BIO *BIO_push(BIO *b, BIO *append)
+    int BIO_up_ref(BIO *bio)
+    long BIO_set_write_buffer_size(BIO *bio, long size)
+    int BIO_flush(BIO *bio)
+    int BIO_should_retry(BIO *bio)
+    int BIO_wpending(BIO *bio)
     int BIO_read(BIO *bio, void *buf, int n)
     int BIO_free(BIO *bio)
 
@@ -139,9 +148,13 @@ CIPHERSUITES = b"TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY
 # OpenSSL's read-ahead buffer: one recv() brings this much (many 16 KiB records) instead
 # of one record per system call.
 cdef size_t READ_AHEAD = 256 * 1024
-# What one SSL_write may encrypt and send while holding the connection: one full record.
-# The other direction (a return path's page request) waits at most that long.
-cdef int WRITE_SLICE = 16 * 1024
+# What one write may encrypt and send while holding the connection: eight records,
+# gathered into one send() (a send per 16 KiB record, as Python's ssl makes them, gave
+# both ends' TCP 8x the packets: 0.57 -> 0.76 GB/s over loopback with 64 KiB, source
+# 1.17 -> 0.82 CPU s per GiB with 256 KiB).  The other direction (a return path's page
+# request) waits at most that long: ~50 us.
+cdef int WRITE_SLICE = 128 * 1024
+cdef long WRITE_BUFFER = 136 * 1024        # the records of one slice, and their headers
 
 # The files of a QEMU tls-creds-x509 directory.
 CA_CERT = "ca-cert.pem"
@@ -222,6 +235,8 @@ cdef struct Conn:
     int fd
     pthread_mutex_t lock
     int waiting           # threads waiting for `lock`: whoever comes next lets them in
+    BIO *wbio             # after the handshake: records gathered here, sent in one go
+    int unsent            # plaintext bytes accepted whose records are not all sent yet
 
 
 cdef inline void _take(Conn *c) noexcept nogil:
@@ -251,10 +266,35 @@ cdef ssize_t _conn_io(void *ctx, void *buf, size_t n, short *wait, bint writing)
         qf_set_errno(EPIPE)
         return -1
     ERR_clear_error()
-    r = SSL_write(c.ssl, buf, want) if writing else SSL_read(c.ssl, buf, want)
+    if writing and c.unsent:
+        r, c.unsent = c.unsent, 0         # the call again after EAGAIN: send the rest
+    else:
+        r = SSL_write(c.ssl, buf, want) if writing else SSL_read(c.ssl, buf, want)
     e = SSL_get_error(c.ssl, r) if r <= 0 else SSL_ERROR_NONE
     if e == SSL_ERROR_SSL:
         ERR_clear_error()
+    if writing and r > 0 and c.wbio != NULL:
+        # SSL_write returns after each record (partial writes): the rest of the slice
+        # too, into the gathering BIO (an error is seen again by the next call)
+        while r < want:
+            more = SSL_write(c.ssl, <char *>buf + r, want - r)
+            if more <= 0:
+                ERR_clear_error()
+                break
+            r += more
+    if r > 0 and c.wbio != NULL and (writing or BIO_wpending(c.wbio)):
+        # the records out now, in one send() (a read may have written one too)
+        if BIO_flush(c.wbio) <= 0:
+            if not BIO_should_retry(c.wbio):
+                pthread_mutex_unlock(&c.lock)
+                qf_set_errno(EPIPE)
+                return -1
+            if writing:               # accepted: the same call again returns it
+                c.unsent = r
+                pthread_mutex_unlock(&c.lock)
+                wait[0] = POLLOUT
+                qf_set_errno(EAGAIN)
+                return -1
     if not writing and r > 0:
         # the records read ahead already: as many as fit, without another system call —
         # unless a writer waits (a page request must not wait behind a bulk stream)
@@ -324,6 +364,8 @@ cdef class TLSConnection:
         self.conn.ssl = NULL
         self.conn.fd = -1
         self.conn.waiting = 0
+        self.conn.wbio = NULL
+        self.conn.unsent = 0
         pthread_mutexattr_init(&attr)
         pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ADAPTIVE_NP)   # spins briefly first
         # a real-time thread waiting for it (a page request) lends the holder (a bulk
@@ -401,6 +443,23 @@ cdef class TLSConnection:
         self.peer_subject = self._subject()
         self.version = SSL_get_version(self.conn.ssl).decode()
         self.cipher = SSL_get_cipher_name(self.conn.ssl).decode()
+        self._gather_writes()
+
+    cdef void _gather_writes(self) noexcept:
+        """From now on the records of one SSL_write leave in one send(): a buffering BIO
+        in front of the socket's (OpenSSL keeps one of its own only for the handshake).
+        Without the memory for it, each record is sent as it is made, as before."""
+        cdef BIO *sock = SSL_get_wbio(self.conn.ssl)
+        cdef BIO *gather = BIO_new(BIO_f_buffer())
+        if gather == NULL or sock == NULL:
+            return
+        if BIO_set_write_buffer_size(gather, WRITE_BUFFER) <= 0:
+            BIO_free(gather)
+            return
+        BIO_up_ref(sock)                        # the read side keeps its reference
+        BIO_push(gather, sock)
+        SSL_set0_wbio(self.conn.ssl, gather)    # owns the chain now
+        self.conn.wbio = gather
 
     cdef str _subject(self):
         cdef X509 *cert = SSL_get1_peer_certificate(self.conn.ssl)
@@ -504,8 +563,9 @@ cdef class TLSConnection:
     def close(self):
         if self.conn.ssl != NULL:
             pthread_mutex_lock(&self.conn.lock)
-            SSL_free(self.conn.ssl)
+            SSL_free(self.conn.ssl)             # and the write BIOs
             self.conn.ssl = NULL
+            self.conn.wbio = NULL
             pthread_mutex_unlock(&self.conn.lock)
         if self.sock is not None:
             self.sock.close()
