@@ -1334,8 +1334,20 @@ cdef class FaultServer:
     @property
     def placement(self):
         """How receive() places arrived pages: one UFFDIO_COPY per run of data pages
-        from a cache-hot staging buffer, one UFFDIO_ZEROPAGE per run of zero pages."""
+        from a cache-hot staging buffer, one UFFDIO_ZEROPAGE per run of zero pages.
+        UFFDIO_MOVE and UFFDIO_CONTINUE (see placements_offered) measured dearer here:
+        their pages must be allocated first (scripts/experiments/uffd_placement.c)."""
         return "copy"
+
+    @property
+    def placements_offered(self):
+        """The placing ioctls this kernel offers (UFFDIO_API's features)."""
+        offered = ["copy", "zeropage"]
+        if self.features & (1 << 16):          # UFFD_FEATURE_MOVE, Linux 6.8+
+            offered.append("move")
+        if self.features & (1 << 10):          # UFFD_FEATURE_MINOR_SHMEM
+            offered.append("continue")
+        return offered
 
     @property
     def placed_pages(self):

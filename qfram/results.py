@@ -156,6 +156,7 @@ class DestinationStats:
     duplicate_pages: int = 0
     eexist: int = 0
     placement: str = ""             # how arrived pages were placed (userfaultfd ioctl)
+    placements_offered: List[str] = field(default_factory=list)   # what the kernel has
     urgent_threads: str = ""        # how the threads a fault waits on run: fifo (real-time),
                                     # short-slice (EEVDF), default
     placing_calls: int = 0          # placing ioctls of the receivers (a run each)

@@ -92,6 +92,7 @@ def postcopy_row(src: dict, dst: dict) -> dict:
             "source_cpu_s_per_gib": round(src["postcopy_cpu_s"] / gib, 3),
             "placing_calls": dst["placing_calls"],
             "placement": dst["placement"],
+            "placements_offered": dst["placements_offered"],
             "urgent_threads": dst.get("urgent_threads"),
             "verified": dst["verified"],
             "downtime_ms": src["downtime_source_ms"] + dst["downtime_destination_ms"],
@@ -309,7 +310,8 @@ def main() -> int:
     report = {
         "size": size, "repeat": args.repeat, "pinned": args.pin,
         "load_average_before": load_before, "load_average_after": load(),
-        "placement": post[0]["placement"], "urgent_threads": post[0]["urgent_threads"],
+        "placement": post[0]["placement"], "placements_offered": post[0]["placements_offered"],
+        "urgent_threads": post[0]["urgent_threads"],
         "tls": secured[0]["tls"],
         "background_gbps": clear["background_gbps"]["median"],
         "core_tcp_gbps": round(med(c["gbps"] for c in core), 3),
@@ -374,8 +376,9 @@ def markdown(r: dict) -> str:
         f"--repeat {r['repeat']}{' --pin' if r['pinned'] else ''}`)\n",
         f"Medians of {r['repeat']} (lowest-highest).  Load average before / after: "
         f"{r['load_average_before']} / {r['load_average_after']}.  Placement: "
-        f"{r['placement']}; fault-serving threads: {r['urgent_threads']}.  Memory "
-        f"verified in every run: {r['verified']}.\n",
+        f"{r['placement']} (the kernel offers {', '.join(r['placements_offered'])}); "
+        f"fault-serving threads: {r['urgent_threads']}.  Memory verified in every run: "
+        f"{r['verified']}.\n",
         "| measure | clear | TLS |", "|---|---|---|",
         f"| background GB/s (RUN -> last page placed) | {m(c, 'background_gbps')} | "
         f"{m(t, 'background_gbps')} |",

@@ -471,6 +471,7 @@ class Destination:
         st.received_pages = n["received_pages"] + n["received_zero_pages"]
         st.duplicate_pages, st.eexist = n["duplicate_pages"], n["eexist"]
         st.placement, st.placing_calls = server.placement, n["received_runs"]
+        st.placements_offered = server.placements_offered
         st.receive_cpu_s = round(self._receive_cpu, 3)
         st.fault_cpu_s = None if self._fault_cpu is None else round(self._fault_cpu, 3)
         if st.postcopy_s:
