@@ -343,6 +343,15 @@ def main() -> int:
     report["background_ratio"] = round(report["background_gbps"] / report["core_tcp_gbps"], 3)
     report["tls_background_ratio"] = round(report["tls_background_gbps"]
                                            / report["tls_limit_gbps"], 3)
+    # the same ratios repeat by repeat (each against the bar measured seconds from it):
+    # on a machine shared with other work the bars move as much as the streams do
+    per_repeat = {"background_ratio": [p["background_gbps"] / c["gbps"]
+                                       for p, c in zip(post, core)],
+                  "tls_background_ratio": [p["background_gbps"] / x
+                                           for p, x in zip(secured, limit)]}
+    report["per_repeat"] = {k: {"median": round(med(v), 3),
+                                "spread": spread(round(x, 3) for x in v)}
+                            for k, v in per_repeat.items()}
     if args.markdown:
         print(markdown(report))
         return 0
@@ -386,7 +395,10 @@ def markdown(r: dict) -> str:
         f"({r['spread']['core_tcp_gbps'][0]}-{r['spread']['core_tcp_gbps'][1]}) | Python ssl "
         f"{r['tls_limit_gbps']} ({r['spread']['tls_limit_gbps'][0]}-"
         f"{r['spread']['tls_limit_gbps'][1]}) |",
-        f"| ratio (target ≥ 0.8) | {r['background_ratio']} | {r['tls_background_ratio']} |",
+        f"| ratio of the medians (target ≥ 0.8) | {r['background_ratio']} | "
+        f"{r['tls_background_ratio']} |",
+        f"| median of each repeat's ratio | {m(r['per_repeat'], 'background_ratio')} | "
+        f"{m(r['per_repeat'], 'tls_background_ratio')} |",
         f"| fault p50 / p99 µs (target p99 ≤ 1000 / 1500) | {c['fault_p50_us']['median']} / "
         f"{m(c, 'fault_p99_us')} | {t['fault_p50_us']['median']} / {m(t, 'fault_p99_us')} |",
         f"| receiver CPU s per GiB | {m(c, 'receiver_cpu_s_per_gib')} | "
