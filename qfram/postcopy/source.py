@@ -49,7 +49,11 @@ POSTCOPY_CHUNK = 64            # pages per background batch without preempt (256
 # With a preempt channel the faulting page always goes there at once, even when the
 # background stream has sent it already (it may sit in the main connection's buffers):
 # one duplicate page per fault buys a latency that no longer depends on the background
-# stream, which can then use big buffers and big batches.
+# stream, which can then use big buffers and big batches.  Measured (1 GiB, loopback,
+# 2 x 2 runs each of 128, 256, 512, 1024 and 4096 pages): fault p99 0.43-0.89 ms
+# whatever the batch; the background thread's CPU 0.31 s per GiB at 128 pages,
+# 0.22-0.27 at 256, 0.18-0.21 at 1024 and 4096.  1024 keeps the scan's turns to the
+# requested pages and the release's granularity at 4 MiB.
 PREEMPT_CHUNK = 1024           # pages per background batch with preempt (4 MiB)
 HASH_CHUNK = 64                # pages per verification hash
 SWITCH_INTERVAL = 0.0002       # seconds a thread may hold the GIL while another waits
