@@ -36,6 +36,7 @@ extensions = [
               libraries=CHUNK_LIBRARIES),
     Extension("qfram._tls", ["qfram/_tls.pyx"], extra_compile_args=["-O2"],
               libraries=["ssl", "crypto"]),
+    Extension("qfram._requests", ["qfram/_requests.pyx"], extra_compile_args=["-O2"]),
 ]
 
 setup(

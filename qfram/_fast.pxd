@@ -187,8 +187,8 @@ cdef class QEMUFile:
 
 # -- entry points for other Cython modules: read a stream without the GIL -----------------
 
-# Make `f` usable from a GIL-free loop (fd and transport channels only; the caller holds
-# the GIL).
+# Make `f` usable from a GIL-free loop, in its own direction (fd and transport channels
+# only; the caller holds the GIL).
 cdef int qf_begin_gil_free(QEMUFile f) except -1
 cdef void qf_end_gil_free(QEMUFile f) noexcept
 # Exactly n bytes into dst: 0, or -1 at the end of the stream or on an error (sticky).
@@ -203,3 +203,6 @@ cdef int64_t qf_position(QEMUFile f) noexcept nogil
 cdef int qf_errno(QEMUFile f) noexcept nogil
 # RAM page records of one block, CONTINUE after the first: see LoadLoop.
 cdef void qf_load_records(QEMUFile f, LoadLoop *loop) noexcept nogil
+# The records of a page range into a writable file (save_pages' loop, no hook): see
+# PageLoop.  The caller flushes (f._flush_batch) and checks f.last_error.
+cdef void qf_save_records(QEMUFile f, PageLoop *loop) noexcept nogil

@@ -63,8 +63,9 @@ cdef extern from "Python.h":
 # releases early: bounds memory when many tiny may_free puts coalesce.
 cdef Py_ssize_t PIN_LIMIT = 4096
 # Writing through a transport (TLS), iovecs shorter than this are joined in one buffer
-# of this size first: one record each instead of one per header.
-cdef size_t GATHER_SIZE = 64 * 1024
+# of this size first: one record each instead of one per header, and one write of many
+# records (the transport sends what one write makes in one system call).
+cdef size_t GATHER_SIZE = 128 * 1024
 
 cdef size_t HOST_PAGE = <size_t>sysconf(_SC_PAGESIZE)
 # Zero pages are found with memcmp against this (fastest measured here: ~19 GB/s on
@@ -1793,8 +1794,8 @@ cdef void _load_loop(QEMUFile f, LoadLoop *loop) noexcept nogil:
 
 cdef int qf_begin_gil_free(QEMUFile f) except -1:
     if f.fd < 0:
-        raise ValueError("a GIL-free reader needs a QEMUFile over an fd")
-    f._enter(0)
+        raise ValueError("GIL-free use needs a QEMUFile over an fd")
+    f._enter(f.writable)
     f.gil_free = True
     return 0
 
@@ -1849,6 +1850,10 @@ cdef void qf_load_records(QEMUFile f, LoadLoop *loop) noexcept nogil:
         loop.reason = 1
         return
     _load_loop(f, loop)
+
+
+cdef void qf_save_records(QEMUFile f, PageLoop *loop) noexcept nogil:
+    _save_loop(f, loop)
 
 
 # ---------------------------------------------------------------------------------------

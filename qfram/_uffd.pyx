@@ -139,6 +139,7 @@ cdef struct Counters:
     uint64_t received_zero_pages
     uint64_t duplicate_pages
     uint64_t prefetch_pages
+    uint64_t received_runs        # placing ioctls of receive() (a run each)
 
 
 # Everything the GIL-free loops touch.
@@ -796,6 +797,7 @@ cdef int _place_run(Receiving *r) noexcept nogil:
         if _place(s, a.base + (r.first + i) * PAGE, <uint64_t>(r.stage + i * PAGE), j - i,
                   r.zero) < 0:
             return -1
+        qf_add(&s.n.received_runs, 1)
         qf_add(&s.n.received_zero_pages if r.zero else &s.n.received_pages, j - i)
         qf_add(&a.placed, j - i)
         qf_add(&s.placed_pages, j - i)
@@ -1513,6 +1515,24 @@ cdef class FaultServer:
         """How many receive() calls run without the GIL: only once they do may a Python
         thread fault on remote areas (it holds the GIL while it waits for its page)."""
         return qf_load_int(&self.s.receiving)
+
+    @property
+    def placement(self):
+        """How receive() places arrived pages: one UFFDIO_COPY per run of data pages
+        from a cache-hot staging buffer, one UFFDIO_ZEROPAGE per run of zero pages.
+        UFFDIO_MOVE and UFFDIO_CONTINUE (see placements_offered) measured dearer here:
+        their pages must be allocated first (scripts/experiments/uffd_placement.c)."""
+        return "copy"
+
+    @property
+    def placements_offered(self):
+        """The placing ioctls this kernel offers (UFFDIO_API's features)."""
+        offered = ["copy", "zeropage"]
+        if self.features & (1 << 16):          # UFFD_FEATURE_MOVE, Linux 6.8+
+            offered.append("move")
+        if self.features & (1 << 10):          # UFFD_FEATURE_MINOR_SHMEM
+            offered.append("continue")
+        return offered
 
     @property
     def placed_pages(self):

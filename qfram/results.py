@@ -127,6 +127,9 @@ class SourceStats(Record):
     postcopy_s: Optional[float] = None
     postcopy_gbps: Optional[float] = None
     postcopy_bytes: int = 0
+    postcopy_cpu_s: Optional[float] = None      # this process's CPU time after the switch
+    background_cpu_s: Optional[float] = None    # the background stream's thread's
+    urgent_threads: str = ""        # how the request server runs: fifo, short-slice
     resumes: int = 0                # links lost after the switch and resumed
     tls: Optional[str] = None       # the channels' protocol and cipher (None: clear)
     prefetched_pages: int = 0       # the working set's, sent at the switch before the rest
@@ -142,13 +145,22 @@ class DestinationStats(Record):
     precopy_s: Optional[float] = None
     pages_at_switch: int = 0
     downtime_destination_ms: Optional[float] = None
-    postcopy_s: Optional[float] = None
+    postcopy_s: Optional[float] = None    # RUN -> every stream read and its pages placed
+    postcopy_gbps: Optional[float] = None  # pages placed after RUN / postcopy_s
     faults: int = 0
     requests: int = 0
     requested_pages: int = 0
     received_pages: int = 0
     duplicate_pages: int = 0
     eexist: int = 0
+    placement: str = ""             # how arrived pages were placed (userfaultfd ioctl)
+    placements_offered: List[str] = field(default_factory=list)   # what the kernel has
+    urgent_threads: str = ""        # how the threads a fault waits on run: fifo (real-time),
+                                    # short-slice (EEVDF), default
+    placing_calls: int = 0          # placing ioctls of the receivers (a run each)
+    receive_cpu_s: Optional[float] = None     # CPU time of the receiving threads
+    fault_cpu_s: Optional[float] = None       # of the fault thread
+    postcopy_cpu_s: Optional[float] = None    # of this whole process, RUN -> all placed
     fault_latency: Latency = field(default_factory=Latency)
     workload_first_touch: Optional[Latency] = None
     verified: bool = False
@@ -170,6 +182,8 @@ class RestoreStats(Record):
     completed_s: Optional[float] = None          # start -> QEMU says completed
     pages_pushed: int = 0
     pages_requested: int = 0
+    postcopy_s: Optional[float] = None           # the switch -> QEMU's SHUT
+    postcopy_gbps: Optional[float] = None        # every page over postcopy_s: QEMU places
     requests: int = 0
     request_service: Latency = field(default_factory=Latency)
     bytes_sent: int = 0

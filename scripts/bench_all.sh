@@ -52,11 +52,10 @@ for r in sn["lazy"]:
     t, h = r["touch"], r["handler"]
     print(f"| {r['background']} | {r['spin_us']} | {t['p50_us']} | {t['p99_us']} | "
           f"{t['max_us']} | {h['p99_us']} |")
-print("\n## Postcopy over loopback TCP\n")
-for k in ("fault_p50_us", "fault_p99_us", "fault_max_us", "background_gbps", "core_tcp_gbps",
-          "background_ratio", "total_s", "downtime_ms", "precopy_only_total_s",
-          "precopy_only_downtime_ms", "verified"):
-    print(f"* {k}: {pc.get(k)}")
+sys.path.insert(0, "scripts")
+from bench_postcopy import markdown as postcopy_section
+print()
+print(postcopy_section(pc))
 print("\n## Extracting RAM from a real QEMU stream\n")
 if "skipped" in ex:
     print(f"skipped: {ex['skipped']}")

@@ -67,7 +67,7 @@ fi
 
 # the compiled modules: (re)built when one is missing or its sources are newer
 stale=0
-for module in _fast _uffd _tls _chunks; do
+for module in _fast _uffd _tls _chunks _requests; do
     so=$(ls qfram/$module*.so 2>/dev/null | head -n 1 || true)
     if [ -z "$so" ] || [ -n "$(find qfram -name '*.pyx' -newer "$so" -o -name '*.pxd' -newer "$so" -o -name '*.pxi' -newer "$so" -o -name wire.py -newer "$so" | head -n 1)" ]; then
         stale=1

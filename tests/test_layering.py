@@ -25,7 +25,7 @@ FLOORS: List[List[str]] = [
     ["qfram", "qfram.results"],
     ["qfram.includes", "qfram._fast", "qfram._mapped", "qfram._pyfast", "qfram._chunks",
      "qfram._uffd", "qfram._pagescan", "qfram._shared", "qfram._sigbus", "qfram._tls",
-     "qfram.backend"],
+     "qfram._requests", "qfram.backend"],
     ["qfram.ram"],
     ["qfram.io"],
     ["qfram.format"],
@@ -36,10 +36,11 @@ FLOORS: List[List[str]] = [
     ["qfram.cli"],
     ["qfram.__main__"],
 ]
-# the compiled core's modules cimport each other (_uffd and _tls stand on _fast): one room
+# the compiled core's modules cimport each other (_uffd, _tls and _requests stand on
+# _fast): one room
 CORE = {"qfram._fast", "qfram._mapped", "qfram._pyfast", "qfram._chunks", "qfram._uffd",
-        "qfram._pagescan", "qfram._shared", "qfram._sigbus", "qfram._tls", "qfram.backend",
-        "qfram.includes"}
+        "qfram._pagescan", "qfram._shared", "qfram._sigbus", "qfram._tls", "qfram._requests",
+        "qfram.backend", "qfram.includes"}
 
 
 def module_name(path: Path) -> str:

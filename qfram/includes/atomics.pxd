@@ -19,10 +19,23 @@ cdef extern from *:
     static inline int qf_add_int(int *p, int v) {
         return __atomic_add_fetch(p, v, __ATOMIC_ACQ_REL);
     }
+    /* one step of a wait for another thread: spin a little, then sleep (20 us) — the
+       thread we wait for may need this very CPU (two cores, a stream busy on the other
+       one), and a real-time waiter that only yielded would never give it */
+    #include <time.h>
+    static inline void qf_relax(int *spins) {
+        if (++*spins < 100) {
+            __builtin_ia32_pause();
+        } else {
+            struct timespec ts = {0, 20000};
+            nanosleep(&ts, NULL);
+        }
+    }
     /* a spin lock for a few short critical sections (one message written) */
     static inline void qf_lock(int *p) {
+        int spins = 0;
         while (__atomic_exchange_n(p, 1, __ATOMIC_ACQUIRE))
-            __builtin_ia32_pause();
+            qf_relax(&spins);
     }
     static inline void qf_unlock(int *p) { __atomic_store_n(p, 0, __ATOMIC_RELEASE); }
     """
@@ -32,5 +45,6 @@ cdef extern from *:
     int qf_load_int(const int *p) nogil
     void qf_store_int(int *p, int v) nogil
     int qf_add_int(int *p, int v) nogil
+    void qf_relax(int *spins) nogil
     void qf_lock(int *p) nogil
     void qf_unlock(int *p) nogil

@@ -37,6 +37,9 @@ from qfram.io.targets import RestoreTarget
 from qfram.wire import TARGET_PAGE_SIZE
 
 MAX_TRAILER = 1 << 20          # a postcopy VMDESCRIPTION: this, plus a byte per page
+# What one read of a page stream may bring: a socket read costs the same for 32 KiB or
+# 1 MiB, and each one opens the sender's window (its transmit work then runs here).
+RECEIVE_BUFFER = 1 << 20
 CONFIRM_INTERVAL = 0.005       # seconds between QFRAM_RECEIVED messages
 
 
@@ -99,6 +102,9 @@ class Destination:
         self._discarded: Dict[str, int] = {}     # per block: where RAM_DISCARD got to
         self._links = [self.main] + ([self.preempt] if self.preempt else [])
         self.working_set = working_set
+        self._receive_cpu = 0.0        # CPU seconds of the receiving threads, summed
+        self._cpu_lock = threading.Lock()
+        self._fault_cpu: Optional[float] = None
 
     # -- the run ------------------------------------------------------------------------
 
@@ -109,7 +115,7 @@ class Destination:
             watchdog = threading.Timer(self.deadline, self._expire)
             watchdog.daemon = True
             watchdog.start()
-        f = self.main.file("rb", self.timeout)
+        f = self.main.file("rb", self.timeout, RECEIVE_BUFFER)
         rp = f.get_return_path()
         server = None
         try:
@@ -267,6 +273,7 @@ class Destination:
         # Python thread may wait for its page holding the GIL.
         self._start_receivers(files, server)
         self._t_run = time.perf_counter()
+        self._cpu_run = sched.process_cpu()
         if self.workload_factory is not None:
             self.workload = self.workload_factory(self.ram)
             self.workload.start()
@@ -280,7 +287,7 @@ class Destination:
             self.preempt = self.acceptor.wait([link.PREEMPT], self._wait_until(),
                                               "the source's preempt channel")
             self._links.append(self.preempt)
-        pf = self.preempt.file("rb", self.timeout)
+        pf = self.preempt.file("rb", self.timeout, RECEIVE_BUFFER)
         if pf.get_buffer(len(wire.PREEMPT_MAGIC)) != wire.PREEMPT_MAGIC:
             raise FormatError("the preempt channel does not start with its magic", 0)
         if self.session is not None and \
@@ -310,10 +317,13 @@ class Destination:
             self._confirming.start()
 
     def _receive(self, f, server, channel: int, files) -> None:
-        if channel == 0 and len(files) > 1:
+        if channel == 1:
+            sched.urgent()           # the preempt channel: requested pages only
+        elif len(files) > 1:
             sched.background()       # the bulk stream yields to the requested pages
         else:
-            sched.short_slice()
+            sched.short_slice()      # one channel carries both: never real-time
+        cpu = time.thread_time()
         try:
             server.receive(f, channel)   # until EOF, in C
         except BaseException as exc:
@@ -324,18 +334,25 @@ class Destination:
                         other.shutdown()
                     except OSError:
                         pass
+        finally:
+            with self._cpu_lock:
+                self._receive_cpu += time.thread_time() - cpu
 
     def _guarded(self, loop) -> None:
-        sched.short_slice()          # the fault thread: woken by every fault
+        self.stats.urgent_threads = sched.urgent()   # the fault thread: woken by every fault
+        cpu = time.thread_time()
         try:
             loop()
         except BaseException as exc:
             self._fail(exc, None, True)
+        finally:
+            self._fault_cpu = time.thread_time() - cpu
 
     def _confirm_loop(self, server, channels: int) -> None:
         """Tell the source, every few ms, up to where each channel's pages are in
         place (it frees them then).  Late is harmless: it only frees later."""
-        sent = [0] * channels
+        sched.urgent()       # it shares the return path with page requests: never
+        sent = [0] * channels  # preempted while it holds it
         while True:
             done = not any(t.is_alive() for t in self._receivers)
             if server.link_down:
@@ -368,6 +385,7 @@ class Destination:
                 raise error
             f, rp = self._resume(server, f, rp, error)
         self.stats.postcopy_s = round(time.perf_counter() - self._t_run, 3)
+        self.stats.postcopy_cpu_s = round(sched.process_cpu() - self._cpu_run, 3)
         return f, rp
 
     def _resume(self, server, f, rp, error: BaseException):
@@ -396,7 +414,7 @@ class Destination:
             main.close()
         self.main = main
         self._links.append(main)
-        f = main.file("rb", self.timeout)
+        f = main.file("rb", self.timeout, RECEIVE_BUFFER)
         rp = f.get_return_path()
         f.skip(5 + wire.SESSION_TOKEN_BYTES)         # the QFRAM_RESUME command
         while True:
@@ -452,6 +470,13 @@ class Destination:
             n["requested_pages"]
         st.received_pages = n["received_pages"] + n["received_zero_pages"]
         st.duplicate_pages, st.eexist = n["duplicate_pages"], n["eexist"]
+        st.placement, st.placing_calls = server.placement, n["received_runs"]
+        st.placements_offered = server.placements_offered
+        st.receive_cpu_s = round(self._receive_cpu, 3)
+        st.fault_cpu_s = None if self._fault_cpu is None else round(self._fault_cpu, 3)
+        if st.postcopy_s:
+            st.postcopy_gbps = round(st.received_pages * TARGET_PAGE_SIZE / st.postcopy_s
+                                     / 1e9, 3)
         st.fault_latency = percentiles(server.latencies_ns())
         if self.workload is not None and getattr(self.workload, "touch_ns", None):
             st.workload_first_touch = percentiles(self.workload.touch_ns)

@@ -237,12 +237,15 @@ class Link:
             if got:
                 time.sleep(0.001)   # bytes trickle in: readiness stays set, do not spin
 
-    def file(self, mode: str, timeout: Optional[float]):
-        """A QEMUFile over this channel (its return path: ``get_return_path()``)."""
+    def file(self, mode: str, timeout: Optional[float],
+             buf_size: int = wire.DEFAULT_BUF_SIZE):
+        """A QEMUFile over this channel (its return path: ``get_return_path()``);
+        ``buf_size``: its staging buffer (reading: how much one read may bring)."""
         self.sock.setblocking(False)
         if self.tls is None:
-            return channel.socket_file(self.sock, mode, timeout=timeout)
-        return backend.QEMUFile(TLSChannel(self.tls), mode, timeout=timeout)
+            return channel.socket_file(self.sock, mode, timeout=timeout, buf_size=buf_size)
+        return backend.QEMUFile(TLSChannel(self.tls), mode, timeout=timeout,
+                                buf_size=buf_size)
 
     def shutdown(self) -> None:
         try:

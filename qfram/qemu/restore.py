@@ -331,6 +331,7 @@ def restore(path: str, *, qmp: Optional[str] = None, to: Optional[str] = None,
             served.close()
     stats.pages_requested = result.requested_pages
     stats.pages_pushed = result.postcopy_pages - result.requested_pages
+    stats.postcopy_s, stats.postcopy_gbps = result.postcopy_s, result.postcopy_gbps
     stats.requests, stats.request_service = result.requests, result.request_service
     stats.bytes_sent = result.bytes_sent
     return stats

@@ -327,3 +327,21 @@ def test_resume_is_accepted_as_the_explicit_default(tmp_path):
     src, dst = migrate(tmp_path, ["--demo", "16M", "--rounds", "1", "--no-resume"],
                        ["--no-resume"], address=str(tmp_path / "second.sock"))
     assert dst["verified"] is True
+
+
+def test_both_sides_say_how_pages_were_placed_served_and_what_it_cost(tmp_path):
+    src, dst = migrate(tmp_path, ["--demo", "64M", "--rounds", "0", "--release"],
+                       ["--workload", "read", "--workload-pause-us", "50"])
+    assert dst["verified"] is True
+    # placed in runs (a run is one ioctl), with what the kernel offered beside it
+    assert dst["placement"] == "copy" and "copy" in dst["placements_offered"]
+    assert 0 < dst["placing_calls"] < dst["received_pages"]
+    assert dst["postcopy_gbps"] > 0 and dst["receive_cpu_s"] > 0
+    assert dst["postcopy_cpu_s"] >= dst["receive_cpu_s"] and dst["fault_cpu_s"] >= 0
+    assert src["postcopy_cpu_s"] > 0 and src["background_cpu_s"] > 0
+    # the threads a fault waits on run real-time where allowed, else ask for a short slice
+    for side in (src, dst):
+        assert side["urgent_threads"] in ("fifo", "short-slice", "default")
+    # requests answered on the preempt channel are counted and timed like before
+    assert src["requests"] == dst["requests"] > 0
+    assert src["request_service"]["count"] == src["requests"]
