@@ -166,12 +166,15 @@ class ObjectStore:
 
     def server_time(self) -> float:
         """The store's clock now: ages of objects are measured on it (a probe object's
-        modification time: S3 has no clock of its own to ask)."""
+        modification time: S3 has no clock of its own to ask).  Read from a listing,
+        as the ages it is compared with are: Ceph lists times to the millisecond but
+        HEAD gives whole seconds, and a truncated "now" makes a fresh chunk look as
+        if it were written in the future."""
         from qfram.format.manifest import LOCK_PREFIX
         key = f"{LOCK_PREFIX}clock-{uuid.uuid4().hex}"
         self.put(key, b"")
         try:
-            found = self.head(key)
+            found = [written for name, _, written in self.list(key) if name == key]
         finally:
             self.delete(key)
-        return found[1] if found else time.time()
+        return found[0] if found else time.time()
